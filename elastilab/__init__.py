@@ -1,0 +1,11 @@
+"""elastilab: elastic pretrained Transformers (ElastiFormer, arXiv 2411.15281).
+
+    import elastilab as el
+    model, tok = el.zoo.load("smollm2-135m")
+    em = el.elastify(model, el.ElasticConfig(mlp_experts=0.5, attn_tokens=0.75))
+"""
+from .config import COMPONENTS, ElasticConfig
+from .elastic import ElasticModel, elastify, fingerprint, load_routers
+
+__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "elastify", "load_routers", "fingerprint"]
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""One small adapter per model family: where its blocks are and how to read their weights.
+
+Every adapter registered here runs through the same invariant tests (tests/test_invariants.py).
+"""
+from __future__ import annotations
+
+from .base import Adapter, Call, REGISTRY, register
+from . import llama, gpt2  # noqa: F401  (registration)
+
+
+def find_adapter(model) -> Adapter:
+    for adapter in REGISTRY.values():
+        if adapter.matches(model):
+            return adapter
+    supported = "; ".join(f"{a.name}: {', '.join(a.model_classes)}" for a in REGISTRY.values())
+    raise TypeError(f"elastilab has no adapter for {type(model).__name__}. Supported: {supported}")
+
+
+__all__ = ["Adapter", "Call", "REGISTRY", "register", "find_adapter"]

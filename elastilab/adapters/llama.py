@@ -1,0 +1,51 @@
+"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2): pre-norm RMSNorm, GQA, RoPE, SwiGLU."""
+from __future__ import annotations
+
+import torch
+
+from ..spec import AttnWeights, BlockSpec, MLPWeights
+from .base import Adapter, Call, register
+
+_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding of x [B, H, K, hd] with cos/sin [B, K, hd] (as transformers' Llama)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+@register
+class LlamaAdapter(Adapter):
+    name = "llama"
+    model_classes = tuple(f"{f}{k}" for f in ("Llama", "Mistral", "Qwen2")
+                          for k in ("ForCausalLM", "Model"))
+
+    def layers(self, model):
+        return (model.model if hasattr(model, "model") else model).layers
+
+    def block_spec(self, layer, layer_idx):
+        a, m = layer.self_attn, layer.mlp
+        cfg = a.config
+        act = _ACTS.get(cfg.hidden_act)
+        if act is None:
+            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r}; supported: {sorted(_ACTS)}")
+        attn = AttnWeights(
+            a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+            cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,
+            a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
+            causal=True, rope=rope, scaling=a.scaling)
+        mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight,
+                         m.up_proj.bias, m.down_proj.bias)
+        return BlockSpec(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp)
+
+    def parse_call(self, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return Call(hidden, kwargs.get("attention_mask"), cache, kwargs.get("position_embeddings"))
+
+

@@ -1,0 +1,135 @@
+"""ElasticBlock: wraps one pretrained transformer block (kept as ``base_layer``) and runs it routed."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
+from .routers import Router
+from .routing import (RoutedAttention, RoutedMLP, choose_slots, keep_to_index, scatter_add_rows,
+                      select_tokens, straight_through)
+
+
+class ElasticBlock(nn.Module):
+    """One block with routers. Disabled, it calls the untouched base layer (the teacher).
+
+    Enabled, it runs the same math from the adapter's ``BlockSpec`` views of the frozen weights:
+    attention on the chosen tokens / heads, MLP on the chosen tokens / hidden-unit slices, and
+    skipped tokens carried by the residual stream unchanged.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter, layer_idx: int, components: dict[str, float],
+                 n_experts: int, mode: str, unit_order: Tensor | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.layer_idx = layer_idx
+        spec = adapter.block_spec(base_layer, layer_idx)
+        d, H = spec.attn.w_q.shape[1], spec.attn.n_heads
+        if "mlp_experts" in components and spec.mlp.width % n_experts:
+            raise ValueError(f"n_experts={n_experts} does not divide the MLP width {spec.mlp.width} "
+                             f"of layer {layer_idx}; use a divisor of {spec.mlp.width}")
+        sizes = {"attn_tokens": 1, "mlp_tokens": 1, "attn_heads": H, "mlp_experts": n_experts}
+        self.routers = nn.ModuleDict({c: Router(d, sizes[c]) for c in components})
+        self.capacity = dict(components)
+        self.n_experts = n_experts
+        self.mode = mode
+        self.enabled = True
+        self.attn = RoutedAttention(layer_idx)
+        self.mlp = RoutedMLP()
+        if unit_order is not None:  # clustered experts: the MLP with its hidden units reordered
+            self.register_buffer("unit_order", unit_order, persistent=False)
+        else:
+            self.unit_order = None
+        self.aux: dict = {}     # training signals of the last forward (scores and choices)
+        self.counts: dict = {}  # sizes the last forward computed, for the analytic FLOP count
+        self.record_scores = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _active(self, comp: str) -> bool:
+        return comp in self.routers and self.capacity[comp] < 1.0
+
+    def _token_keep(self, comp: str, h: Tensor, n_protected: int) -> tuple[Tensor, Tensor]:
+        scores = self.routers[comp](h)
+        threshold = None
+        if self.mode == "threshold":
+            router = self.routers[comp]
+            if not router.calibrated:
+                raise RuntimeError(f"layer {self.layer_idx} {comp} router is not calibrated for threshold "
+                                   "mode; call ElasticModel.calibrate(input_ids) first (or use mode='topk')")
+            threshold = router.threshold(self.capacity[comp])
+        keep = select_tokens(scores, self.capacity[comp], threshold, n_protected)
+        self.aux[comp] = (scores, keep)
+        return scores, keep
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if not self.enabled:
+            return self.base_layer(*args, **kwargs)
+        call = self.adapter.parse_call(args, kwargs)
+        out = self.routed(call.hidden, call.mask, call.cache, call.rope)
+        return self.adapter.pack_output(out, args, kwargs)
+
+    def routed(self, x: Tensor, mask: Tensor | None, cache, rope) -> Tensor:
+        spec = self.adapter.block_spec(self.base_layer, self.layer_idx)
+        if self.unit_order is not None:
+            spec.mlp = spec.mlp.permuted(self.unit_order)
+        B, T, d = x.shape
+        self.aux, counts = {}, {"B": B, "T": T}
+        start = 0
+        if cache is not None:  # layer 0 caches every token, so its length counts the tokens seen
+            start = cache.get_seq_length(0) - (T if self.layer_idx > 0 else 0)
+        pos = torch.arange(start, start + T, device=x.device).expand(B, T)
+        if rope is not None:  # models compute cos/sin once for the batch: [1, T, hd]
+            rope = tuple(r.expand(B, -1, -1) for r in rope)
+
+        # attention sub-layer: chosen tokens (all, padded to the longest row) and chosen heads
+        h = spec.attn_norm(x)
+        if self._active("attn_tokens"):
+            scores, keep = self._token_keep("attn_tokens", h, spec.n_protected)
+            idx, valid = keep_to_index(keep)
+            take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+            h, pos, gate = take(h), take(pos), straight_through(take(scores))
+            rope = None if rope is None else (take(rope[0]), take(rope[1]))
+        else:
+            idx, valid, gate, take = None, torch.ones(B, T, dtype=torch.bool, device=x.device), None, None
+        pad_mask = self.adapter.bool_mask(mask)
+        if pad_mask is not None:
+            pad_mask = pad_mask[:, 0] if take is None else take(pad_mask[:, 0])
+        heads = None
+        if self._active("attn_heads"):
+            hs = self.routers["attn_heads"](h)
+            heads = choose_slots(hs, self.capacity["attn_heads"])
+            self.aux["attn_heads"] = (hs[valid], heads[0][valid])
+            counts["head_pairs"] = int(valid.sum()) * heads[0].shape[-1]
+        y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads)
+        counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys)
+        if spec.ls1 is not None:
+            y = y * spec.ls1
+        if idx is None:
+            x = x + y
+        else:
+            flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[valid]
+            x = scatter_add_rows(x.reshape(B * T, d), flat, (y * gate[..., None])[valid]).view(B, T, d)
+
+        # MLP sub-layer: chosen rows of the flattened batch (no padding needed) and chosen slices
+        h = spec.mlp_norm(x).reshape(B * T, d)
+        rows = gate = None
+        if self._active("mlp_tokens"):
+            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), spec.n_protected)
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            h, gate = h[rows], straight_through(scores.reshape(-1)[rows])
+        experts = None
+        if self._active("mlp_experts"):
+            es = self.routers["mlp_experts"](h)
+            experts = choose_slots(es, self.capacity["mlp_experts"])
+            self.aux["mlp_experts"] = (es, experts[0])
+            counts["expert_pairs"] = experts[0].numel()
+        y = self.mlp(spec.mlp, h, experts, self.n_experts)
+        counts["mlp_rows"] = h.shape[0]
+        if spec.ls2 is not None:
+            y = y * spec.ls2
+        self.counts = counts
+        x = x.reshape(B * T, d)
+        x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
+        return x.view(B, T, d)

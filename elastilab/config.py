@@ -1,0 +1,83 @@
+"""ElasticConfig: which parts of each layer are elastic, and how much of them is computed."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+#: Components a layer can route. ``visual_tokens`` belongs to visual-language models only.
+TOKEN_COMPONENTS = ("attn_tokens", "mlp_tokens")
+PARAM_COMPONENTS = ("attn_heads", "mlp_experts")
+LAYER_COMPONENTS = TOKEN_COMPONENTS + PARAM_COMPONENTS
+COMPONENTS = LAYER_COMPONENTS + ("visual_tokens",)
+MODES = ("topk", "threshold")
+PARTITIONS = ("contiguous", "clustered")
+
+
+def check_capacity(name: str, value) -> float:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; allowed: {', '.join(COMPONENTS)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"capacity of {name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"capacity of {name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+@dataclass
+class ElasticConfig:
+    """What to make elastic. A component left at ``None`` is not routed (no router is created).
+
+    Capacities are the fraction computed: of tokens for ``attn_tokens``/``mlp_tokens``/
+    ``visual_tokens``, of query heads for ``attn_heads``, of MLP slices for ``mlp_experts``.
+    They can be changed later with ``ElasticModel.set_capacity`` without retraining.
+    """
+
+    attn_tokens: float | None = None
+    mlp_tokens: float | None = None
+    attn_heads: float | None = None
+    mlp_experts: float | None = None
+    visual_tokens: float | None = None
+    #: number of slices the MLP hidden units are split into (must divide the MLP width)
+    n_experts: int = 8
+    #: "contiguous" slices, or "clustered": hidden units permuted by balanced k-means first
+    expert_partition: str = "contiguous"
+    #: "topk": exactly ceil(c*T) tokens per sequence (looks at the whole sequence);
+    #: "threshold": a token is kept when its score passes a calibrated per-layer threshold
+    #: (causal: usable for generation with a KV cache)
+    mode: str = "topk"
+    #: layers left dense (e.g. the first and last); negative indices count from the end
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        for name in COMPONENTS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, check_capacity(name, value))
+        if not self.components:
+            raise ValueError(f"ElasticConfig enables no component; set a capacity for at least one of {', '.join(COMPONENTS)}")
+        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 1:
+            raise ValueError(f"n_experts must be a positive integer, got {self.n_experts!r}")
+        if self.expert_partition not in PARTITIONS:
+            raise ValueError(f"expert_partition must be one of {PARTITIONS}, got {self.expert_partition!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPONENTS if getattr(self, c) is not None)
+
+    def capacities(self) -> dict[str, float]:
+        return {c: getattr(self, c) for c in self.components}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ElasticConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ElasticConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**{**d, "dense_layers": tuple(d.get("dense_layers", ()))})

@@ -1,0 +1,270 @@
+"""elastify(): wrap a pretrained model's blocks with routers; the ElasticModel that controls them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import Adapter, find_adapter
+from .block import ElasticBlock
+from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity
+
+ROUTERS_FILE, META_FILE = "routers.safetensors", "routers.json"
+
+
+class ElasticModel(nn.Module):
+    """A pretrained model whose blocks are wrapped by ``ElasticBlock`` (the originals stay inside,
+    as ``base_layer``, untouched). Calls go to the wrapped model; only router weights train."""
+
+    def __init__(self, model: nn.Module, config: ElasticConfig, adapter: Adapter | None = None):
+        super().__init__()
+        self.model = model
+        self.elastic_config = config
+        self.adapter = adapter or find_adapter(model)
+        layer_comps = [c for c in config.components if c in LAYER_COMPONENTS]
+        unsupported = [c for c in config.components if c not in self.adapter.components]
+        if unsupported:
+            raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
+                             f"supported components: {', '.join(self.adapter.components)}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = self.adapter.layers(model)
+        n = len(layers)
+        dense = {i % n for i in config.dense_layers}
+        for i in range(n):
+            comps = {c: getattr(config, c) for c in layer_comps}
+            if self.adapter.causal and i == 0:
+                # layer 0's KV cache length is how transformers counts the tokens seen so far
+                comps.pop("attn_tokens", None)
+            if i in dense or not comps:
+                continue
+            order = None
+            if "mlp_experts" in comps and config.expert_partition == "clustered":
+                order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
+            layers[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
+        if not self.blocks:
+            raise ValueError("no layer was made elastic: every layer is in dense_layers")
+        for p in self.router_parameters():
+            p.requires_grad_(True)
+
+    # -- passthrough --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def blocks(self) -> list[ElasticBlock]:
+        return [m for m in self.adapter.layers(self.model) if isinstance(m, ElasticBlock)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for b in self.blocks for p in b.routers.parameters()]
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        return {f"{b.layer_idx}.{k}": v for b in self.blocks for k, v in b.routers.state_dict().items()}
+
+    def parameter_summary(self) -> dict:
+        n_router = sum(p.numel() for p in self.router_parameters())
+        n_base = sum(p.numel() for n, p in self.model.named_parameters() if ".routers." not in n)
+        return {"router_params": n_router, "base_params": n_base, "fraction": n_router / n_base}
+
+    def __repr__(self) -> str:
+        s = self.parameter_summary()
+        caps = ", ".join(f"{k}={v:g}" for k, v in self.capacities.items())
+        return (f"ElasticModel({type(self.model).__name__}, {len(self.blocks)} elastic blocks, {caps}, "
+                f"mode={self.elastic_config.mode}; routers {s['router_params']:,} params = "
+                f"{100 * s['fraction']:.4f}% of {s['base_params']:,})")
+
+    # -- live control -------------------------------------------------------------------------
+    @property
+    def capacities(self) -> dict[str, float]:
+        return self.elastic_config.capacities()
+
+    def set_capacity(self, **capacities: float) -> "ElasticModel":
+        """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``."""
+        for name, value in capacities.items():
+            value = check_capacity(name, value)
+            if getattr(self.elastic_config, name) is None:
+                raise ValueError(f"{name} is not elastic in this model; elastic components: "
+                                 f"{', '.join(self.elastic_config.components)}")
+            setattr(self.elastic_config, name, value)
+            for b in self.blocks:
+                if name in b.capacity:
+                    b.capacity[name] = value
+        return self
+
+    def set_mode(self, mode: str) -> "ElasticModel":
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "mode": mode})  # validates
+        self.elastic_config.mode = mode
+        for b in self.blocks:
+            b.mode = mode
+        return self
+
+    @contextmanager
+    def capacity(self, **capacities: float):
+        """Temporarily use other capacities (and restore them afterwards)."""
+        old = {k: getattr(self.elastic_config, k) for k in capacities}
+        self.set_capacity(**capacities)
+        try:
+            yield self
+        finally:
+            self.set_capacity(**old)
+
+    @contextmanager
+    def routers_disabled(self):
+        """Run the untouched pretrained blocks: the teacher, with no second copy of the weights."""
+        blocks = self.blocks
+        states = [b.enabled for b in blocks]
+        for b in blocks:
+            b.enabled = False
+        try:
+            yield self
+        finally:
+            for b, s in zip(blocks, states):
+                b.enabled = s
+
+    def unelastify(self) -> nn.Module:
+        """Put the original blocks back and return the plain pretrained model."""
+        layers = self.adapter.layers(self.model)
+        for i, m in enumerate(layers):
+            if isinstance(m, ElasticBlock):
+                layers[i] = m.base_layer
+        return self.model
+
+    # -- threshold mode -----------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> "ElasticModel":
+        """Fill each token router's score-quantile table from sample text, so threshold mode keeps
+        the target fraction. Scores are recorded while running top-k routing at the current
+        capacities, i.e. on the hidden states the routed model really produces."""
+        mode = self.elastic_config.mode
+        self.set_mode("topk")
+        scores: dict[tuple[int, str], list] = {}
+        try:
+            for chunk in input_ids.split(batch_size):
+                self.model(chunk.to(self.device))
+                for b in self.blocks:
+                    for comp in TOKEN_COMPONENTS:
+                        if comp in b.aux:
+                            scores.setdefault((b.layer_idx, comp), []).append(b.aux[comp][0].flatten())
+        finally:
+            self.set_mode(mode)
+        for b in self.blocks:
+            for comp in TOKEN_COMPONENTS:
+                if comp in b.routers:
+                    if (b.layer_idx, comp) not in scores:
+                        raise RuntimeError(f"{comp} routing was off during calibration (capacity 1.0?); "
+                                           "calibrate at a capacity below 1.0")
+                    b.routers[comp].set_quantiles(torch.cat(scores[(b.layer_idx, comp)]))
+        return self
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
+        """Write routers.safetensors + routers.json into the folder ``path`` (atomically)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
+                "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
+                **self.parameter_summary(), "metadata": metadata}
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.router_state().items()}
+        _atomic_write(path / ROUTERS_FILE, lambda f: save_file(tensors, f))
+        _atomic_write(path / META_FILE, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
+        return path
+
+    def compute_report(self, *args, **kwargs):
+        from .compute import compute_report
+        return compute_report(self, *args, **kwargs)
+
+
+def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities) -> ElasticModel:
+    """Wrap ``model`` with routers: ``elastify(model, ElasticConfig(mlp_experts=0.5))`` or
+    ``elastify(model, mlp_tokens=0.5)``."""
+    if config is None:
+        config = ElasticConfig(**capacities)
+    elif capacities:
+        raise TypeError("pass either an ElasticConfig or capacities as keywords, not both")
+    if isinstance(model, ElasticModel):
+        raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
+    return ElasticModel(model, config)
+
+
+def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
+    """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model."""
+    path = Path(path)
+    if not (path / META_FILE).exists() or not (path / ROUTERS_FILE).exists():
+        raise FileNotFoundError(f"{path} holds no router checkpoint (expected {ROUTERS_FILE} and {META_FILE})")
+    meta = json.loads((path / META_FILE).read_text())
+    found = fingerprint(model)
+    if strict_fingerprint and meta["fingerprint"] != found:
+        raise ValueError(
+            f"the routers in {path} were trained for a different model: {meta['model_class']} with "
+            f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
+            f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
+    em = elastify(model, ElasticConfig.from_dict(meta["elastic_config"]))
+    state = load_file(str(path / ROUTERS_FILE))
+    own = em.router_state()
+    if set(state) != set(own):
+        raise ValueError(f"router checkpoint {path} does not match the elastic layout "
+                         f"(missing {sorted(set(own) - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]})")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+    return em
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the architecture and of sampled base weights (routers excluded)."""
+    if isinstance(model, ElasticModel):
+        model = model.model
+    params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if ".routers." not in n]
+    h = hashlib.sha256(type(model).__name__.encode())
+    h.update(json.dumps([(n, list(p.shape)) for n, p in params]).encode())
+    for _, p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().flatten()[:8192].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cluster_hidden_units(mlp, n_experts: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Balanced k-means of the MLP's hidden units by their input weights (MoEfication).
+
+    Returns a permutation whose consecutive F/E blocks are the clusters; permuting the hidden
+    units does not change the function, so the experts still sum to the dense MLP exactly.
+    """
+    w = mlp.w_in if mlp.w_gate is None else torch.cat([mlp.w_in, mlp.w_gate], 1)
+    feats = torch.nn.functional.normalize(w.detach().float(), dim=1)
+    F_, size = feats.shape[0], feats.shape[0] // n_experts
+    g = torch.Generator().manual_seed(seed)
+    centers = feats[torch.randperm(F_, generator=g)[:n_experts]]
+    for _ in range(iters):
+        dist = torch.cdist(feats, centers)  # [F, E]
+        assign = torch.full((F_,), -1, dtype=torch.long)
+        pref = dist - dist.min(1, keepdim=True).values  # how much a unit loses by going elsewhere
+        for e in torch.argsort(dist.min(0).values).tolist():  # clusters fill in turn, greedily
+            free = (assign < 0).nonzero().squeeze(1)
+            take = free[pref[free, e].topk(size, largest=False).indices]
+            assign[take] = e
+        centers = torch.stack([feats[assign == e].mean(0) for e in range(n_experts)])
+    return torch.argsort(assign, stable=True)
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

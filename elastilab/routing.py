@@ -1,0 +1,166 @@
+"""Selection and routed execution: gather the chosen rows, compute only them, scatter back.
+
+Gradient to the routers. The forward pass uses the *hard* selection and multiplies each routed
+output by a gate whose forward value is exactly 1.0: ``(p - p.detach()) + 1`` with p = sigmoid(score).
+So capacity 1.0 reproduces the pretrained model bit for bit in value, while the backward pass sees
+d gate / d score = sigmoid'(score): a straight-through estimator in the style of Mixture-of-Depths
+(whose router weight scales the block output) without changing the forward value.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_experts_forward, mlp_forward
+
+_FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
+
+
+def straight_through(scores: Tensor) -> Tensor:
+    p = torch.sigmoid(scores)
+    return (p - p.detach()) + 1.0
+
+
+def n_kept(capacity: float, n: int) -> int:
+    """Rows computed out of n at this capacity (at least one, exactly n at capacity 1)."""
+    return min(n, max(1, math.ceil(capacity * n - 1e-9)))
+
+
+def select_tokens(scores: Tensor, capacity: float, threshold: float | None, n_protected: int = 0) -> Tensor:
+    """keep [B, T] bool. Top-k per sequence when threshold is None, else score > threshold.
+
+    The first n_protected tokens (CLS, registers) are always kept and not counted in the top-k.
+    """
+    B, T = scores.shape
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[:, :n_protected] = True
+    free = scores[:, n_protected:]
+    if capacity >= 1.0 or free.shape[1] == 0:
+        keep[:, n_protected:] = True
+    elif threshold is None:
+        k = n_kept(capacity, free.shape[1])
+        keep[:, n_protected:].scatter_(1, free.topk(k, dim=1).indices, True)
+    else:
+        keep[:, n_protected:] = free > threshold
+    return keep
+
+
+def keep_to_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Kept positions in order, padded to the longest row: idx [B, K] and valid [B, K]."""
+    counts = keep.sum(1)
+    K = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
+    valid = torch.arange(K, device=keep.device)[None] < counts[:, None]
+    return order, valid
+
+
+def choose_slots(scores: Tensor, capacity: float) -> tuple[Tensor, Tensor]:
+    """Per-row top-k among n heads/experts: ids [..., k] and straight-through gates [..., k]."""
+    k = n_kept(capacity, scores.shape[-1])
+    top = scores.topk(k, dim=-1)
+    return top.indices, straight_through(top.values)
+
+
+class RoutedAttention(nn.Module):
+    """Attention over a subset of tokens, optionally with a subset of query heads per token.
+
+    Only the chosen tokens are projected and enter attention (as queries, keys and values), and a
+    token computes only its chosen heads (q projection, scores, values and its slice of o_proj).
+    With a KV cache, the original positions of the cached keys are remembered so that causal masks
+    stay right when every layer caches a different subset of tokens.
+    """
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self._kpos: Tensor | None = None  # original positions of this layer's cached keys
+        self.last_keys = 0
+
+    def forward(self, w: AttnWeights, h: Tensor, pos: Tensor, valid: Tensor, rope=None,
+                pad_mask: Tensor | None = None, cache=None,
+                heads: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """h [B, K, d] chosen rows; pos [B, K] their original positions; valid [B, K] (False = padding);
+        rope: (cos, sin) gathered to [B, K, hd]; pad_mask [B, K, S_full] bool from the model's mask;
+        heads: (ids [B, K, kh], gates [B, K, kh]). Returns [B, K, d]."""
+        B, K, _ = h.shape
+        hd = w.head_dim
+        k = F.linear(h, w.w_k, w.b_k).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
+        v = F.linear(h, w.w_v, w.b_v).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            k = w.rope(k, *rope)
+        kpos = torch.where(valid, pos, torch.full_like(pos, _FAR))
+        if cache is not None:
+            if cache.get_seq_length(self.layer_idx) == 0:
+                self._kpos = None
+            k, v = cache.update(k, v, self.layer_idx)
+            kpos = kpos if self._kpos is None else torch.cat([self._kpos, kpos], 1)
+            self._kpos = kpos
+        self.last_keys = k.shape[2]
+        allowed = self._allowed(w, pos, valid, kpos, pad_mask)
+        if heads is None:
+            q = F.linear(h, w.w_q, w.b_q).view(B, K, w.n_heads, hd).transpose(1, 2)
+            if rope is not None:
+                q = w.rope(q, *rope)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if allowed is None else allowed[:, None],
+                scale=w.scaling, enable_gqa=w.n_heads != w.n_kv_heads)
+            return F.linear(o.transpose(1, 2).reshape(B, K, -1), w.w_o, w.b_o)
+        return self._per_head(w, h, k, v, allowed, rope, heads)
+
+    @staticmethod
+    def _allowed(w, pos, valid, kpos, pad_mask):
+        if not w.causal and pad_mask is None and bool(valid.all()) and kpos.shape[1] == pos.shape[1]:
+            return None  # plain full attention: let sdpa take its fastest path
+        allowed = (kpos < _FAR)[:, None, :].expand(-1, pos.shape[1], -1)
+        if w.causal:
+            allowed = allowed & (kpos[:, None, :] <= pos[:, :, None])
+        if pad_mask is not None:
+            cols = kpos.clamp(max=pad_mask.shape[-1] - 1)
+            allowed = allowed & torch.gather(pad_mask, 2, cols[:, None, :].expand(-1, pos.shape[1], -1))
+        # padding queries (outputs discarded) must still see one key, or softmax gives NaN
+        return allowed | ~valid[:, :, None]
+
+    @staticmethod
+    def _per_head(w, h, k, v, allowed, rope, heads):
+        ids, gates = heads
+        B, K, _ = h.shape
+        hd, group = w.head_dim, w.n_heads // w.n_kv_heads
+        out = h.new_zeros(B, K, w.w_o.shape[0])
+        for b in range(B):
+            for head in range(w.n_heads):
+                hit = ids[b] == head  # [K, kh]
+                rows = hit.any(-1).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                sl = slice(head * hd, (head + 1) * hd)
+                q = F.linear(h[b, rows], w.w_q[sl], None if w.b_q is None else w.b_q[sl])[None, None]
+                if rope is not None:
+                    q = w.rope(q, rope[0][b:b + 1, rows], rope[1][b:b + 1, rows])
+                g = head // group
+                mask = None if allowed is None else allowed[b:b + 1, rows][:, None]
+                o = F.scaled_dot_product_attention(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],
+                                                   attn_mask=mask, scale=w.scaling)[0, 0]
+                gate = (gates[b, rows] * hit[rows]).sum(-1, keepdim=True)
+                out[b] = out[b].index_add(0, rows, F.linear(o * gate, w.w_o[:, sl]))
+        return out if w.b_o is None else out + w.b_o
+
+
+class RoutedMLP(nn.Module):
+    """The MLP on the chosen rows only, optionally with only k of E hidden-unit slices per row."""
+
+    def forward(self, w: MLPWeights, h: Tensor, experts: tuple[Tensor, Tensor] | None, n_experts: int) -> Tensor:
+        if experts is None:
+            return mlp_forward(w, h)
+        return mlp_experts_forward(w, h, experts[0], experts[1], n_experts)
+
+
+def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
+    """x [N, d] with y [n, d] added to rows (out of place, so autograd keeps x intact)."""
+    return x.index_add(0, rows, y.to(x.dtype))
+
+
+__all__ = ["straight_through", "n_kept", "select_tokens", "keep_to_index", "choose_slots",
+           "RoutedAttention", "RoutedMLP", "scatter_add_rows", "BlockSpec"]

@@ -1,0 +1,140 @@
+"""A model-family-neutral view of one transformer block, and the torch reference for its MLP.
+
+Adapters translate a family's layer (Llama, GPT-2, ViT...) into a ``BlockSpec`` made of *views*
+of the frozen base weights (no copies, except the permuted weights of clustered experts). The
+routed execution in ``routing.py`` and the Triton kernels only ever see these specs, so each
+idea is written once for every family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+@dataclass
+class MLPWeights:
+    """``swiglu``: w_out @ (act(w_gate @ h) * (w_in @ h));  ``gelu``: w_out @ act(w_in @ h + b_in) + b_out.
+
+    Shapes: w_in, w_gate [F, d]; w_out [d, F]; b_in [F]; b_out [d]. The output is a sum over the F
+    hidden units, so expert e = hidden units [e*F/E, (e+1)*F/E) gives E experts whose sum is exact.
+    ``b_out`` is added once per token, not once per expert.
+    """
+
+    kind: str
+    act: str
+    w_in: Tensor
+    w_out: Tensor
+    w_gate: Tensor | None = None
+    b_in: Tensor | None = None
+    b_out: Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.w_in.shape[0]
+
+    def unit_slice(self, start: int, stop: int) -> "MLPWeights":
+        """The MLP restricted to hidden units [start, stop) (views, no copy), without b_out."""
+        return MLPWeights(
+            self.kind, self.act, self.w_in[start:stop], self.w_out[:, start:stop],
+            None if self.w_gate is None else self.w_gate[start:stop],
+            None if self.b_in is None else self.b_in[start:stop], None,
+        )
+
+    def permuted(self, order: Tensor) -> "MLPWeights":
+        """The same function with hidden units reordered (used by clustered experts)."""
+        return MLPWeights(
+            self.kind, self.act, self.w_in[order], self.w_out[:, order],
+            None if self.w_gate is None else self.w_gate[order],
+            None if self.b_in is None else self.b_in[order], self.b_out,
+        )
+
+
+@dataclass
+class AttnWeights:
+    """Projections as [out, in] matrices; query head h uses rows [h*hd, (h+1)*hd) of w_q."""
+
+    w_q: Tensor
+    w_k: Tensor
+    w_v: Tensor
+    w_o: Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    b_q: Tensor | None = None
+    b_k: Tensor | None = None
+    b_v: Tensor | None = None
+    b_o: Tensor | None = None
+    causal: bool = True
+    #: callable(x [B, H, K, hd], cos [B, K, hd], sin) -> rotated x, for rotary models; None otherwise
+    rope: object = None
+    scaling: float | None = None
+
+    def __post_init__(self):
+        if self.scaling is None:
+            self.scaling = self.head_dim ** -0.5
+
+
+@dataclass
+class BlockSpec:
+    """Pre-norm block: x + ls1*attn(attn_norm(x)), then + ls2*mlp(mlp_norm(.))."""
+
+    attn_norm: nn.Module
+    mlp_norm: nn.Module
+    attn: AttnWeights
+    mlp: MLPWeights
+    ls1: Tensor | None = None  # LayerScale gammas (DINOv2), None elsewhere
+    ls2: Tensor | None = None
+    #: leading tokens that are never routed away (CLS and register tokens of ViTs)
+    n_protected: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def mlp_forward(w: MLPWeights, h: Tensor, add_bias_out: bool = True) -> Tensor:
+    """Dense MLP on rows h [..., d] (the torch reference every routed path reduces to)."""
+    act = ACTIVATIONS[w.act]
+    if w.kind == "swiglu":
+        y = F.linear(act(F.linear(h, w.w_gate)) * F.linear(h, w.w_in, w.b_in), w.w_out)
+    elif w.kind == "gelu":
+        y = F.linear(act(F.linear(h, w.w_in, w.b_in)), w.w_out)
+    else:
+        raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
+    if add_bias_out and w.b_out is not None:
+        y = y + w.b_out
+    return y
+
+
+def mlp_experts_forward(w: MLPWeights, h: Tensor, experts: Tensor, gates: Tensor, n_experts: int) -> Tensor:
+    """Each row of h [n, d] computes only its k chosen hidden-unit slices.
+
+    experts [n, k] int64 expert ids, gates [n, k] multipliers (1.0 in the forward value; they carry
+    the straight-through gradient). Rows are grouped by expert, so each expert's weights are used
+    in one matmul over the rows that chose it (the scattermoe / fused-MoE idea, in torch).
+    """
+    n, k = experts.shape
+    size = w.width // n_experts
+    flat_e = experts.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    rows = order // k
+    counts = torch.bincount(flat_e, minlength=n_experts).tolist()
+    y = h.new_zeros(n, w.w_out.shape[0])
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        sel = rows[start:start + count]
+        g = gates.reshape(-1)[order[start:start + count]]
+        part = mlp_forward(w.unit_slice(e * size, (e + 1) * size), h[sel], add_bias_out=False)
+        y = y.index_add(0, sel, part * g[:, None].to(part.dtype))
+        start += count
+    if w.b_out is not None:
+        y = y + w.b_out
+    return y
