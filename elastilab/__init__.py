@@ -3,9 +3,13 @@
     import elastilab as el
     model, tok = el.zoo.load("smollm2-135m")
     em = el.elastify(model, el.ElasticConfig(mlp_experts=0.5, attn_tokens=0.75))
+    log = el.distill(em, el.data.text("licenses"), tokenizer=tok, steps=200)
 """
+from . import data, zoo
 from .config import COMPONENTS, ElasticConfig
+from .distill import DistillConfig, distill, evaluate
 from .elastic import ElasticModel, elastify, fingerprint, load_routers
 
-__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "elastify", "load_routers", "fingerprint"]
+__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "elastify", "load_routers", "fingerprint",
+           "DistillConfig", "distill", "evaluate", "data", "zoo"]
 __version__ = "0.1.0"

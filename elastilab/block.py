@@ -6,8 +6,8 @@ from torch import Tensor, nn
 
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
 from .routers import Router
-from .routing import (RoutedAttention, RoutedMLP, choose_slots, keep_to_index, scatter_add_rows,
-                      select_tokens, straight_through)
+from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
+                      hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)
 
 
 class ElasticBlock(nn.Module):
@@ -43,7 +43,8 @@ class ElasticBlock(nn.Module):
             self.unit_order = None
         self.aux: dict = {}     # training signals of the last forward (scores and choices)
         self.counts: dict = {}  # sizes the last forward computed, for the analytic FLOP count
-        self.record_scores = False
+        #: training: forward values of the routed path, gradients for unchosen rows too (see estimate)
+        self.estimator = False
 
     # -- helpers -------------------------------------------------------------------------------
     def _active(self, comp: str) -> bool:
@@ -67,26 +68,38 @@ class ElasticBlock(nn.Module):
         if not self.enabled:
             return self.base_layer(*args, **kwargs)
         call = self.adapter.parse_call(args, kwargs)
-        out = self.routed(call.hidden, call.mask, call.cache, call.rope)
+        if self.estimator and torch.is_grad_enabled():
+            if call.cache is not None or self.adapter.bool_mask(call.mask) is not None:
+                raise ValueError("router training takes unpadded batches without a KV cache "
+                                 "(pass input_ids only, use_cache=False)")
+            out = self.estimate(call.hidden, call.rope)
+        else:
+            out = self.routed(call.hidden, call.mask, call.cache, call.rope)
         return self.adapter.pack_output(out, args, kwargs)
 
-    def routed(self, x: Tensor, mask: Tensor | None, cache, rope) -> Tensor:
+    def _spec(self):
         spec = self.adapter.block_spec(self.base_layer, self.layer_idx)
         if self.unit_order is not None:
             spec.mlp = spec.mlp.permuted(self.unit_order)
+        return spec
+
+    def routed(self, x: Tensor, mask: Tensor | None, cache, rope) -> Tensor:
+        """The execution users run: only chosen tokens, heads and slices are computed."""
+        spec = self._spec()
         B, T, d = x.shape
         self.aux, counts = {}, {"B": B, "T": T}
         start = 0
         if cache is not None:  # layer 0 caches every token, so its length counts the tokens seen
             start = cache.get_seq_length(0) - (T if self.layer_idx > 0 else 0)
         pos = torch.arange(start, start + T, device=x.device).expand(B, T)
+        protected = min(T, max(0, spec.n_protected - start))  # protected positions in this chunk
         if rope is not None:  # models compute cos/sin once for the batch: [1, T, hd]
             rope = tuple(r.expand(B, -1, -1) for r in rope)
 
         # attention sub-layer: chosen tokens (all, padded to the longest row) and chosen heads
         h = spec.attn_norm(x)
         if self._active("attn_tokens"):
-            scores, keep = self._token_keep("attn_tokens", h, spec.n_protected)
+            scores, keep = self._token_keep("attn_tokens", h, protected)
             idx, valid = keep_to_index(keep)
             take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
             h, pos, gate = take(h), take(pos), straight_through(take(scores))
@@ -116,7 +129,7 @@ class ElasticBlock(nn.Module):
         h = spec.mlp_norm(x).reshape(B * T, d)
         rows = gate = None
         if self._active("mlp_tokens"):
-            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), spec.n_protected)
+            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), protected)
             rows = keep.reshape(-1).nonzero().squeeze(1)
             h, gate = h[rows], straight_through(scores.reshape(-1)[rows])
         experts = None
@@ -132,4 +145,48 @@ class ElasticBlock(nn.Module):
         self.counts = counts
         x = x.reshape(B * T, d)
         x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
+        return x.view(B, T, d)
+
+    def estimate(self, x: Tensor, rope) -> Tensor:
+        """Router training: the same forward value as ``routed`` (same choices, skipped parts add
+        exactly 0), but skipped tokens / heads / slices are computed too and multiplied by a gate
+        that is 0 in value and has the straight-through gradient. So each router learns from what
+        every candidate *would* contribute, not only from the ones it already picked (with
+        gradients only on chosen rows, the ranking barely moves from its random start)."""
+        spec = self._spec()
+        B, T, d = x.shape
+        self.aux = {}
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        if rope is not None:
+            rope = tuple(r.expand(B, -1, -1) for r in rope)
+        h = spec.attn_norm(x)
+        key_idx = tok_gate = head_gates = None
+        if self._active("attn_tokens"):
+            scores, keep = self._token_keep("attn_tokens", h, min(T, spec.n_protected))
+            key_idx = keep_to_index(keep)[0]  # top-k: the same count in every row, no padding
+            tok_gate = hard_gates(keep, scores)
+        if self._active("attn_heads"):
+            hs = self.routers["attn_heads"](h)
+            ids = choose_slots(hs, self.capacity["attn_heads"])[0]
+            self.aux["attn_heads"] = (hs.reshape(B * T, -1), ids.reshape(B * T, -1))
+            head_gates = hard_gates(ids, hs)
+        y = estimator_attention(spec.attn, h, pos, rope, key_idx, head_gates)
+        if spec.ls1 is not None:
+            y = y * spec.ls1
+        x = x + (y if tok_gate is None else y * tok_gate[..., None])
+
+        h = spec.mlp_norm(x).reshape(B * T, d)
+        tok_gate = unit_gates = None
+        if self._active("mlp_tokens"):
+            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), min(T, spec.n_protected))
+            tok_gate = hard_gates(keep, scores).reshape(B * T)
+        if self._active("mlp_experts"):
+            es = self.routers["mlp_experts"](h)
+            ids = choose_slots(es, self.capacity["mlp_experts"])[0]
+            self.aux["mlp_experts"] = (es, ids)
+            unit_gates = hard_gates(ids, es)
+        y = estimator_mlp(spec.mlp, h, unit_gates)
+        if spec.ls2 is not None:
+            y = y * spec.ls2
+        x = x.reshape(B * T, d) + (y if tok_gate is None else y * tok_gate[:, None])
         return x.view(B, T, d)

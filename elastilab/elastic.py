@@ -135,6 +135,17 @@ class ElasticModel(nn.Module):
             for b, s in zip(blocks, states):
                 b.enabled = s
 
+    @contextmanager
+    def training_estimator(self):
+        """Forward passes with gradients use ``ElasticBlock.estimate`` (the training estimator)."""
+        for b in self.blocks:
+            b.estimator = True
+        try:
+            yield self
+        finally:
+            for b in self.blocks:
+                b.estimator = False
+
     def unelastify(self) -> nn.Module:
         """Put the original blocks back and return the plain pretrained model."""
         layers = self.adapter.layers(self.model)

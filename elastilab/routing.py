@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_experts_forward, mlp_forward
+from .spec import ACTIVATIONS, AttnWeights, BlockSpec, MLPWeights, mlp_experts_forward, mlp_forward
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
 
@@ -55,6 +55,17 @@ def keep_to_index(keep: Tensor) -> tuple[Tensor, Tensor]:
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
     valid = torch.arange(K, device=keep.device)[None] < counts[:, None]
     return order, valid
+
+
+def hard_gates(keep_or_ids: Tensor, scores: Tensor) -> Tensor:
+    """Gates for every token / slot: 1 where chosen and 0 elsewhere in value, with the
+    straight-through gradient d gate / d score = sigmoid' for all of them (training estimator)."""
+    if keep_or_ids.dtype == torch.bool:
+        hard = keep_or_ids.to(scores.dtype)
+    else:
+        hard = torch.zeros_like(scores).scatter_(-1, keep_or_ids, 1.0)
+    p = torch.sigmoid(scores)
+    return hard + (p - p.detach())
 
 
 def choose_slots(scores: Tensor, capacity: float) -> tuple[Tensor, Tensor]:
@@ -148,6 +159,48 @@ class RoutedAttention(nn.Module):
         return out if w.b_o is None else out + w.b_o
 
 
+def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: Tensor | None,
+                        head_gates: Tensor | None) -> Tensor:
+    """Training estimator of routed attention: every token queries, but only the chosen tokens
+    (key_idx [B, K]) are keys and values, so chosen tokens get exactly their routed output while
+    skipped ones get the output they *would* have had; all heads are computed and scaled by
+    head_gates [B, T, H] (1/0 in value). Dense cost, training only: it gives the routers a
+    gradient for the tokens and heads they did not choose."""
+    B, T, _ = h.shape
+    hd = w.head_dim
+    hk, kpos, rk = h, pos, rope
+    if key_idx is not None:
+        take = lambda t: torch.gather(t, 1, key_idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+        hk, kpos = take(h), take(pos)
+        rk = None if rope is None else (take(rope[0]), take(rope[1]))
+    K = hk.shape[1]
+    q = F.linear(h, w.w_q, w.b_q).view(B, T, w.n_heads, hd).transpose(1, 2)
+    k = F.linear(hk, w.w_k, w.b_k).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
+    v = F.linear(hk, w.w_v, w.b_v).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
+    if rope is not None:
+        q, k = w.rope(q, *rope), w.rope(k, *rk)
+    mask = (kpos[:, None, :] <= pos[:, :, None])[:, None] if w.causal else None
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling,
+                                       enable_gqa=w.n_heads != w.n_kv_heads)
+    if head_gates is not None:
+        o = o * head_gates.transpose(1, 2)[..., None].to(o.dtype)
+    return F.linear(o.transpose(1, 2).reshape(B, T, -1), w.w_o, w.b_o)
+
+
+def estimator_mlp(w: MLPWeights, h: Tensor, unit_gates: Tensor | None) -> Tensor:
+    """Training estimator of expert routing: the dense MLP with each hidden unit scaled by its
+    expert's gate (1/0 in value, straight-through gradient); unit_gates [n, E]."""
+    act = ACTIVATIONS[w.act]
+    if w.kind == "swiglu":
+        hidden = act(F.linear(h, w.w_gate)) * F.linear(h, w.w_in, w.b_in)
+    else:
+        hidden = act(F.linear(h, w.w_in, w.b_in))
+    if unit_gates is not None:
+        hidden = hidden * unit_gates.repeat_interleave(w.width // unit_gates.shape[-1], -1).to(hidden.dtype)
+    y = F.linear(hidden, w.w_out)
+    return y if w.b_out is None else y + w.b_out
+
+
 class RoutedMLP(nn.Module):
     """The MLP on the chosen rows only, optionally with only k of E hidden-unit slices per row."""
 
@@ -162,5 +215,6 @@ def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     return x.index_add(0, rows, y.to(x.dtype))
 
 
-__all__ = ["straight_through", "n_kept", "select_tokens", "keep_to_index", "choose_slots",
+__all__ = ["straight_through", "hard_gates", "n_kept", "select_tokens", "keep_to_index", "choose_slots",
+           "estimator_attention", "estimator_mlp",
            "RoutedAttention", "RoutedMLP", "scatter_add_rows", "BlockSpec"]

@@ -93,7 +93,7 @@ class BlockSpec:
     mlp: MLPWeights
     ls1: Tensor | None = None  # LayerScale gammas (DINOv2), None elsewhere
     ls2: Tensor | None = None
-    #: leading tokens that are never routed away (CLS and register tokens of ViTs)
+    #: leading positions never routed away (CLS and registers of ViTs; the attention sink of LMs)
     n_protected: int = 0
     extra: dict = field(default_factory=dict)
 

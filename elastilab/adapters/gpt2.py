@@ -31,7 +31,7 @@ class GPT2Adapter(Adapter):
             a.num_heads, a.num_heads, a.head_dim, b[:d], b[d:2 * d], b[2 * d:], a.c_proj.bias,
             causal=True, rope=None, scaling=scaling)
         mlp = MLPWeights("gelu", act, m.c_fc.weight.T, m.c_proj.weight.T, None, m.c_fc.bias, m.c_proj.bias)
-        return BlockSpec(layer.ln_1, layer.ln_2, attn, mlp)
+        return BlockSpec(layer.ln_1, layer.ln_2, attn, mlp, n_protected=1)  # the attention sink, as in llama.py
 
     def parse_call(self, args, kwargs):
         # GPT2Model calls block(hidden_states, cache, attention_mask, encoder_hidden_states, ...)

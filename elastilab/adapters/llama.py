@@ -41,7 +41,9 @@ class LlamaAdapter(Adapter):
             causal=True, rope=rope, scaling=a.scaling)
         mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight,
                          m.up_proj.bias, m.down_proj.bias)
-        return BlockSpec(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp)
+        # position 0 is the attention sink: its hidden state carries the massive activations
+        # later layers rely on, so it is never routed away (costs 1/T of the compute)
+        return BlockSpec(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, n_protected=1)
 
     def parse_call(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
