@@ -126,25 +126,28 @@ class ElasticBlock(nn.Module):
             x = scatter_add_rows(x.reshape(B * T, d), flat, (y * gate[..., None])[valid]).view(B, T, d)
 
         # MLP sub-layer: chosen rows of the flattened batch (no padding needed) and chosen slices
-        h = spec.mlp_norm(x).reshape(B * T, d)
-        rows = gate = None
+        x = x.reshape(B * T, d)
+        h_all = spec.mlp_norm(x)
+        h, rows, gate = h_all, None, None
         if self._active("mlp_tokens"):
-            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), protected)
+            scores, keep = self._token_keep("mlp_tokens", h_all.view(B, T, d), protected)
             rows = keep.reshape(-1).nonzero().squeeze(1)
-            h, gate = h[rows], straight_through(scores.reshape(-1)[rows])
+            h, gate = h_all[rows], straight_through(scores.reshape(-1)[rows])
         experts = None
         if self._active("mlp_experts"):
             es = self.routers["mlp_experts"](h)
             experts = choose_slots(es, self.capacity["mlp_experts"])
             self.aux["mlp_experts"] = (es, experts[0])
             counts["expert_pairs"] = experts[0].numel()
-        y = self.mlp(spec.mlp, h, experts, self.n_experts)
         counts["mlp_rows"] = h.shape[0]
-        if spec.ls2 is not None:
-            y = y * spec.ls2
         self.counts = counts
-        x = x.reshape(B * T, d)
-        x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
+        if rows is not None and experts is None and spec.ls2 is None:
+            x = self.mlp(spec.mlp, h_all, residual=(x, rows, gate))  # gather, MLP, residual add: fused
+        else:
+            y = self.mlp(spec.mlp, h, experts, self.n_experts)
+            if spec.ls2 is not None:
+                y = y * spec.ls2
+            x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
         return x.view(B, T, d)
 
     def estimate(self, x: Tensor, rope) -> Tensor:

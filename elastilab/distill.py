@@ -32,6 +32,9 @@ class DistillConfig:
     #: sample each component's capacity uniformly from this range every step (None: keep fixed),
     #: so one set of routers serves the whole capacity slider
     capacity_range: tuple[float, float] | None = None
+    #: route only this many randomly drawn components per step, the others at 1.0 (None: all);
+    #: 1 trains each router in the setting it is evaluated in, one component at a time
+    components_per_step: int | None = None
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -46,6 +49,8 @@ class DistillConfig:
             lo, hi = self.capacity_range
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"capacity_range must satisfy 0 < low <= high <= 1, got {self.capacity_range}")
+        if self.components_per_step is not None and self.components_per_step < 1:
+            raise ValueError(f"components_per_step must be >= 1 or None, got {self.components_per_step}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -75,6 +80,14 @@ def router_aux_losses(em) -> tuple[Tensor, Tensor]:
                 n_bal += 1
     zero = torch.zeros((), device=em.device)
     return (bce / n_bce if n_bce else zero), (bal / n_bal if n_bal else zero)
+
+
+def sample_capacities(rng: random.Random, base: dict[str, float], cfg: DistillConfig) -> dict[str, float]:
+    comps = list(base)
+    k = cfg.components_per_step
+    active = set(rng.sample(comps, min(k, len(comps)))) if k else set(comps)
+    return {c: (rng.uniform(*cfg.capacity_range) if cfg.capacity_range else base[c]) if c in active else 1.0
+            for c in comps}
 
 
 def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accelerator=None, **overrides) -> pd.DataFrame:
@@ -118,8 +131,8 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     try:
         while step < cfg.steps:
             for ids in loader:
-                if cfg.capacity_range is not None:
-                    em.set_capacity(**{c: rng.uniform(*cfg.capacity_range) for c in base_caps})
+                if cfg.capacity_range is not None or cfg.components_per_step:
+                    em.set_capacity(**sample_capacities(rng, base_caps, cfg))
                 with torch.no_grad(), em.routers_disabled():
                     teacher = em(ids, use_cache=False).logits
                 student = wrapped(ids, use_cache=False).logits

@@ -112,6 +112,15 @@ class ElasticModel(nn.Module):
             b.mode = mode
         return self
 
+    def set_backend(self, backend: str) -> "ElasticModel":
+        """MLP kernels: "auto" (Triton on CUDA at inference, torch otherwise), "torch" or "triton"."""
+        from .kernels.ops import BACKENDS
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for b in self.blocks:
+            b.mlp.backend = backend
+        return self
+
     @contextmanager
     def capacity(self, **capacities: float):
         """Temporarily use other capacities (and restore them afterwards)."""

@@ -202,12 +202,27 @@ def estimator_mlp(w: MLPWeights, h: Tensor, unit_gates: Tensor | None) -> Tensor
 
 
 class RoutedMLP(nn.Module):
-    """The MLP on the chosen rows only, optionally with only k of E hidden-unit slices per row."""
+    """The MLP on the chosen rows only, optionally with only k of E hidden-unit slices per row.
 
-    def forward(self, w: MLPWeights, h: Tensor, experts: tuple[Tensor, Tensor] | None, n_experts: int) -> Tensor:
+    ``backend``: "auto" runs the Triton kernels (elastilab.kernels) on CUDA tensors when no
+    gradient is needed and the torch path otherwise; "torch" or "triton" force one.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, w: MLPWeights, h: Tensor, experts: tuple[Tensor, Tensor] | None = None,
+                n_experts: int = 1, residual: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """mlp(h) for the rows of h; with residual=(x, rows, gate), h holds every row and the
+        result is x with gate * mlp(h[rows]) added to the chosen rows (gather, MLP, add: fused)."""
+        from .kernels import ops
+        if residual is not None:
+            x, rows, gate = residual
+            return ops.routed_mlp_residual(x, h, rows, w, gate, backend=self.backend)
         if experts is None:
             return mlp_forward(w, h)
-        return mlp_experts_forward(w, h, experts[0], experts[1], n_experts)
+        return ops.expert_mlp(h, experts[0], experts[1], w, n_experts, backend=self.backend)
 
 
 def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:

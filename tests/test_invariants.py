@@ -1,0 +1,104 @@
+"""The five invariants of DESIGN.md, run on every model family registered in model_cases.py."""
+import pytest
+import torch
+
+import elastilab as el
+from elastilab.compute import measure_flops
+from elastilab.config import LAYER_COMPONENTS
+from model_cases import CASES
+
+ALL = {c: 1.0 for c in LAYER_COMPONENTS}
+
+
+def make(name, **caps):
+    case = CASES[name]()
+    with torch.no_grad():
+        reference = case.output(case.model(**case.inputs))
+    em = el.elastify(case.model, el.ElasticConfig(**(caps or ALL), n_experts=case.n_experts))
+    return case, em, reference
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("component", [None, *LAYER_COMPONENTS])
+def test_capacity_one_is_the_pretrained_model(name, component):
+    case, em, reference = make(name, **({component: 1.0} if component else {}))
+    with torch.no_grad():
+        out = case.output(em(**case.inputs))
+        # the routed path really ran (not the base layers): lower capacity changes the output
+        em.set_capacity(**{c: 0.5 for c in em.capacities})
+        changed = case.output(em(**case.inputs))
+    assert (out - reference).abs().max().item() <= 1e-4
+    assert (changed - reference).abs().max().item() > 1e-3
+    with torch.no_grad(), em.routers_disabled():
+        assert torch.equal(case.output(em(**case.inputs)), reference)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_routers_train_and_base_weights_stay_bit_identical(name):
+    case, em, _ = make(name, **{c: 0.5 for c in LAYER_COMPONENTS})
+    base = {n: p.detach().clone() for n, p in case.model.named_parameters() if ".routers." not in n}
+    routers = {k: v.detach().clone() for k, v in em.router_state().items()}
+    trainable = {n for n, p in case.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".routers." in n for n in trainable)
+    case.distill(em, steps=3)
+    for n, p in case.model.named_parameters():
+        if ".routers." not in n:
+            assert torch.equal(p, base[n]), n
+    moved = [k for k, v in em.router_state().items() if "weight" in k and not torch.equal(v, routers[k])]
+    assert len(moved) == len([k for k in routers if k.endswith("proj.weight")])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("component", LAYER_COMPONENTS)
+def test_measured_flops_fall_with_capacity_and_match_analytic(name, component):
+    case, em, _ = make(name, **{component: 1.0})
+    previous = None
+    for capacity in (1.0, 0.75, 0.5, 0.25):
+        em.set_capacity(**{component: capacity})
+        f = measure_flops(em, **case.inputs)
+        part = "attention" if component.startswith("attn") else "mlp"
+        measured, analytic = f[part], f["analytic_" + part]
+        assert abs(measured - analytic) <= 0.02 * analytic, (capacity, measured, analytic)
+        assert abs(f["routers"] - f["analytic_routers"]) <= 0.02 * max(f["analytic_routers"], 1)
+        if previous is not None:
+            assert measured < previous
+        previous = measured
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_router_checkpoint_refuses_another_model(name, tmp_path):
+    case, em, _ = make(name, mlp_tokens=0.5, attn_heads=0.5)
+    em.save_routers(tmp_path / "r")
+    other = CASES[name]().model  # same architecture, different random weights
+    with pytest.raises(ValueError, match="trained for a different model"):
+        el.load_routers(other, tmp_path / "r")
+    # and the right model gets the very same routers back
+    same = CASES[name]
+    torch.manual_seed(0)
+    fresh = same().model
+    torch.manual_seed(0)
+    again = same().model
+    em2 = el.elastify(fresh, el.ElasticConfig(mlp_tokens=0.5, attn_heads=0.5))
+    em2.save_routers(tmp_path / "s")
+    loaded = el.load_routers(again, tmp_path / "s")
+    for k, v in em2.router_state().items():
+        torch.testing.assert_close(loaded.router_state()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CASES) if CASES[n]().causal])
+def test_threshold_mode_is_causal_and_generates_with_cache(name):
+    case, em, _ = make(name, attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
+    ids = case.inputs["input_ids"]
+    em.calibrate(torch.randint(0, 101, (4, 24)))
+    em.set_mode("threshold")
+    with torch.no_grad():
+        full = em(ids).logits
+        for cut in (1, 5, ids.shape[1] - 3):
+            assert torch.allclose(em(ids[:, :cut]).logits, full[:, :cut], atol=1e-5)
+        out = em.generate(ids[:1, :6], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        # the KV-cached generation equals greedy decoding recomputed without a cache
+        logits = em(out[:, :-1], use_cache=False).logits
+    assert torch.equal(logits[0, 5:].argmax(-1), out[0, 6:])
+    # threshold mode keeps about the calibrated fraction of tokens
+    kept = [b.aux["mlp_tokens"][1].float().mean().item() for b in em.blocks]
+    assert 0.2 < sum(kept) / len(kept) < 0.8
