@@ -90,10 +90,24 @@ def sample_capacities(rng: random.Random, base: dict[str, float], cfg: DistillCo
             for c in comps}
 
 
-def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accelerator=None, **overrides) -> pd.DataFrame:
+def lm_loss(em, wrapped, ids: Tensor, cfg: DistillConfig) -> tuple[Tensor, dict]:
+    """One LM batch: KL(teacher || student) over next-token distributions, and top-1 agreement."""
+    with torch.no_grad(), em.routers_disabled():
+        teacher = em(ids, use_cache=False).logits
+    student = wrapped(ids, use_cache=False).logits
+    kl = kl_loss(student, teacher, cfg.temperature)
+    agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+    return kl, {"kl": kl.detach().item(), "agreement": agree.item()}
+
+
+def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accelerator=None, loss_fn=None,
+            **overrides) -> pd.DataFrame:
     """Train the routers of ``em`` to match the frozen model; returns the log as a DataFrame.
 
     data: LongTensor [N, seq_len] of token blocks, or a text (then pass ``tokenizer``).
+    loss_fn(em, wrapped, batch, cfg) -> (loss, metrics dict with "kl" and "agreement"): the
+    distillation loss of one batch (default ``lm_loss``; ``elastilab.vision.vit_loss`` for ViTs,
+    whose data is then any tensor or Dataset the loss understands). Router aux losses are added here.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -102,15 +116,16 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     cfg = config or DistillConfig()
     if overrides:
         cfg = DistillConfig(**{**asdict(cfg), **overrides})
-    if isinstance(data, str):
+    if loss_fn is None and isinstance(data, str):
         if tokenizer is None:
             raise ValueError("data is text: pass tokenizer= to cut it into token blocks")
         from .data import token_blocks
         data = token_blocks(tokenizer, data, cfg.seq_len)
-    if not torch.is_tensor(data) or data.dim() != 2 or data.dtype != torch.long:
+    if loss_fn is None and (not torch.is_tensor(data) or data.dim() != 2 or data.dtype != torch.long):
         raise TypeError("data must be a LongTensor [n_blocks, seq_len] of token ids or a text string")
     if len(data) < cfg.batch_size:
         raise ValueError(f"only {len(data)} training blocks for batch_size {cfg.batch_size}; give more data")
+    loss_fn = loss_fn or lm_loss
 
     acc = accelerator or Accelerator(split_batches=True, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -130,28 +145,24 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     estimator.__enter__()
     try:
         while step < cfg.steps:
-            for ids in loader:
+            for batch in loader:
                 if cfg.capacity_range is not None or cfg.components_per_step:
                     em.set_capacity(**sample_capacities(rng, base_caps, cfg))
-                with torch.no_grad(), em.routers_disabled():
-                    teacher = em(ids, use_cache=False).logits
-                student = wrapped(ids, use_cache=False).logits
-                kl = kl_loss(student, teacher, cfg.temperature)
+                main, metrics = loss_fn(em, wrapped, batch, cfg)
                 bce, bal = router_aux_losses(em)
-                loss = kl + cfg.bce_weight * bce + cfg.balance_weight * bal
+                loss = main + cfg.bce_weight * bce + cfg.balance_weight * bal
                 acc.backward(loss)
                 if cfg.grad_clip:
                     acc.clip_grad_norm_(em.router_parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
-                log.append({"step": step, "loss": loss.detach().item(), "kl": kl.detach().item(), "bce": float(bce.detach()),
-                            "balance": float(bal.detach()), "agreement": agree.item(),
+                log.append({"step": step, "loss": loss.detach().item(), "kl": metrics["kl"], "bce": float(bce.detach()),
+                            "balance": float(bal.detach()), **metrics,
                             **{f"cap_{k}": v for k, v in em.capacities.items()},
                             "seconds": time.perf_counter() - t0})
                 bar.update(1)
-                bar.set_postfix(kl=f"{kl.item():.3f}", agree=f"{agree.item():.2f}")
+                bar.set_postfix(kl=f"{metrics['kl']:.3f}", agree=f"{metrics['agreement']:.2f}")
                 if cfg.checkpoint_dir and acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     em.save_routers(Path(cfg.checkpoint_dir), step=step, distill=asdict(cfg))
                 if step >= cfg.steps:

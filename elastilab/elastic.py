@@ -56,6 +56,9 @@ class ElasticModel(nn.Module):
 
     # -- passthrough --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        check = getattr(self.adapter, "check_inputs", None)  # e.g. ViTs: image size and channels
+        if check is not None:
+            check(self.model, args, kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -251,7 +254,12 @@ def fingerprint(model: nn.Module) -> str:
     params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if ".routers." not in n]
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(json.dumps([(n, list(p.shape)) for n, p in params]).encode())
-    for _, p in (params[0], params[len(params) // 2], params[-1]):
+    sample = [params[0][1], params[len(params) // 2][1], params[-1][1]]
+    if all(p.detach().flatten()[:8192].float().std() == 0 for p in sample):
+        # all three are constant (e.g. a fresh ViT-MAE: zero CLS token and biases): add the largest
+        # weight, so different models still differ (hashes of other models are unchanged)
+        sample.append(max((p for _, p in params), key=lambda p: p.numel()))
+    for p in sample:
         h.update(p.detach().flatten()[:8192].float().cpu().numpy().tobytes())
     return h.hexdigest()
 

@@ -64,3 +64,55 @@ def gpt2():
                      bos_token_id=0, eos_token_id=0)
     return Case(GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 101, (2, 17))},
                 lambda out: out.logits, distill=_lm_distill)
+
+
+# ---------------------------------------------------------------- vision transformers (non-causal)
+def _vit_distill(em, steps):
+    from elastilab.vision import distill_vit
+    images = torch.randn(8, 3, 32, 32)
+    distill_vit(em, images, steps=steps, batch_size=4, lr=1e-2, progress=False)
+
+
+def _randomize_layer_scale(model):
+    with torch.no_grad():  # LayerScale starts tiny in random inits: make the residual branches matter
+        for n, p in model.named_parameters():
+            if n.endswith(("ls1.gamma", "ls2.gamma", "lambda1")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@case("timm_vit")
+def timm_vit():  # CLS + 2 registers, LayerScale, qkv bias, classification head
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2,
+                              num_classes=5, init_values=1.0, reg_tokens=2)
+    return Case(_randomize_layer_scale(model).eval(), {"x": torch.randn(2, 3, 32, 32)}, lambda out: out,
+                causal=False, distill=_vit_distill)
+
+
+@case("hf_dinov2")
+def hf_dinov2():  # LayerScale, last_hidden_state
+    from transformers import Dinov2Config, Dinov2Model
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                       image_size=32, patch_size=8)
+    return Case(_randomize_layer_scale(Dinov2Model(cfg)).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+                lambda out: out.last_hidden_state, causal=False, distill=_vit_distill)
+
+
+@case("hf_vit_cls")
+def hf_vit_cls():  # ViT with its classification head
+    from transformers import ViTConfig, ViTForImageClassification
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    image_size=32, patch_size=8, num_labels=5)
+    return Case(ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+                lambda out: out.logits, causal=False, distill=_vit_distill)
+
+
+@case("hf_vitmae")
+def hf_vitmae():  # MAE encoder, no masking; fixed noise keeps the patch order
+    from transformers import ViTMAEConfig, ViTMAEModel
+    cfg = ViTMAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       image_size=32, patch_size=8, mask_ratio=0.0)
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "noise": torch.arange(16.0).expand(2, 16)}
+    return Case(ViTMAEModel(cfg).eval(), inputs, lambda out: out.last_hidden_state, causal=False,
+                distill=_vit_distill)
