@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
 from .routers import Router
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
                       hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .spec import ACTIVATIONS, AttnWeights, BlockSpec, MLPWeights, mlp_experts_forward, mlp_forward
+from .spec import ACTIVATIONS, AttnWeights, BlockSpec, MLPWeights, mlp_forward
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
 

@@ -1,0 +1,36 @@
+"""The real-browser test: JupyterLab + headless Chromium run the language notebook, move a capacity
+slider, and the displayed compute fraction and quality must change."""
+import re
+from pathlib import Path
+
+import pytest
+
+from browser import (chromium_page, jupyter_lab, move_slider, open_notebook, run_all, screenshot,
+                     wait_for_widget_text)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+LINE = re.compile(r"perplexity ([\d.]+) .*\| agreement ([\d.]+) \| compute ([\d.]+) of dense")
+
+
+def _numbers(texts):
+    for t in reversed(texts):
+        m = LINE.search(t)
+        if m:
+            return tuple(float(x) for x in m.groups())
+    return None
+
+
+@pytest.mark.browser
+def test_language_notebook_sliders_change_compute_and_quality():
+    with chromium_page() as page, jupyter_lab(ROOT / "notebooks") as url:
+        open_notebook(page, url, "01_language.ipynb")
+        assert run_all(page, timeout=900) == []
+        before = _numbers(wait_for_widget_text(page, lambda t: _numbers(t) is not None, timeout=120))
+        assert before[2] == pytest.approx(1.0, abs=0.01)  # all capacities start at 1.0: dense
+        move_slider(page, "mlp_tokens", "Home")  # 1.0 -> 0.25 in one step (one recomputation)
+        after = _numbers(wait_for_widget_text(
+            page, lambda t: (n := _numbers(t)) is not None and n[2] < 0.9, timeout=300))
+        assert after[2] < before[2] - 0.1       # less compute
+        assert after[0] != before[0] and after[1] <= before[1]  # and a different quality
+        assert screenshot(page, ARTIFACTS / "browser_01_language.png").stat().st_size > 10_000
