@@ -1,0 +1,478 @@
+"""Speed benchmarks: does skipped compute show up on the clock?
+
+    elastilab bench speed                      # SmolLM2 on this machine -> benchmarks/results/speed_cpu.{csv,png}
+    elastilab bench speed --model tiny --shape 2x32 --reps 1
+    elastilab bench mlp --backends torch triton  # the MLP alone: torch gather path vs Triton (CUDA)
+    elastilab bench profile --component attn_heads --shape 2x256
+
+``speed`` times whole forwards of the pretrained model (routers disabled: the untouched blocks) and
+of the routed model with one component, or all four (``all``), at each capacity. Next to the
+measured speedup (dense seconds / routed seconds) it gives the *ideal* speedup, dense FLOPs /
+routed FLOPs counted on the same forwards (``torch.utils.flop_counter``, via elastilab.compute),
+and ``realised = speedup / ideal``. Ratios come from one run: dense and routed forwards alternate
+within each repetition (after warm-up) and medians are taken, because this kind of machine is
+shared and noisy. Routers are untrained (random): speed does not depend on which tokens are chosen,
+and top-k mode gives exactly the capacity. Capacity 1.0 is one configuration (every component at
+1.0, the routed code path), reported under each component.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import LAYER_COMPONENTS
+
+COMPONENTS = LAYER_COMPONENTS + ("all",)
+CAPACITIES = (1.0, 0.75, 0.5, 0.25)
+#: default shapes for a CPU: the capacity sweep on small batches, the issue's target shape at 0.5
+SHAPES = ("1x128", "2x256", "8x512:1,0.5")
+RESULTS = Path("benchmarks/results")
+
+#: random-init Llama configurations (speed does not depend on the weight values)
+RANDOM_LLAMAS = {
+    "tiny": dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "random-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),  # SmolLM2-135M dims
+    "random-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),  # Llama-3.2-1B dims
+}
+MODELS = ("smollm2-135m",) + tuple(RANDOM_LLAMAS)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(model in eval mode, vocabulary size): the offline SmolLM2 or a random-init Llama preset."""
+    if name == "smollm2-135m":
+        from . import zoo
+        model = zoo.load(name)[0].to(device=device, dtype=dtype)
+    elif name in RANDOM_LLAMAS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(max_position_embeddings=8192, **RANDOM_LLAMAS[name])
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}; allowed: {', '.join(MODELS)}")
+    return model.eval(), model.config.vocab_size
+
+
+def parse_shape(text: str, capacities=CAPACITIES) -> tuple[int, int, tuple[float, ...]]:
+    """'8x512' -> (8, 512, capacities); '8x512:1,0.5' -> (8, 512, (1.0, 0.5))."""
+    try:
+        size, _, caps = text.partition(":")
+        b, t = (int(v) for v in size.lower().split("x"))
+        caps = tuple(float(c) for c in caps.split(",")) if caps else tuple(capacities)
+    except ValueError:
+        raise ValueError(f"shape must look like BATCHxSEQ or BATCHxSEQ:c1,c2 (e.g. 8x512:1,0.5), got {text!r}") from None
+    if b < 1 or t < 2 or not caps or not all(0 < c <= 1 for c in caps):
+        raise ValueError(f"shape {text!r}: batch >= 1, seq >= 2 and capacities in (0, 1] are required")
+    return b, t, caps
+
+
+def machine() -> dict:
+    """Where and with what the numbers were measured."""
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+            "threads": torch.get_num_threads()}
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def device_kind(device: str) -> str:
+    return "cpu" if torch.device(device).type == "cpu" else "gpu"
+
+
+def _sync(device: str):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 1, sync=lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, taking turns within every repetition (so a change of machine
+    load hits all of them alike); the first ``warmup`` rounds are not recorded."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def total_flops(fn) -> int:
+    """Matmul + attention FLOPs of ``fn()`` (elastilab.compute registers the CPU attention formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import compute  # noqa: F401  (registers the FLOP formulas torch lacks)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _capacities(component: str, capacity: float) -> dict[str, float]:
+    return {c: capacity if component in ("all", c) else 1.0 for c in LAYER_COMPONENTS}
+
+
+# -- whole-model speed ----------------------------------------------------------------------------
+def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, components=COMPONENTS,
+          backends=("auto",), reps: int = 3, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
+          n_experts: int = 8, seed: int = 0, heads=("loop",), log=print) -> pd.DataFrame:
+    """Dense vs routed forward time and FLOPs; one row per (shape, component, capacity, backend, heads).
+
+    ``heads``: implementations of head routing to time, "loop" (the library's
+    ``RoutedAttention._per_head``, a loop over batch rows x heads) and/or "grouped"
+    (``elastilab.kernels.head_attention``, a loop over heads with the batch in one call)."""
+    import elastilab as el
+    from .routing import RoutedAttention
+    impls = {"loop": RoutedAttention.__dict__["_per_head"], "grouped": staticmethod(_grouped_heads())}
+    if not heads or any(i not in impls for i in heads):
+        raise ValueError(f"heads must be some of {tuple(impls)}, got {heads!r}")
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise ValueError(f"unknown components {bad}; allowed: {', '.join(COMPONENTS)}")
+    plan = [parse_shape(s, capacities) if isinstance(s, str) else s for s in shapes]
+    net, vocab = load_model(model, device, getattr(torch, dtype), seed)
+    em = el.elastify(net, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=n_experts))
+    em.to(device=device, dtype=getattr(torch, dtype))  # routers are created on the CPU in fp32
+    sync, rows = _sync(device), []
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for B, T, caps in plan:
+            ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+
+            def dense():
+                with em.routers_disabled():
+                    net(ids)
+
+            def routed(component, capacity, backend, impl, inputs=ids):
+                em.set_capacity(**_capacities(component, capacity))
+                em.set_backend(backend)
+                RoutedAttention._per_head = impls[impl]
+                net(inputs)
+
+            configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
+            configs += [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends for i in heads
+                        if (b == backends[0] or c not in ("attn_tokens", "attn_heads"))  # backends differ in the MLP only
+                        and (i == heads[0] or c in ("attn_heads", "all"))]
+            fns = {"dense": dense, **{cfg: (lambda cfg=cfg: routed(*cfg)) for cfg in configs}}
+            load0 = load_average()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                times = interleaved(fns, reps, warmup, sync)
+                # FLOPs of one sequence: top-k keeps the same count in every row, so the ratio holds for B
+                one = ids[:1]
+                flops = {"dense": total_flops(lambda: _dense_once(em, net, one))}
+                for comp, cap, _, _ in configs:  # counted on the torch ops (Triton matmuls are invisible to
+                    if (comp, cap) not in flops:     # the counter) with the per-head loop (no padding)
+                        flops[comp, cap] = total_flops(lambda: routed(comp, cap, "torch", "loop", inputs=one))
+            load1 = load_average()
+            log(f"{B}x{T}: {len(fns)} configurations x {warmup}+{reps} rounds in {time.perf_counter() - t0:.0f} s "
+                f"(load {load0} -> {load1})")
+            d_med = statistics.median(times["dense"])
+            for cfg in configs:
+                comp, cap, backend, impl = cfg
+                r_med = statistics.median(times[cfg])
+                paired = statistics.median(d / r for d, r in zip(times["dense"], times[cfg]))
+                ideal = flops["dense"] / flops[comp, cap]
+                for c in (components if cap == 1.0 else (comp,)):
+                    rows.append({
+                        "model": model, "device": device_kind(device), "dtype": dtype, "backend": backend,
+                        "heads": impl, "batch": B, "seq": T, "component": c, "capacity": cap,
+                        "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med, "speedup_paired": paired,
+                        "dense_gflops": flops["dense"] * B / 1e9, "routed_gflops": flops[comp, cap] * B / 1e9,
+                        "ideal_speedup": ideal, "realised": d_med / r_med / ideal,
+                        "reps": reps, "threads": torch.get_num_threads(), "load_start": load0, "load_end": load1})
+    finally:
+        RoutedAttention._per_head = impls["loop"]
+        em.unelastify()
+    return pd.DataFrame(rows)
+
+
+def _grouped_heads():
+    from .kernels.head_attention import head_routed_attention
+    return head_routed_attention
+
+
+def _dense_once(em, net, ids):
+    with em.routers_disabled():
+        net(ids)
+
+
+# -- the MLP alone --------------------------------------------------------------------------------
+MLP_DIMS = {"smollm2-135m": (576, 1536), "random-135m": (576, 1536), "random-1b": (2048, 8192), "tiny": (64, 96)}
+
+
+def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.5, 0.25), backends=("torch",),
+              n_experts: int = 8, reps: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
+              seed: int = 0) -> pd.DataFrame:
+    """A SwiGLU MLP of the model's dims on ``rows`` rows: dense (with the residual add) vs
+    ``routed_mlp_residual`` on a capacity fraction of the rows and ``expert_mlp`` with k of E
+    slices per row, for each backend ("torch": the gather path; "triton": the kernels, CUDA only).
+    Ideal speedup = 1 / capacity (matmul FLOPs of the MLP)."""
+    from .kernels import ops
+    from .routing import n_kept
+    from .spec import MLPWeights, mlp_forward
+    if dims not in MLP_DIMS:
+        raise ValueError(f"unknown MLP dims {dims!r}; allowed: {', '.join(MLP_DIMS)}")
+    d, F = MLP_DIMS[dims]
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dt)
+    w = MLPWeights("swiglu", "silu", r(F, d, scale=d ** -0.5), r(d, F, scale=F ** -0.5), r(F, d, scale=d ** -0.5))
+    x, h = r(rows, d), r(rows, d)
+    fns, meta = {"dense": lambda: x + mlp_forward(w, h)}, {}
+    for cap in capacities:
+        n = n_kept(cap, rows)
+        idx = torch.randperm(rows, generator=g, device=device)[:n]
+        gate = torch.ones(n, device=device, dtype=dt)
+        k = n_kept(cap, n_experts)
+        experts = torch.rand(rows, n_experts, generator=g, device=device).topk(k, dim=1).indices
+        gates = torch.ones(rows, k, device=device, dtype=dt)
+        for b in backends:
+            fns[("mlp_tokens", cap, b)] = lambda idx=idx, gate=gate, b=b: ops.routed_mlp_residual(x, h, idx, w, gate, backend=b)
+            fns[("mlp_experts", cap, b)] = lambda e=experts, gs=gates, b=b: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b)
+            meta[("mlp_tokens", cap, b)] = n / rows
+            meta[("mlp_experts", cap, b)] = k / n_experts
+    load0 = load_average()
+    with torch.no_grad():
+        times = interleaved(fns, reps, warmup, _sync(device))
+    load1 = load_average()
+    d_med = statistics.median(times["dense"])
+    out = []
+    for key, fraction in meta.items():
+        comp, cap, b = key
+        r_med = statistics.median(times[key])
+        out.append({"dims": dims, "d": d, "F": F, "device": device_kind(device), "dtype": dtype, "backend": b,
+                    "rows": rows, "component": comp, "capacity": cap, "n_experts": n_experts,
+                    "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med, "ideal_speedup": 1 / fraction,
+                    "realised": d_med / r_med * fraction, "reps": reps, "threads": torch.get_num_threads(),
+                    "load_start": load0, "load_end": load1})
+    return pd.DataFrame(out)
+
+
+# -- where the time goes --------------------------------------------------------------------------
+def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity: float = 0.5, shape: str = "2x256",
+            device: str = "cpu", top: int = 15, n_experts: int = 8, heads: str = "loop") -> pd.DataFrame:
+    """Self time per operator of one routed forward (torch.profiler), largest first, with the
+    dense forward's times alongside for comparison."""
+    import elastilab as el
+    from .routing import RoutedAttention
+    loop = RoutedAttention.__dict__["_per_head"]
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    B, T, _ = parse_shape(shape)
+    net, vocab = load_model(model, device)
+    em = el.elastify(net, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=n_experts))
+    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    em.set_capacity(**_capacities(component, capacity))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+
+    def self_times(fn) -> pd.Series:
+        with torch.no_grad():
+            fn()  # warm-up
+            with torch_profile(activities=acts) as prof:
+                fn()
+        ev = prof.key_averages()
+        return pd.DataFrame([{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev]).set_index("op")
+
+    try:
+        if heads == "grouped":
+            RoutedAttention._per_head = staticmethod(_grouped_heads())
+        routed = self_times(lambda: net(ids))
+        dense = self_times(lambda: _dense_once(em, net, ids))
+    finally:
+        RoutedAttention._per_head = loop
+        em.unelastify()
+    table = routed.join(dense, rsuffix="_dense", how="outer").fillna(0).sort_values("ms", ascending=False)
+    total = table.sum().to_frame("TOTAL").T
+    return pd.concat([table.head(top), total])
+
+
+# -- files ----------------------------------------------------------------------------------------
+def write(df: pd.DataFrame, out: Path, name: str, info: dict) -> Path:
+    """CSV whose first lines are '# key: value' metadata (read it back with comment='#')."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.csv"
+    with open(path, "w") as f:
+        for k, v in info.items():
+            f.write(f"# {k}: {v}\n")
+        df.to_csv(f, index=False, float_format="%.6g")
+    return path
+
+
+def read(path) -> pd.DataFrame:
+    return pd.read_csv(path, comment="#")
+
+
+def read_info(path) -> dict:
+    info = {}
+    for line in open(path):
+        if not line.startswith("# "):
+            break
+        k, _, v = line[2:].rstrip("\n").partition(": ")
+        info[k] = v
+    return info
+
+
+def plot_speed(df: pd.DataFrame, title: str = "", path: Path | None = None):
+    """One panel per shape: measured speedup (solid) and ideal speedup (dashed) vs capacity."""
+    import matplotlib
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    shapes = df[["batch", "seq"]].drop_duplicates().values.tolist()
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False, sharey=True)
+    colors = dict(zip(COMPONENTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = dict(zip(sorted(df.backend.unique()), "osD^"))
+    for ax, (B, T) in zip(axes[0], shapes):
+        sub = df[(df.batch == B) & (df.seq == T)]
+        for (comp, backend, impl), g in sub.groupby(["component", "backend", "heads"], sort=False):
+            g = pd.concat([g, sub[(sub.component == comp) & (sub.capacity == 1.0)]]).drop_duplicates("capacity").sort_values("capacity")
+            label = comp + ("" if len(markers) == 1 else f" ({backend})") + (" grouped" if impl == "grouped" else "")
+            ax.plot(g.capacity, g.speedup, marker=markers[backend], color=colors[comp], label=label,
+                    ls=":" if impl == "grouped" else "-")
+            if impl != "grouped":
+                ax.plot(g.capacity, g.ideal_speedup, ls="--", color=colors[comp], alpha=0.5)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(title=f"batch {B} x {T} tokens", xlabel="capacity", xlim=(1.05, 0.2))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speedup over dense (dashed: ideal, FLOPs)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated capacities like 1,0.5, got {text!r}") from None
+    if not all(0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"capacities must be in (0, 1], got {text!r}")
+    return vals
+
+
+def _command() -> str:
+    import sys
+    return "elastilab " + " ".join(sys.argv[1:]) if "bench" in sys.argv else "(called from Python)"
+
+
+def _summary(df: pd.DataFrame) -> str:
+    cols = ["batch", "seq", "component", "capacity", "backend", "heads", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]
+    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+def cmd_speed(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = {**machine(), "model": args.model, "command": _command()}
+    df = speed(args.model, args.shape, args.capacities, args.components, args.backends, args.reps, args.warmup,
+               args.device, args.dtype, args.n_experts, heads=args.heads)
+    info["load_end"] = load_average()
+    name = args.name or f"speed_{device_kind(args.device)}" + ("" if args.model == "smollm2-135m" else f"_{args.model}")
+    path = write(df, args.out, name, info)
+    plot_speed(df, f"{args.model} {args.dtype} on {info['cpu'] if info['gpu'] == 'none' else info['gpu']}, "
+                   f"{info['threads']} threads, {info['date'][:10]}", args.out / f"{name}.png")
+    print(_summary(df))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_mlp(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = {**machine(), "command": _command()}
+    df = mlp_speed(args.dims, args.rows, args.capacities, args.backends, args.n_experts, args.reps, args.warmup,
+                   args.device, args.dtype)
+    name = args.name or f"mlp_{device_kind(args.device)}" + ("" if args.dims == "smollm2-135m" else f"_{args.dims}")
+    path = write(df, args.out, name, info)
+    print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]]
+          .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = profile(args.model, args.component, args.capacity, args.shape, args.device, args.top, args.n_experts, args.heads)
+    print(table.to_string(float_format=lambda v: f"{v:.1f}"))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    """Register ``elastilab bench speed | mlp | profile`` on the CLI's subparsers."""
+    p = sub.add_parser("bench", help="speed benchmarks: dense vs routed time next to the ideal (FLOPs) speedup")
+    bsub = p.add_subparsers(dest="bench", required=True)
+
+    def common(q):
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        q.add_argument("--n-experts", type=int, default=8)
+        q.add_argument("--reps", type=int, default=3, help="timed rounds (medians are reported)")
+        q.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+        q.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
+                       help="MLP kernels to compare (triton needs CUDA)")
+        q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV (and plot)")
+        q.add_argument("--name", help="file name stem (default speed_<device kind>[_<model>])")
+        return q
+
+    s = common(bsub.add_parser("speed", help="whole-model forward time per component and capacity"))
+    s.add_argument("--model", default="smollm2-135m", choices=MODELS)
+    s.add_argument("--shape", nargs="+", default=list(SHAPES),
+                   help="BATCHxSEQ[:c1,c2] each; capacities after ':' override --capacities for that shape")
+    s.add_argument("--capacities", type=_floats, default=CAPACITIES)
+    s.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS)
+    s.add_argument("--heads", nargs="+", default=["loop", "grouped"], choices=("loop", "grouped"),
+                   help="head-routing implementations: the library's loop over rows x heads, and/or "
+                        "elastilab.kernels.head_attention (grouped by head)")
+    s.set_defaults(func=cmd_speed)
+    m = common(bsub.add_parser("mlp", help="the MLP alone: dense vs token-routed vs expert-sliced"))
+    m.add_argument("--dims", default="smollm2-135m", choices=tuple(MLP_DIMS))
+    m.add_argument("--rows", type=int, default=4096)
+    m.add_argument("--capacities", type=_floats, default=(0.75, 0.5, 0.25))
+    m.set_defaults(func=cmd_mlp, reps=5)
+    f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one")
+    f.add_argument("--model", default="smollm2-135m", choices=MODELS)
+    f.add_argument("--component", default="attn_heads", choices=COMPONENTS)
+    f.add_argument("--capacity", type=float, default=0.5)
+    f.add_argument("--shape", default="2x256")
+    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    f.add_argument("--n-experts", type=int, default=8)
+    f.add_argument("--top", type=int, default=15)
+    f.add_argument("--heads", default="loop", choices=("loop", "grouped"))
+    f.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    f.set_defaults(func=cmd_profile)
