@@ -164,7 +164,8 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
                 bar.update(1)
                 bar.set_postfix(kl=f"{metrics['kl']:.3f}", agree=f"{metrics['agreement']:.2f}")
                 if cfg.checkpoint_dir and acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                    em.save_routers(Path(cfg.checkpoint_dir), step=step, distill=asdict(cfg))
+                    with em.capacity(**base_caps):  # not this step's sampled capacities
+                        em.save_routers(Path(cfg.checkpoint_dir), step=step, distill=asdict(cfg))
                 if step >= cfg.steps:
                     break
     finally:

@@ -49,7 +49,7 @@ class ElasticModel(nn.Module):
             if "mlp_experts" in comps and config.expert_partition == "clustered":
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
             layers[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
-        if not self.blocks:
+        if layer_comps and not self.blocks:  # (a VLM may route only its visual tokens)
             raise ValueError("no layer was made elastic: every layer is in dense_layers")
         for p in self.router_parameters():
             p.requires_grad_(True)
@@ -220,7 +220,7 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
         raise TypeError("pass either an ElasticConfig or capacities as keywords, not both")
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
-    return ElasticModel(model, config)
+    return getattr(find_adapter(model), "elastic_class", ElasticModel)(model, config)  # e.g. vlm.ElasticLlava
 
 
 def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
@@ -292,6 +292,7 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
