@@ -11,6 +11,7 @@ from pathlib import Path
 OFFLINE = {
     "smollm2-135m": "elastilab.zoo.smollm2:load",
     "dinov2-small": "elastilab.zoo.dinov2:load_hf",
+    "tiny-llava": "elastilab.zoo.tiny_llava:load",
 }
 
 

