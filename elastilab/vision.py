@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -353,17 +353,18 @@ def pixels(images, size: int = SIZE) -> Tensor:
 
 # ---------------------------------------------------------------- commands
 def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size: int = 8, lr: float = 2e-2,
-          capacity_range=(0.5, 1.0), components_per_step: int | None = 1, seed: int = 0, command: str = "") -> dict:
+          capacity_range=(0.5, 1.0), components_per_step: int | None = 1, components=tuple(DEFAULT_CAPS),
+          seed: int = 0, command: str = "") -> dict:
     """Distill the four routers of DINOv2-S on one domain; each step routes one random component at a
     random capacity in capacity_range (the others at 1.0), so each slider is trained where it is used."""
     torch.manual_seed(seed)
-    em, probe = load_dinov2()
+    em, probe = load_dinov2(config={c: DEFAULT_CAPS[c] for c in components})
     images, _ = domain(domain_name, "train", n, seed)
     x = pixels(images)
     t0 = time.perf_counter()
     log = distill_vit(em, x, probe, steps=steps, batch_size=batch_size, lr=lr, capacity_range=capacity_range,
                       components_per_step=components_per_step, seed=seed, progress=False)
-    info = {"domain": domain_name, "images": n, "steps": steps, "batch_size": batch_size, "lr": lr,
+    info = {"domain": domain_name, "components": list(components), "images": n, "steps": steps, "batch_size": batch_size, "lr": lr,
             "capacity_range": list(capacity_range), "components_per_step": components_per_step, "size": SIZE, "seconds": round(time.perf_counter() - t0, 1),
             "final_loss": float(log.loss.tail(5).mean()), "first_loss": float(log.loss.head(5).mean()),
             "command": command}
@@ -387,7 +388,7 @@ def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "") -> lis
     teacher = teacher_outputs(em, x, probe)
     rows = []
     base = {c: 1.0 for c in em.capacities}
-    methods = {"learned": lambda: _null(), "random": lambda: random_routing(em)}
+    methods = {"learned": nullcontext, "random": lambda: random_routing(em)}
     for comp in em.capacities:
         for cap in caps:
             em.set_capacity(**{**base, comp: cap})
@@ -405,24 +406,19 @@ def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "") -> lis
     return rows
 
 
-@contextmanager
-def _null():
-    yield
-
-
 def crossdomain(n: int = 24, caps: dict | None = None, command: str = "") -> list[dict]:
-    """Routers trained on each domain, evaluated on every domain at the same capacities."""
-    caps = caps or {"attn_tokens": 1.0, "mlp_tokens": 0.5, "attn_heads": 1.0, "mlp_experts": 1.0}
+    """Routers trained on each domain, evaluated on every domain at the same capacities; random
+    routing (``trained_on="random"``) as the floor."""
+    caps = caps or {"attn_tokens": 1.0, "mlp_tokens": 1.0, "attn_heads": 1.0, "mlp_experts": 0.75}
     tests = {d: domain(d, "test", n) for d in DOMAINS}
     rows = []
-    em = None
-    for trained in DOMAINS:
-        path = ROOT / "data" / "routers" / f"dinov2-small-{trained}"
+    for trained in (*DOMAINS, "random"):
+        path = ROOT / "data" / "routers" / f"dinov2-small-{DOMAINS[0] if trained == 'random' else trained}"
         em, probe = load_dinov2(path)
         em.set_capacity(**caps)
         for target, (images, labels) in tests.items():
-            x = pixels(images)
-            r = evaluate_vit(em, x, labels, probe)
+            with random_routing(em) if trained == "random" else nullcontext():
+                r = evaluate_vit(em, pixels(images), labels, probe)
             rows.append({"trained_on": trained, "evaluated_on": target, **r})
             print(json.dumps(rows[-1]))
     _update_results("crossdomain", {"capacities": caps, "eval": f"{n} test images per domain, {SIZE}px",
@@ -441,6 +437,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--components", default=",".join(DEFAULT_CAPS), help="comma-separated components to route")
     p = sub.add_parser("bench", help="learned vs random vs CLS-attention routing per component")
     p.add_argument("--routers", default=str(ROOT / "data" / "routers" / "dinov2-small-digits04"))
     p.add_argument("--images", type=int, default=16)
@@ -450,8 +447,9 @@ def main(argv=None) -> None:
     command = "python -m elastilab.vision " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "train":
+        comps = tuple(c for c in args.components.split(",") if c)
         print(json.dumps(train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
-                               command=command), indent=1))
+                               components=comps, command=command), indent=1))
     elif args.cmd == "bench":
         bench(args.routers, args.images, command=command)
     else:

@@ -173,14 +173,17 @@ ROUTERS = V.ROOT / "data" / "routers" / "dinov2-small-digits04"
 def test_real_dinov2_with_shipped_routers():
     em, probe = V.load_dinov2(ROUTERS)
     assert em.parameter_summary()["fraction"] < 0.005  # routers: a fraction of a percent
-    images, labels = V.domain("digits", "test", 20, seed=3)
+    images, labels = V.domain("digits04", "test", 20, seed=3)  # the routers' training domain, held out
     x = V.pixels(images)
     teacher = V.teacher_outputs(em, x, probe)
     em.set_capacity(**{c: 1.0 for c in em.capacities})
     full = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
     assert full["agreement"] == 1.0 and full["cosine"] > 0.99999 and full["teacher_accuracy"] >= 0.85
-    em.set_capacity(mlp_tokens=0.5)
-    half = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
-    assert half["compute"] < 0.8 and half["agreement"] >= 0.8
+    em.set_capacity(mlp_experts=0.75)  # where the shipped routers beat random (benchmarks/results/vision.json)
+    learned = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
+    with V.random_routing(em):
+        random = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
+    assert learned["compute"] < 0.9 and learned["cosine"] > random["cosine"] + 0.05
+    assert learned["agreement"] > random["agreement"]
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         em(pixel_values=torch.randn(1, 3, 100, 100))
