@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py            # writes CSV/PNG into $OUT if set, else benchmarks/results
     python benchmarks/gpu_check.py --dry-run  # the same code on this CPU: interpreter, tiny sizes, into /tmp
 
-1. the kernel tests (tests/test_kernels.py, tests/test_head_attention.py; interpreter, CPU) still pass here;
+1. the kernel tests (tests/test_kernels.py, tests/test_torch_paths.py; interpreter, CPU) still pass here;
 2. the Triton kernels on CUDA against their torch references: every MLP kind / activation, fp32, bf16,
    fp16, odd sizes, k = 1 and k = E, an empty selection -> gpu_kernels.csv (max abs errors);
 3. the MLP alone, torch gather path vs Triton, Llama-1B dims (d 2048, F 8192), 16384 rows, bf16 -> mlp_gpu_random-1b.csv;
@@ -32,7 +32,7 @@ def say(*a):
 def kernel_tests() -> int:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "benchmarks._kernels_path", "-p", "no:cacheprovider",
-           "tests/test_kernels.py", "tests/test_head_attention.py"]
+           "tests/test_kernels.py", "tests/test_torch_paths.py"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     say("kernel tests (interpreter):", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:])
     return res.returncode

@@ -32,8 +32,9 @@ from .config import LAYER_COMPONENTS
 
 COMPONENTS = LAYER_COMPONENTS + ("all",)
 CAPACITIES = (1.0, 0.75, 0.5, 0.25)
-#: default shapes for a CPU: the capacity sweep on small batches, the issue's target shape at 0.5
-SHAPES = ("1x128", "2x256", "8x512:1,0.5")
+#: default shapes for a CPU: the capacity sweep on one short sequence, longer / larger batches at
+#: 1.0 and 0.5, and the issue's target shape (batch 8 x 512 tokens) at 0.5
+SHAPES = ("1x128", "1x512:1,0.5", "4x128:1,0.5", "8x512:0.5")
 RESULTS = Path("benchmarks/results")
 
 #: random-init Llama configurations (speed does not depend on the weight values)

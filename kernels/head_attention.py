@@ -53,6 +53,7 @@ def head_routed_attention(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | 
         o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask, scale=w.scaling)[:, 0]
         gate = take(gate_f[:, head]) * valid                            # 0 for padding slots
         y = F.linear(o * gate[..., None].to(o.dtype), w.w_o[:, sl])      # [B, M, d]
-        out.index_add_(0, rows, y.reshape(B * M, d))
+        # rows are distinct within a head (padding slots add 0): read-add-copy, no index_add (see reference.py)
+        out.index_copy_(0, rows, out.index_select(0, rows) + y.reshape(B * M, d))
     out = out.view(B, K, d)
     return out if w.b_o is None else out + w.b_o

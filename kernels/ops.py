@@ -1,7 +1,7 @@
 """Public routed-MLP ops with a backend switch (forward only: the Triton path has no autograd).
 
 ``backend``: ``"auto"`` -> Triton when the tensors are on CUDA and no gradient is needed, else
-torch; ``"torch"`` -> the reference (it has autograd: training uses it); ``"triton"`` -> the
+torch; ``"torch"`` -> the torch paths of reference.py (autograd: training uses them); ``"triton"`` -> the
 kernels, on CPU only under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
 are first used), refused when autograd would need a graph (the gate's straight-through gradient).
 ``LAUNCHES`` counts kernel launches, so callers and tests can check the kernel really ran.
@@ -16,7 +16,7 @@ from torch import Tensor
 from elastilab import spec
 from elastilab.spec import MLPWeights
 
-from .reference import routed_mlp_residual_reference
+from .reference import expert_mlp_sorted, routed_mlp_residual_reference
 
 LAUNCHES = 0
 BACKENDS = ("auto", "triton", "torch")
@@ -106,7 +106,7 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
     if gates.shape != experts.shape:
         raise ValueError(f"gates must have the shape of experts {tuple(experts.shape)}, got {tuple(gates.shape)}")
     if not _use_triton(backend, h, h, gates, *vars(w).values()):
-        return spec.mlp_experts_forward(w, h, experts, gates, n_experts)
+        return expert_mlp_sorted(w, h, experts, gates, n_experts)
     n, k = experts.shape
     d = h.shape[1]
     if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= n_experts):
