@@ -145,7 +145,7 @@ def _capacities(component: str, capacity: float) -> dict[str, float]:
 # -- whole-model speed ----------------------------------------------------------------------------
 def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, components=COMPONENTS,
           backends=("auto",), reps: int = 3, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
-          n_experts: int = 8, seed: int = 0, heads=("loop",), log=print) -> pd.DataFrame:
+          n_experts: int = 8, seed: int = 0, heads=("loop",), log=None) -> pd.DataFrame:
     """Dense vs routed forward time and FLOPs; one row per (shape, component, capacity, backend, heads).
 
     ``heads``: implementations of head routing to time, "loop" (the library's
@@ -153,6 +153,7 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
     (``elastilab.kernels.head_attention``, a loop over heads with the batch in one call)."""
     import elastilab as el
     from .routing import RoutedAttention
+    log = log or (lambda *a: print(*a, flush=True))
     impls = {"loop": RoutedAttention.__dict__["_per_head"], "grouped": staticmethod(_grouped_heads())}
     if not heads or any(i not in impls for i in heads):
         raise ValueError(f"heads must be some of {tuple(impls)}, got {heads!r}")
