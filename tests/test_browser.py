@@ -1,5 +1,5 @@
-"""The real-browser test: JupyterLab + headless Chromium run the language notebook, move a capacity
-slider, and the displayed compute fraction and quality must change."""
+"""The real-browser tests: JupyterLab + headless Chromium run a notebook, move a capacity slider, and
+the displayed compute fraction and quality must change."""
 import re
 from pathlib import Path
 
@@ -24,6 +24,7 @@ def _numbers(texts):
 @pytest.mark.browser
 def test_language_notebook_sliders_change_compute_and_quality():
     with chromium_page() as page, jupyter_lab(ROOT / "notebooks") as url:
+        committed = (ROOT / "notebooks/01_language.ipynb").read_bytes()
         open_notebook(page, url, "01_language.ipynb")
         assert run_all(page, timeout=900) == []
         before = _numbers(wait_for_widget_text(page, lambda t: _numbers(t) is not None, timeout=120))
@@ -35,3 +36,33 @@ def test_language_notebook_sliders_change_compute_and_quality():
         assert after[2] < before[2] - 0.1       # less compute
         assert after[0] != before[0] and after[1] <= before[1]  # and a different quality
         assert screenshot(page, ARTIFACTS / "browser_01_language.png").stat().st_size > 10_000
+        assert (ROOT / "notebooks/01_language.ipynb").read_bytes() == committed  # no autosave over it
+
+
+VISION = re.compile(r"accuracy ([\d.]+) .*\| agreement ([\d.]+) \| cosine ([\d.]+) \| compute ([\d.]+) of dense")
+
+
+def _vision_numbers(texts):
+    for t in reversed(texts):
+        if m := VISION.search(t):
+            return tuple(float(x) for x in m.groups())
+    return None
+
+
+@pytest.mark.browser
+def test_vision_notebook_sliders_change_compute_and_quality():
+    with chromium_page() as page, jupyter_lab(ROOT / "notebooks") as url:
+        committed = (ROOT / "notebooks/02_vision.ipynb").read_bytes()
+        open_notebook(page, url, "02_vision.ipynb")
+        assert run_all(page, timeout=900) == []
+        before = _vision_numbers(wait_for_widget_text(page, lambda t: _vision_numbers(t) is not None, timeout=120))
+        assert before[3] < 0.95  # the notebook opens with token capacities at 0.5
+        assert move_slider(page, "mlp_tokens", "End") == "1.00"  # 0.5 -> 1.0: every patch's MLP runs
+        texts = wait_for_widget_text(
+            page, lambda t: (n := _vision_numbers(t)) is not None and n[3] > before[3] + 0.05, timeout=300)
+        assert not any("Traceback" in t for t in texts), texts
+        after = _vision_numbers(texts)
+        assert after[2] > before[2]  # more compute, features closer to the teacher's
+        assert page.locator(".widget-output img").count() >= 1  # the overlay was redrawn as an image
+        assert screenshot(page, ARTIFACTS / "browser_02_vision.png").stat().st_size > 10_000
+        assert (ROOT / "notebooks/02_vision.ipynb").read_bytes() == committed  # no autosave over it
