@@ -145,16 +145,16 @@ def _capacities(component: str, capacity: float) -> dict[str, float]:
 # -- whole-model speed ----------------------------------------------------------------------------
 def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, components=COMPONENTS,
           backends=("auto",), reps: int = 3, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
-          n_experts: int = 8, seed: int = 0, heads=("loop",), log=None) -> pd.DataFrame:
+          n_experts: int = 8, seed: int = 0, heads=("grouped",), log=None) -> pd.DataFrame:
     """Dense vs routed forward time and FLOPs; one row per (shape, component, capacity, backend, heads).
 
-    ``heads``: implementations of head routing to time, "loop" (the library's
-    ``RoutedAttention._per_head``, a loop over batch rows x heads) and/or "grouped"
-    (``elastilab.kernels.head_attention``, a loop over heads with the batch in one call)."""
+    ``heads``: implementations of head routing to time, "grouped" (the library's,
+    ``elastilab.kernels.head_attention``: a loop over heads with the batch in one call) and/or "loop"
+    (``kernels.reference.head_attention_reference``: a loop over batch rows x heads)."""
     import elastilab as el
     from .routing import RoutedAttention
     log = log or (lambda *a: print(*a, flush=True))
-    impls = {"loop": RoutedAttention.__dict__["_per_head"], "grouped": staticmethod(_grouped_heads())}
+    impls = HEAD_IMPLS
     if not heads or any(i not in impls for i in heads):
         raise ValueError(f"heads must be some of {tuple(impls)}, got {heads!r}")
     bad = [c for c in components if c not in COMPONENTS]
@@ -177,7 +177,7 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
             def routed(component, capacity, backend, impl, inputs=ids):
                 em.set_capacity(**_capacities(component, capacity))
                 em.set_backend(backend)
-                RoutedAttention._per_head = impls[impl]
+                RoutedAttention.head_attention = staticmethod(impls[impl])
                 net(inputs)
 
             configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
@@ -213,14 +213,18 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
                         "ideal_speedup": ideal, "realised": d_med / r_med / ideal,
                         "reps": reps, "threads": torch.get_num_threads(), "load_start": load0, "load_end": load1})
     finally:
-        RoutedAttention._per_head = impls["loop"]
+        RoutedAttention.head_attention = staticmethod(impls["grouped"])
         em.unelastify()
     return pd.DataFrame(rows)
 
 
-def _grouped_heads():
+def _head_impls() -> dict:
     from .kernels.head_attention import head_routed_attention
-    return head_routed_attention
+    from .kernels.reference import head_attention_reference
+    return {"grouped": head_routed_attention, "loop": head_attention_reference}
+
+
+HEAD_IMPLS = _head_impls()
 
 
 def _dense_once(em, net, ids):
@@ -282,12 +286,11 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
 
 # -- where the time goes --------------------------------------------------------------------------
 def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity: float = 0.5, shape: str = "2x256",
-            device: str = "cpu", top: int = 15, n_experts: int = 8, heads: str = "loop") -> pd.DataFrame:
+            device: str = "cpu", top: int = 15, n_experts: int = 8, heads: str = "grouped") -> pd.DataFrame:
     """Self time per operator of one routed forward (torch.profiler), largest first, with the
     dense forward's times alongside for comparison."""
     import elastilab as el
     from .routing import RoutedAttention
-    loop = RoutedAttention.__dict__["_per_head"]
     from torch.profiler import ProfilerActivity, profile as torch_profile
     B, T, _ = parse_shape(shape)
     net, vocab = load_model(model, device)
@@ -305,12 +308,11 @@ def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity
         return pd.DataFrame([{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev]).set_index("op")
 
     try:
-        if heads == "grouped":
-            RoutedAttention._per_head = staticmethod(_grouped_heads())
+        RoutedAttention.head_attention = staticmethod(HEAD_IMPLS[heads])
         routed = self_times(lambda: net(ids))
         dense = self_times(lambda: _dense_once(em, net, ids))
     finally:
-        RoutedAttention._per_head = loop
+        RoutedAttention.head_attention = staticmethod(HEAD_IMPLS["grouped"])
         em.unelastify()
     table = routed.join(dense, rsuffix="_dense", how="outer").fillna(0).sort_values("ms", ascending=False)
     total = table.sum().to_frame("TOTAL").T
@@ -458,9 +460,9 @@ def add_bench_parser(sub) -> None:
                    help="BATCHxSEQ[:c1,c2] each; capacities after ':' override --capacities for that shape")
     s.add_argument("--capacities", type=_floats, default=CAPACITIES)
     s.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS)
-    s.add_argument("--heads", nargs="+", default=["loop", "grouped"], choices=("loop", "grouped"),
-                   help="head-routing implementations: the library's loop over rows x heads, and/or "
-                        "elastilab.kernels.head_attention (grouped by head)")
+    s.add_argument("--heads", nargs="+", default=["grouped", "loop"], choices=("grouped", "loop"),
+                   help="head-routing implementations: the library's, grouped by head "
+                        "(elastilab.kernels.head_attention), and/or the plain loop over rows x heads")
     s.set_defaults(func=cmd_speed)
     m = common(bsub.add_parser("mlp", help="the MLP alone: dense vs token-routed vs expert-sliced"))
     m.add_argument("--dims", default="smollm2-135m", choices=tuple(MLP_DIMS))
@@ -475,6 +477,6 @@ def add_bench_parser(sub) -> None:
     f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     f.add_argument("--n-experts", type=int, default=8)
     f.add_argument("--top", type=int, default=15)
-    f.add_argument("--heads", default="loop", choices=("loop", "grouped"))
+    f.add_argument("--heads", default="grouped", choices=("grouped", "loop"))
     f.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     f.set_defaults(func=cmd_profile)

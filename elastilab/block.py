@@ -113,7 +113,11 @@ class ElasticBlock(nn.Module):
             hs = self.routers["attn_heads"](h)
             heads = choose_slots(hs, self.capacity["attn_heads"])
             self.aux["attn_heads"] = (hs[valid], heads[0][valid])
-            counts["head_pairs"] = int(valid.sum()) * heads[0].shape[-1]
+            # (token, head) pairs computed: per head, every batch row is padded to the row that
+            # chose it most often (kernels/head_attention.py groups by head); exact for B = 1
+            per_row = torch.zeros(*heads[0].shape[:2], spec.attn.n_heads, dtype=torch.bool,
+                                  device=x.device).scatter_(-1, heads[0], True).sum(1)
+            counts["head_pairs"] = B * int(per_row.max(0).values.sum())
         y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads)
         counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys)
         if spec.ls1 is not None:

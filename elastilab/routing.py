@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels.head_attention import head_routed_attention
 from .spec import ACTIVATIONS, AttnWeights, BlockSpec, MLPWeights, mlp_forward
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
@@ -84,6 +85,11 @@ class RoutedAttention(nn.Module):
     stay right when every layer caches a different subset of tokens.
     """
 
+    # head routing, grouped by head (one batched call per head; kernels/head_attention.py). The
+    # plain loop over rows x heads, kernels.reference.head_attention_reference, is its test oracle
+    # (`elastilab bench speed --heads grouped loop` times both).
+    head_attention = staticmethod(head_routed_attention)
+
     def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -119,7 +125,7 @@ class RoutedAttention(nn.Module):
                 q, k, v, attn_mask=None if allowed is None else allowed[:, None],
                 scale=w.scaling, enable_gqa=w.n_heads != w.n_kv_heads)
             return F.linear(o.transpose(1, 2).reshape(B, K, -1), w.w_o, w.b_o)
-        return self._per_head(w, h, k, v, allowed, rope, heads)
+        return self.head_attention(w, h, k, v, allowed, rope, heads)
 
     @staticmethod
     def _allowed(w, pos, valid, kpos, pad_mask):
@@ -133,30 +139,6 @@ class RoutedAttention(nn.Module):
             allowed = allowed & torch.gather(pad_mask, 2, cols[:, None, :].expand(-1, pos.shape[1], -1))
         # padding queries (outputs discarded) must still see one key, or softmax gives NaN
         return allowed | ~valid[:, :, None]
-
-    @staticmethod
-    def _per_head(w, h, k, v, allowed, rope, heads):
-        ids, gates = heads
-        B, K, _ = h.shape
-        hd, group = w.head_dim, w.n_heads // w.n_kv_heads
-        out = h.new_zeros(B, K, w.w_o.shape[0])
-        for b in range(B):
-            for head in range(w.n_heads):
-                hit = ids[b] == head  # [K, kh]
-                rows = hit.any(-1).nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                sl = slice(head * hd, (head + 1) * hd)
-                q = F.linear(h[b, rows], w.w_q[sl], None if w.b_q is None else w.b_q[sl])[None, None]
-                if rope is not None:
-                    q = w.rope(q, rope[0][b:b + 1, rows], rope[1][b:b + 1, rows])
-                g = head // group
-                mask = None if allowed is None else allowed[b:b + 1, rows][:, None]
-                o = F.scaled_dot_product_attention(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],
-                                                   attn_mask=mask, scale=w.scaling)[0, 0]
-                gate = (gates[b, rows] * hit[rows]).sum(-1, keepdim=True)
-                out[b] = out[b].index_add(0, rows, F.linear(o * gate, w.w_o[:, sl]))
-        return out if w.b_o is None else out + w.b_o
 
 
 def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: Tensor | None,

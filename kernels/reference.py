@@ -8,6 +8,7 @@ a read-add-``index_copy`` gives the same result; experts are summed by a permuta
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from elastilab import spec
@@ -50,3 +51,32 @@ def expert_mlp_sorted(w: MLPWeights, h: Tensor, experts: Tensor, gates: Tensor, 
     inverse[order] = torch.arange(order.numel(), device=order.device)
     y = y.index_select(0, inverse).view(n, k, d).sum(1)
     return y if w.b_out is None else y + w.b_out
+
+
+def head_attention_reference(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, rope,
+                             heads: tuple[Tensor, Tensor]) -> Tensor:
+    """The plain definition of head-routed attention (oracle of kernels/head_attention.py): for each
+    batch row and head, the tokens that chose the head compute its query, attention and o_proj slice,
+    scaled by their gate. Shapes as in ``head_routed_attention``."""
+    ids, gates = heads
+    B, K, _ = h.shape
+    hd, group = w.head_dim, w.n_heads // w.n_kv_heads
+    out = h.new_zeros(B, K, w.w_o.shape[0])
+    for b in range(B):
+        for head in range(w.n_heads):
+            hit = ids[b] == head  # [K, kh]
+            rows = hit.any(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            sl = slice(head * hd, (head + 1) * hd)
+            q = F.linear(h[b, rows], w.w_q[sl], None if w.b_q is None else w.b_q[sl])[None, None]
+            if rope is not None:
+                q = w.rope(q, rope[0][b:b + 1, rows], rope[1][b:b + 1, rows])
+            g = head // group
+            mask = None if allowed is None else allowed[b:b + 1, rows][:, None]
+            o = F.scaled_dot_product_attention(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],
+                                               attn_mask=mask, scale=w.scaling)[0, 0]
+            gate = (gates[b, rows] * hit[rows]).sum(-1, keepdim=True)
+            y = F.linear(o * gate, w.w_o[:, sl])
+            out[b] = out[b].index_copy(0, rows, out[b].index_select(0, rows) + y)  # rows distinct
+    return out if w.b_o is None else out + w.b_o

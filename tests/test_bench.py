@@ -21,19 +21,19 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def rows():
-    return bench.speed("tiny", shapes=["2x16:0.5"], reps=1, warmup=0, heads=("loop", "grouped"), log=lambda *a: None)
+    return bench.speed("tiny", shapes=["2x16:0.5"], reps=1, warmup=0, heads=("grouped", "loop"), log=lambda *a: None)
 
 
 def test_speed_rows_ideal_and_realised(rows):
     assert COLUMNS <= set(rows.columns)
     assert sorted(rows.component.unique()) == sorted(bench.COMPONENTS)
-    assert set(rows[rows.heads == "grouped"].component) == {"attn_heads", "all"}
+    assert set(rows[rows.heads == "loop"].component) == {"attn_heads", "all"}
     assert (rows.capacity == 0.5).all() and (rows.batch == 2).all() and (rows.seq == 16).all()
     assert (rows.ideal_speedup > 1).all(), "capacity 0.5 must cut FLOPs for every component"
     assert (rows.routed_gflops < rows.dense_gflops).all()
     full = rows.set_index(["component", "heads"])
     # routing everything cuts more than any single component
-    assert full.loc[("all", "loop"), "ideal_speedup"] > full.xs("loop", level="heads").drop("all").ideal_speedup.max()
+    assert full.loc[("all", "grouped"), "ideal_speedup"] > full.xs("grouped", level="heads").drop("all").ideal_speedup.max()
     assert torch.allclose(torch.tensor(rows.realised.values), torch.tensor((rows.speedup / rows.ideal_speedup).values))
     assert (rows.dense_s > 0).all() and (rows.routed_s > 0).all()
 

@@ -1,12 +1,13 @@
 """The fast torch paths in kernels/ against the library's plain definitions: head-grouped attention
-(kernels/head_attention.py) vs RoutedAttention._per_head, the sorted expert MLP vs
+(kernels/head_attention.py, the library's path) vs the plain loop over rows x heads, the sorted expert MLP vs
 spec.mlp_experts_forward, the index_copy residual vs the textbook formula. Values and gradients."""
 import pytest
 import torch
 
 from elastilab import spec
 from elastilab.kernels import ops
-from elastilab.kernels.reference import expert_mlp_sorted, routed_mlp_residual_reference
+from elastilab.kernels.reference import (expert_mlp_sorted, head_attention_reference,
+                                        routed_mlp_residual_reference)
 from elastilab.spec import MLPWeights
 
 from elastilab.adapters.llama import rope as llama_rope
@@ -38,7 +39,7 @@ def make_case(B=3, K=11, S=11, H=4, Hkv=2, hd=8, kh=2, biases=True, with_rope=Tr
 @pytest.mark.parametrize("biases,with_rope,pad", [(True, True, True), (False, False, False)])
 def test_matches_per_head_loop_values_and_router_gradients(kh, biases, with_rope, pad):
     w, h, k, v, allowed, rope, heads, scores = make_case(kh=kh, biases=biases, with_rope=with_rope, pad=pad)
-    ref = RoutedAttention._per_head(w, h, k, v, allowed, rope, heads)
+    ref = head_attention_reference(w, h, k, v, allowed, rope, heads)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), scores, retain_graph=True)
     out = head_routed_attention(w, h, k, v, allowed, rope, heads)
     (g_out,) = torch.autograd.grad(out.square().sum(), scores)
@@ -51,7 +52,7 @@ def test_unbalanced_heads_and_no_mask():
     ids = torch.zeros(3, 9, 1, dtype=torch.int64)
     ids[0, :2] = 3  # row 0: two tokens on head 3, the rest on head 0; other heads unused
     gates = torch.ones(3, 9, 1)
-    ref = RoutedAttention._per_head(w, h, k, v, None, rope, (ids, gates))
+    ref = head_attention_reference(w, h, k, v, None, rope, (ids, gates))
     torch.testing.assert_close(head_routed_attention(w, h, k, v, None, rope, (ids, gates)), ref, atol=1e-5, rtol=1e-5)
 
 
