@@ -1,7 +1,7 @@
 """Elastic LLaVA: one tiny router chooses which image tokens the language model sees.
 
 ``visual_tokens`` is a single ``Router(d_lm, 1)`` (Linear(d_lm, 1)) scoring the projected image tokens at
-the language model's input. The top ``ceil(c * N)`` tokens of each image are kept, in order; the others
+the language model's input (as its first layer sees them, after the input RMSNorm). The top ``ceil(c * N)`` tokens of each image are kept, in order; the others
 are *removed from the sequence*, so every LM layer (and the KV cache) holds fewer tokens. Kept tokens
 keep their original positions (RoPE sees the same relative distances as in the full model), the 2-D
 attention mask is gathered the same way, and decoding continues from the original length.
@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .adapters.base import register
 from .adapters.llama import LlamaAdapter
@@ -125,11 +124,18 @@ class ElasticLlava(ElasticModel):
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
+    def router_input(self, feats: Tensor) -> Tensor:
+        """The image tokens as the first LM layer sees them: after its input RMSNorm. (Projected
+        features have norms ~100x a word embedding's; unnormalised, a linear score saturates the
+        straight-through sigmoid within a few steps and the ranking freezes.)"""
+        layer = self.adapter.layers(self.model)[0]
+        return self.adapter.block_spec(getattr(layer, "base_layer", layer), 0).attn_norm(feats)
+
     def _scores(self, feats: Tensor) -> Tensor:
         if self.selector == "router":
             if self.visual_router is None:
                 raise ValueError("this model has no visual_tokens router; elastify it with visual_tokens=...")
-            return self.visual_router(feats)
+            return self.visual_router(self.router_input(feats))
         g = torch.Generator().manual_seed(self.random_seed)  # the same choice on every call
         return torch.rand(feats.shape[:2], generator=g).to(feats.device)
 
@@ -218,7 +224,7 @@ class ElasticLlava(ElasticModel):
                 out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
         h = out.last_hidden_state
         logits = self._logits(h, idx, logits_at, logits_to_keep)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = out.cache if hasattr(type(out), "cache") or "cache" in out else getattr(out, "past_key_values", None)
         return VLMOutput(logits, cache, idx, keep_img, nxt if nxt is not None else pos[:, -1] + 1)
 
     def _logits(self, h, idx, logits_at, logits_to_keep):

@@ -66,3 +66,31 @@ def test_vision_notebook_sliders_change_compute_and_quality():
         assert page.locator(".widget-output img").count() >= 1  # the overlay was redrawn as an image
         assert screenshot(page, ARTIFACTS / "browser_02_vision.png").stat().st_size > 10_000
         assert (ROOT / "notebooks/02_vision.ipynb").read_bytes() == committed  # no autosave over it
+
+
+VLM = re.compile(r"image tokens kept (\d+)/65 \| accuracy ([\d.]+) .*\| agreement ([\d.]+) \| LM compute ([\d.]+) of")
+
+
+def _vlm_numbers(texts):
+    for t in reversed(texts):
+        if m := VLM.search(t):
+            return tuple(float(x) for x in m.groups())
+    return None
+
+
+@pytest.mark.browser
+def test_vision_language_notebook_slider_changes_image_tokens_and_compute():
+    with chromium_page() as page, jupyter_lab(ROOT / "notebooks") as url:
+        committed = (ROOT / "notebooks/03_vision_language.ipynb").read_bytes()
+        open_notebook(page, url, "03_vision_language.ipynb")
+        assert run_all(page, timeout=900) == []
+        before = _vlm_numbers(wait_for_widget_text(page, lambda t: _vlm_numbers(t) is not None, timeout=120))
+        assert move_slider(page, "visual_tokens", "End") == "1.00"  # every image token enters the LM
+        texts = wait_for_widget_text(
+            page, lambda t: (n := _vlm_numbers(t)) is not None and n[0] == 65, timeout=300)
+        assert not any("Traceback" in t for t in texts), texts
+        after = _vlm_numbers(texts)
+        assert after[3] > before[3] and after[2] == 1.0  # more LM compute; at 1.0 the teacher itself
+        assert page.locator(".widget-output img").count() >= 1  # the overlay was redrawn
+        assert screenshot(page, ARTIFACTS / "browser_03_vision_language.png").stat().st_size > 10_000
+        assert (ROOT / "notebooks/03_vision_language.ipynb").read_bytes() == committed  # no autosave over it

@@ -180,3 +180,23 @@ def test_llava_15_7b_parameter_fraction_from_the_config_alone():
     assert 7.0e9 < count["params"] < 7.1e9
     assert count["visual_router_params"] == 4097
     assert 5.7e-7 < count["fraction"] < 5.9e-7  # "as low as 0.00006%"
+
+
+@pytest.mark.slow
+def test_tiny_llava_is_a_real_llava_whose_elastic_twin_reproduces_it():
+    from elastilab.zoo import tiny_llava as tl
+    model, tok = el.zoo.load("tiny-llava")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    item = tl.examples("test")[0]
+    b = tl.build_inputs(tok, item["question"], item["image"])
+    assert int(b["input_ids"].eq(model.config.image_token_id).sum()) == tl.N_IMAGE_TOKENS == 65
+    em = el.elastify(model, visual_tokens=1.0)
+    with torch.no_grad():
+        diff = (em(**b, logits_to_keep=1).logits[:, -1] - model(**b).logits[:, -1]).abs().max().item()
+    assert diff <= 1e-4
+    em.set_capacity(visual_tokens=0.25)
+    assert em.generate(**b, max_new_tokens=2).shape == (1, 2)
+    with pytest.raises(ValueError, match="placeholder"):  # more images than <image> placeholders
+        tl.build_inputs(tok, item["question"], [item["image"], item["image"]])
+    with pytest.raises(ValueError, match="placeholder"):  # a prompt without an image
+        tl.build_inputs(tok, "What digit is this?", [item["image"]], chat=False)

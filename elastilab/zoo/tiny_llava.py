@@ -21,15 +21,14 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..files import atomic_folder, atomic_write
 
 NAME = "tiny-llava"
 SHIP_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny-llava"
@@ -124,6 +123,13 @@ def build_inputs(tokenizer, questions, images, answers=None, chat: bool = True) 
 
 
 # ---------------------------------------------------------------- assembly and cache
+def display_image(image) -> np.ndarray:
+    """The image as the tower sees it (112 x 112, RGB floats in [0, 1], before normalisation)."""
+    from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, preprocess
+    x = preprocess(image, IMAGE_SIZE)[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -169,14 +175,8 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     stamp = cache / "projector.sha256"
     if not (stamp.is_file() and stamp.read_text() == digest):
         model, tok = assemble(load_file(str(src)))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tiny-llava-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "projector.sha256").write_text(digest)
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)  # atomic: complete or absent
+        atomic_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp),
+                                          (Path(tmp) / "projector.sha256").write_text(digest)))
     model = LlavaForConditionalGeneration.from_pretrained(cache, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(cache)
 
@@ -247,11 +247,7 @@ def cached_features(model, split: str) -> tuple[list[dict], torch.Tensor]:
     if path.is_file():
         return items, torch.load(path)
     feats = tower_features(model, [it["image"] for it in items])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    os.close(fd)
-    torch.save(feats, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(feats, tmp))
     return items, feats
 
 
@@ -322,9 +318,8 @@ def train(steps: int = 120, batch_size: int = 8, lr: float = 2e-3, seed: int = 0
     acc = accuracy(model, tok, test_items, test_feats)
     print("held-out accuracy", acc, flush=True)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in proj.state_dict().items()}
-    save_file(state, str(out / PROJECTOR_FILE))
+    atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(state, tmp))
     command = f"python -m elastilab.zoo.tiny_llava train --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
     record = {
         "model": NAME, "command": command + (f" --init {init}" if init else ""),
@@ -341,7 +336,7 @@ def train(steps: int = 120, batch_size: int = 8, lr: float = 2e-3, seed: int = 0
         "chance": {"digit": 0.1, "face": 0.5},
         "history": history,  # earlier runs this one continued from (--init)
     }
-    (out / "tiny-llava.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(out / "tiny-llava.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return record
 
 
