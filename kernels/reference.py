@@ -3,7 +3,7 @@
 No ``index_add`` here: on a CPU shared with other processes, torch's ``index_add`` with 2 threads
 took ~130 ms for a [4096, 576] update that takes 1.6 ms on one thread (measured on this machine,
 torch 2.14: its parallel scatter path waits for the second core). The chosen rows are distinct, so
-a read-add-``index_copy`` gives the same result; experts are summed by a permutation instead.
+a read-add-``index_copy`` gives the same result (per expert, for the expert MLP).
 """
 from __future__ import annotations
 
@@ -29,28 +29,27 @@ expert_mlp_reference = spec.mlp_experts_forward
 
 def expert_mlp_sorted(w: MLPWeights, h: Tensor, experts: Tensor, gates: Tensor, n_experts: int) -> Tensor:
     """Same value as ``spec.mlp_experts_forward``, in fewer and cheaper ops (the torch backend of
-    ``ops.expert_mlp``): the n*k (row, slot) pairs are sorted by expert and gathered once, each
-    expert runs on its contiguous block, and the inverse permutation brings the gated outputs back
-    to [n, k, d] to be summed over k (no index_add, deterministic)."""
+    ``ops.expert_mlp``): the n*k (row, slot) pairs are sorted by expert; each expert gathers its
+    rows, runs its slice of the MLP on them, and adds its gated output into those rows in place
+    (rows are distinct within an expert: read-add-``index_copy``, no index_add, deterministic).
+    Measured at SmolLM2 dims, 4096 rows, k = 4 of 8: 86 ms vs 151 ms for concatenating the expert
+    outputs and summing them through the inverse permutation (dense MLP: 143 ms)."""
     n, k = experts.shape
     size = w.width // n_experts
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_experts).tolist()
-    hs = h.index_select(0, order // k)
-    parts, start = [], 0
+    rows_by_slot, gate_by_slot = order // k, gates.reshape(-1).index_select(0, order)
+    out = h.new_zeros(n, w.w_out.shape[0])
+    start = 0
     for e, count in enumerate(counts):
         if count:
-            parts.append(spec.mlp_forward(w.unit_slice(e * size, (e + 1) * size), hs[start:start + count],
-                                          add_bias_out=False))
+            rows = rows_by_slot[start:start + count]
+            y = spec.mlp_forward(w.unit_slice(e * size, (e + 1) * size), h.index_select(0, rows), add_bias_out=False)
+            y = y * gate_by_slot[start:start + count, None].to(y.dtype)
+            out.index_copy_(0, rows, out.index_select(0, rows) + y.to(out.dtype))
         start += count
-    d = w.w_out.shape[0]
-    y = torch.cat(parts) if parts else h.new_zeros(0, d)
-    y = y * gates.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = y.index_select(0, inverse).view(n, k, d).sum(1)
-    return y if w.b_out is None else y + w.b_out
+    return out if w.b_out is None else out + w.b_out
 
 
 def head_attention_reference(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, rope,
