@@ -359,10 +359,10 @@ def plot_speed(df: pd.DataFrame, title: str = "", path: Path | None = None):
         sub = df[(df.batch == B) & (df.seq == T)]
         for (comp, backend, impl), g in sub.groupby(["component", "backend", "heads"], sort=False):
             g = pd.concat([g, sub[(sub.component == comp) & (sub.capacity == 1.0)]]).drop_duplicates("capacity").sort_values("capacity")
-            label = comp + ("" if len(markers) == 1 else f" ({backend})") + (" grouped" if impl == "grouped" else "")
+            label = comp + ("" if len(markers) == 1 else f" ({backend})") + (" loop (reference)" if impl == "loop" else "")
             ax.plot(g.capacity, g.speedup, marker=markers[backend], color=colors[comp], label=label,
-                    ls=":" if impl == "grouped" else "-")
-            if impl != "grouped":
+                    ls=":" if impl == "loop" else "-")
+            if impl != "loop":
                 ax.plot(g.capacity, g.ideal_speedup, ls="--", color=colors[comp], alpha=0.5)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(title=f"batch {B} x {T} tokens", xlabel="capacity", xlim=(1.05, 0.2))
