@@ -9,7 +9,6 @@ from . import data, zoo
 from .config import COMPONENTS, ElasticConfig
 from .distill import DistillConfig, distill, evaluate
 from .elastic import ElasticModel, elastify, fingerprint, load_routers
-from . import vlm  # noqa: E402  (registers the LLaVA adapter)
 
 __all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "elastify", "load_routers", "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo"]
