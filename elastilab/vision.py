@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
 from .distill import DistillConfig, distill, kl_loss
+from .files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "vision.json"
@@ -374,10 +376,9 @@ def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size:
 
 
 def _update_results(key: str, value) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[key] = value
-    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "") -> list[dict]:
@@ -401,7 +402,7 @@ def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "") -> lis
     em.set_capacity(**base)
     rows.append({"component": "all", "capacity": 1.0, "method": "learned",
                  **evaluate_vit(em, x, labels, probe, teacher=teacher)})
-    _update_results("bench", {"routers": routers, "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
+    _update_results("bench", {"routers": os.path.relpath(routers, ROOT), "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
                               "command": command, "rows": rows})
     return rows
 
