@@ -46,6 +46,9 @@ class ElasticConfig:
     mode: str = "topk"
     #: layers left dense (e.g. the first and last); negative indices count from the end
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    #: {component: layers} that keep their routers but always run that component dense, whatever
+    #: the capacity (``ElasticModel.keep_dense``); negative indices count from the end
+    keep_dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in COMPONENTS:
@@ -61,6 +64,7 @@ class ElasticConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        self.keep_dense = check_keep_dense(self.keep_dense, self.components)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -72,6 +76,7 @@ class ElasticConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
+        d["keep_dense"] = {c: list(v) for c, v in self.keep_dense.items()}
         return d
 
     @classmethod
@@ -81,3 +86,18 @@ class ElasticConfig:
         if unknown:
             raise ValueError(f"unknown ElasticConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**{**d, "dense_layers": tuple(d.get("dense_layers", ()))})
+
+
+def check_keep_dense(keep: dict, components) -> dict[str, tuple[int, ...]]:
+    """{component: layer indices} -> validated, with tuples of ints."""
+    if not isinstance(keep, dict):
+        raise ValueError(f"keep_dense must be a dict {{component: layers}}, got {type(keep).__name__}")
+    out = {}
+    for comp, layers in keep.items():
+        if comp not in components:
+            raise ValueError(f"keep_dense names {comp!r}, which is not elastic here; elastic components: "
+                             f"{', '.join(components)}")
+        if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"keep_dense[{comp!r}] must be a list of layer indices, got {layers!r}")
+        out[comp] = tuple(sorted(set(layers)))
+    return out

@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
-from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity
+from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
 from .files import atomic_write
 
 ROUTERS_FILE, META_FILE = "routers.safetensors", "routers.json"
@@ -53,6 +53,8 @@ class ElasticModel(nn.Module):
             raise ValueError("no layer was made elastic: every layer is in dense_layers")
         for p in self.router_parameters():
             p.requires_grad_(True)
+        if config.keep_dense:
+            self.set_capacity(**{c: getattr(config, c) for c in config.keep_dense})
 
     # -- passthrough --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -103,10 +105,25 @@ class ElasticModel(nn.Module):
                 raise ValueError(f"{name} is not elastic in this model; elastic components: "
                                  f"{', '.join(self.elastic_config.components)}")
             setattr(self.elastic_config, name, value)
+            pinned = self._kept_dense(name)
             for b in self.blocks:
                 if name in b.capacity:
-                    b.capacity[name] = value
+                    b.capacity[name] = 1.0 if b.layer_idx in pinned else value
         return self
+
+    def keep_dense(self, **layers) -> "ElasticModel":
+        """Always run these layers' component dense, whatever its capacity; the routers stay (and
+        are saved), so ``keep_dense(mlp_tokens=())`` routes them again. E.g. token routing in
+        SmolLM2-135M costs most in layers 0, 1 and the last two (notebooks/01_language.ipynb):
+        ``em.keep_dense(mlp_tokens=(0, 1, -2, -1), attn_tokens=(0, 1, -2, -1))``."""
+        keep = {**self.elastic_config.keep_dense, **check_keep_dense(layers, self.elastic_config.components)}
+        self.elastic_config.keep_dense = {c: v for c, v in keep.items() if v}
+        self.set_capacity(**{c: getattr(self.elastic_config, c) for c in layers})
+        return self
+
+    def _kept_dense(self, component: str) -> set[int]:
+        n = len(self.adapter.layers(self.model))
+        return {i % n for i in self.elastic_config.keep_dense.get(component, ())}
 
     def set_mode(self, mode: str) -> "ElasticModel":
         ElasticConfig.from_dict({**self.elastic_config.to_dict(), "mode": mode})  # validates
