@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters.base import register
-from .adapters.llama import LlamaAdapter
-from .config import LAYER_COMPONENTS
+from .adapters.llava import LlavaAdapter  # noqa: F401  (re-exported)
 from .elastic import ElasticModel
 from .routers import Router
 from .routing import hard_gates, keep_to_index, n_kept
@@ -352,8 +352,12 @@ class ElasticLlava(ElasticModel):
 
 def _cache_kwarg(lm) -> str:
     """transformers renamed past_key_values to cache (5.2x); use whichever this version takes."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(lm))
+
+
+@functools.cache
+def _cache_kwarg_of(lm_class) -> str:  # once per class, not once per decoding step
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
 
 
 # -- gated attention (the training estimator) ------------------------------------------------------
@@ -395,22 +399,6 @@ def gated_attention(lm, gate: Tensor):
     finally:
         lm.config._attn_implementation = old
         _KEY_GATE.reset(token)
-
-
-@register
-class LlavaAdapter(LlamaAdapter):
-    """LlavaForConditionalGeneration whose language model is Llama-family: LM blocks as in llama.py;
-    the ``visual_tokens`` router lives in ElasticLlava."""
-    name = "llava"
-    model_classes = ("LlavaForConditionalGeneration",)
-    components = LAYER_COMPONENTS + ("visual_tokens",)
-    elastic_class = ElasticLlava
-
-    def layers(self, model):
-        return model.model.language_model.layers
-
-    def hidden_size(self, model):
-        return model.config.text_config.hidden_size
 
 
 # -- distillation and evaluation -------------------------------------------------------------------
@@ -589,7 +577,7 @@ def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, 
     return [items[i] for i in pick], feats
 
 
-def train_visual_router(steps: int = 12, batch_size: int = 4, lr: float = 3e-2, capacity_range=(0.15, 0.85),
+def train_visual_router(steps: int = 150, batch_size: int = 8, lr: float = 1e-2, capacity_range=(0.15, 0.85),
                         out: str = TRAIN_OUT, seed: int = 0):
     """Self-distil the visual_tokens router of tiny-llava (KL on the answer tokens) and save it."""
     from .distill import distill
@@ -608,7 +596,7 @@ def train_visual_router(steps: int = 12, batch_size: int = 4, lr: float = 3e-2, 
     return em, log
 
 
-def bench(routers: str = TRAIN_OUT, out: str = BENCH_OUT, per_class: int = 4, faces: int = 10,
+def bench(routers: str = TRAIN_OUT, out: str = BENCH_OUT, per_class: int = 10, faces: int = 30,
           capacities=(0.75, 0.5, 0.25), fastv_layer: int = 2) -> dict:
     """Teacher accuracy; accuracy and agreement at each image-token budget for the learned router,
     random keep and FastV (same numbers of image tokens); parameter fractions."""
@@ -649,22 +637,30 @@ def bench(routers: str = TRAIN_OUT, out: str = BENCH_OUT, per_class: int = 4, fa
     return result
 
 
+def _defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m elastilab.vlm", description="tiny-llava's visual-token router")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help=f"self-distil the visual router (writes {TRAIN_OUT})")
-    t.add_argument("--steps", type=int, default=150)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--capacity-range", type=float, nargs=2, default=(0.15, 0.85))
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=TRAIN_OUT)
-    b = sub.add_parser("bench", help=f"learned vs FastV vs random at 75/50/25%% image tokens (writes {BENCH_OUT})")
-    b.add_argument("--routers", default=TRAIN_OUT)
-    b.add_argument("--per-class", type=int, default=10, help="held-out digits per class")
-    b.add_argument("--faces", type=int, default=30, help="held-out faces and non-faces each")
-    b.add_argument("--out", default=BENCH_OUT)
+    tdef, bdef = _defaults(train_visual_router), _defaults(bench)  # one source of defaults: the functions
+    t = sub.add_parser("train", help=f"self-distil the visual router (writes {TRAIN_OUT})",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--steps", type=int, default=tdef["steps"], help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=tdef["batch_size"], help="examples per step")
+    t.add_argument("--lr", type=float, default=tdef["lr"], help="AdamW learning rate")
+    t.add_argument("--capacity-range", type=float, nargs=2, default=tdef["capacity_range"],
+                   help="each step keeps a fraction of image tokens drawn from this range")
+    t.add_argument("--seed", type=int, default=tdef["seed"], help="data order and capacity draws")
+    t.add_argument("--out", default=tdef["out"], help="checkpoint folder")
+    b = sub.add_parser("bench", help=f"learned vs FastV vs random at 75/50/25%% image tokens (writes {BENCH_OUT})",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--routers", default=bdef["routers"], help="visual router checkpoint")
+    b.add_argument("--per-class", type=int, default=bdef["per_class"], help="held-out digits per class")
+    b.add_argument("--faces", type=int, default=bdef["faces"], help="held-out faces and non-faces each")
+    b.add_argument("--out", default=bdef["out"], help="results JSON")
     a = ap.parse_args(argv)
     if a.cmd == "train":
         train_visual_router(a.steps, a.batch_size, a.lr, tuple(a.capacity_range), a.out, a.seed)

@@ -5,13 +5,10 @@ Every adapter registered here runs through the same invariant tests (tests/test_
 from __future__ import annotations
 
 from .base import Adapter, Call, REGISTRY, register
-from . import llama, gpt2, vit, hf_vit  # noqa: F401  (registration)
+from . import llama, gpt2, vit, hf_vit, llava  # noqa: F401  (registration)
 
 
 def find_adapter(model) -> Adapter:
-    # the LLaVA adapter lives with ElasticLlava in elastilab.vlm, imported here rather than by
-    # `import elastilab`, so `python -m elastilab.vlm` runs the module once, cleanly
-    from .. import vlm  # noqa: F401
     for adapter in REGISTRY.values():
         if adapter.matches(model):
             return adapter

@@ -71,8 +71,6 @@ def cache_dir() -> Path:
     return Path(root) / NAME
 
 
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
