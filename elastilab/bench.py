@@ -450,7 +450,8 @@ def add_bench_parser(sub) -> None:
         q.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
                        help="MLP kernels to compare (triton needs CUDA)")
         q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-        q.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV (and plot)")
+        q.add_argument("--out", type=Path, required=True,
+                       help=f"folder for the CSV (and plot); the committed results are in {RESULTS}/")
         q.add_argument("--name", help="file name stem (default speed_<device kind>[_<model>])")
         return q
 

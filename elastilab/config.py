@@ -1,6 +1,7 @@
 """ElasticConfig: which parts of each layer are elastic, and how much of them is computed."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 #: Components a layer can route. ``visual_tokens`` belongs to visual-language models only.
@@ -63,7 +64,7 @@ class ElasticConfig:
             raise ValueError(f"expert_partition must be one of {PARTITIONS}, got {self.expert_partition!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
 
     @property
@@ -97,7 +98,18 @@ def check_keep_dense(keep: dict, components) -> dict[str, tuple[int, ...]]:
         if comp not in components:
             raise ValueError(f"keep_dense names {comp!r}, which is not elastic here; elastic components: "
                              f"{', '.join(components)}")
-        if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ValueError(f"keep_dense[{comp!r}] must be a list of layer indices, got {layers!r}")
-        out[comp] = tuple(sorted(set(layers)))
+        out[comp] = tuple(sorted(set(layer_list(layers, f"keep_dense[{comp!r}]"))))
     return out
+
+
+def layer_list(layers, what: str) -> tuple[int, ...]:
+    """A list of integer layer indices (a float such as 1.7 is refused, not rounded); the range is
+    checked where the number of layers is known (``elastic.layer_indices``)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"{what} must be a list of layer indices, got {layers!r}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"{what} must be a list of integer layer indices, got {layers!r}")
+        out.append(int(i))
+    return tuple(out)

@@ -4,6 +4,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+#: written into every folder ``atomic_folder`` creates: only such folders are ever replaced
+MARKER = ".elastilab-cache"
+
+
+def _umask() -> int:
+    """The process's umask: read on Linux, else set and restored (a brief, process-wide change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
@@ -13,7 +29,7 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -21,18 +37,104 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def publish_files(tmp: Path) -> None:
+    """Give every file under ``tmp`` the permissions of a file the user creates (umask), and
+    every folder those of a folder: libraries saving into ``tmp`` may have used mkstemp (0600)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(Path(root) / f, 0o666 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders
+
+
 def atomic_folder(path: str | Path, fill) -> Path:
-    """Call ``fill(tmp_dir)`` on a fresh folder next to ``path``, then swap it in for ``path``."""
+    """Call ``fill(tmp_dir)`` on a fresh folder next to ``path``, then swap it in for ``path``.
+
+    An existing ``path`` is replaced only if it is empty or was made here (it holds ``MARKER``):
+    a folder of the user's that happens to sit at ``path`` is never deleted."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    old = None
     try:
         fill(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-        if path.exists():  # an older or half-written folder from an interrupted run
-            shutil.rmtree(path)
+        (tmp / MARKER).write_text("made by elastilab; this folder is replaced whole when rebuilt\n")
+        publish_files(tmp)
+        if path.exists():  # an older or half-written folder of ours: move it aside, swap, delete
+            if not _replaceable(path):  # (checked again: it may have changed while fill ran)
+                raise FileExistsError(f"{path} changed while it was being rebuilt and is no longer ours")
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+            os.replace(path, old / path.name)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():  # put the old folder back
+            os.replace(old / path.name, path)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise unless ``atomic_folder`` may replace ``path``: call it before expensive work."""
+    path = Path(path)
+    if path.exists() and not _replaceable(path):
+        raise FileExistsError(
+            f"{path} exists and was not created by elastilab (it has no {MARKER} file), so it is not "
+            f"replaced; move or delete it yourself, or point ELASTILAB_CACHE to another folder")
+
+
+def _replaceable(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    return (path / MARKER).is_file() or not any(path.iterdir())
+
+
+def atomic_files(folder: str | Path, writers: dict, tag: str) -> Path:
+    """Write several files of ``folder`` as one unit: ``writers`` maps file names to ``write(path)``.
+
+    All are written into a temporary folder ``.<tag>.*.tmp``, which is then renamed to
+    ``.<tag>.pending`` (the commit point) and its files moved into ``folder``. A run killed before
+    the commit leaves the old files in place (its temporary folder is removed on the next save);
+    one killed after it leaves the rest of the new files in ``.<tag>.pending``, which readers
+    (``current_files``) take in preference and the next save moves in: never old and new mixed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pending = folder / f".{tag}.pending"
+    _finish(pending)
+    # temporaries of killed runs, of our own naming (and atomic_write's, which earlier saves used)
+    stale = {*folder.glob(f".{tag}.*.tmp"), *(t for n in writers for t in folder.glob(f".{n}.*.tmp"))}
+    for t in stale:
+        shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{tag}.", suffix=".tmp"))
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        publish_files(tmp)
+        os.replace(tmp, pending)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _finish(pending)
+    return folder
+
+
+def current_files(folder: str | Path, names, tag: str) -> dict[str, Path]:
+    """Where to read each file of a unit written by ``atomic_files``: from ``.<tag>.pending`` where a
+    save was interrupted after its commit point, else from ``folder``."""
+    folder = Path(folder)
+    pending = folder / f".{tag}.pending"
+    return {n: pending / n if (pending / n).is_file() else folder / n for n in names}
+
+
+def _finish(pending: Path) -> None:
+    """Move the committed files of ``pending`` into its folder."""
+    if pending.is_dir():
+        for f in pending.iterdir():
+            os.replace(f, pending.parent / f.name)
+        pending.rmdir()

@@ -22,9 +22,10 @@ ACTIVATIONS = {
 
 @dataclass
 class MLPWeights:
-    """``swiglu``: w_out @ (act(w_gate @ h) * (w_in @ h));  ``gelu``: w_out @ act(w_in @ h + b_in) + b_out.
+    """``swiglu``: w_out @ (act(w_gate @ h + b_gate) * (w_in @ h + b_in)) + b_out;
+    ``gelu``: w_out @ act(w_in @ h + b_in) + b_out.
 
-    Shapes: w_in, w_gate [F, d]; w_out [d, F]; b_in [F]; b_out [d]. The output is a sum over the F
+    Shapes: w_in, w_gate [F, d]; w_out [d, F]; b_in, b_gate [F]; b_out [d]. The output is a sum over the F
     hidden units, so expert e = hidden units [e*F/E, (e+1)*F/E) gives E experts whose sum is exact.
     ``b_out`` is added once per token, not once per expert.
     """
@@ -36,6 +37,7 @@ class MLPWeights:
     w_gate: Tensor | None = None
     b_in: Tensor | None = None
     b_out: Tensor | None = None
+    b_gate: Tensor | None = None  # e.g. Llama with mlp_bias=True
 
     @property
     def width(self) -> int:
@@ -47,6 +49,7 @@ class MLPWeights:
             self.kind, self.act, self.w_in[start:stop], self.w_out[:, start:stop],
             None if self.w_gate is None else self.w_gate[start:stop],
             None if self.b_in is None else self.b_in[start:stop], None,
+            None if self.b_gate is None else self.b_gate[start:stop],
         )
 
     def permuted(self, order: Tensor) -> "MLPWeights":
@@ -55,6 +58,7 @@ class MLPWeights:
             self.kind, self.act, self.w_in[order], self.w_out[:, order],
             None if self.w_gate is None else self.w_gate[order],
             None if self.b_in is None else self.b_in[order], self.b_out,
+            None if self.b_gate is None else self.b_gate[order],
         )
 
 
@@ -98,15 +102,19 @@ class BlockSpec:
     extra: dict = field(default_factory=dict)
 
 
-def mlp_forward(w: MLPWeights, h: Tensor, add_bias_out: bool = True) -> Tensor:
-    """Dense MLP on rows h [..., d] (the torch reference every routed path reduces to)."""
+def mlp_hidden(w: MLPWeights, h: Tensor) -> Tensor:
+    """The hidden-unit activations [..., F] of the MLP on rows h [..., d] (before ``w_out``)."""
     act = ACTIVATIONS[w.act]
     if w.kind == "swiglu":
-        y = F.linear(act(F.linear(h, w.w_gate)) * F.linear(h, w.w_in, w.b_in), w.w_out)
-    elif w.kind == "gelu":
-        y = F.linear(act(F.linear(h, w.w_in, w.b_in)), w.w_out)
-    else:
-        raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
+        return act(F.linear(h, w.w_gate, w.b_gate)) * F.linear(h, w.w_in, w.b_in)
+    if w.kind == "gelu":
+        return act(F.linear(h, w.w_in, w.b_in))
+    raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
+
+
+def mlp_forward(w: MLPWeights, h: Tensor, add_bias_out: bool = True) -> Tensor:
+    """Dense MLP on rows h [..., d] (the torch reference every routed path reduces to)."""
+    y = F.linear(mlp_hidden(w, h), w.w_out)
     if add_bias_out and w.b_out is not None:
         y = y + w.b_out
     return y

@@ -45,6 +45,15 @@ def _use_triton(backend: str, t: Tensor, *inputs) -> bool:
     return True
 
 
+def _kernels_take(w: MLPWeights, backend: str) -> bool:
+    """The Triton kernels have no gate bias (Llama with mlp_bias=True): such MLPs run in torch."""
+    if w.b_gate is None:
+        return True
+    if backend == "triton":
+        raise ValueError("backend='triton' does not support an MLP gate bias (b_gate); use backend='auto' or 'torch'")
+    return False
+
+
 def _check_mlp(w: MLPWeights, h: Tensor):
     if w.kind not in ("swiglu", "gelu"):
         raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
@@ -54,7 +63,7 @@ def _check_mlp(w: MLPWeights, h: Tensor):
         raise ValueError("swiglu MLP needs w_gate")
     if h.dim() != 2 or h.shape[1] != w.w_in.shape[1]:
         raise ValueError(f"h must be [rows, d={w.w_in.shape[1]}], got {tuple(h.shape)}")
-    for name in ("w_in", "w_out", "w_gate", "b_in", "b_out"):
+    for name in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate"):
         t = getattr(w, name)
         if t is not None and (t.dtype != h.dtype or t.device != h.device):
             raise ValueError(f"MLP {name} is {t.dtype} on {t.device}; it must match h ({h.dtype} on {h.device})")
@@ -76,7 +85,7 @@ def routed_mlp_residual(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights, gate: 
         raise ValueError(f"idx must be a 1-D int64 tensor of row ids, got {idx.dtype} {tuple(idx.shape)}")
     if gate is not None and gate.shape != idx.shape:
         raise ValueError(f"gate must have shape {tuple(idx.shape)} (one per chosen row), got {tuple(gate.shape)}")
-    if not _use_triton(backend, x, x, h, gate, *vars(w).values()):
+    if not (_use_triton(backend, x, x, h, gate, *vars(w).values()) and _kernels_take(w, backend)):
         return routed_mlp_residual_reference(x, h, idx, w, gate)
     out = x.clone()
     if idx.numel() == 0:
@@ -105,7 +114,7 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
         raise ValueError(f"experts must be int64 [n={h.shape[0]}, k], got {experts.dtype} {tuple(experts.shape)}")
     if gates.shape != experts.shape:
         raise ValueError(f"gates must have the shape of experts {tuple(experts.shape)}, got {tuple(gates.shape)}")
-    if not _use_triton(backend, h, h, gates, *vars(w).values()):
+    if not (_use_triton(backend, h, h, gates, *vars(w).values()) and _kernels_take(w, backend)):
         return expert_mlp_sorted(w, h, experts, gates, n_experts)
     n, k = experts.shape
     d = h.shape[1]

@@ -45,6 +45,20 @@ def llama():
                 lambda out: out.logits, distill=_lm_distill)
 
 
+@case("llama_biases")
+def llama_biases():  # attention_bias and mlp_bias: every projection has a bias, gate_proj's included
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("proj.bias"):
+                p.normal_(std=0.5)  # initialised to zero: make every bias matter
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 @case("qwen2")
 def qwen2():  # Llama layer code with q/k/v biases
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -1,9 +1,10 @@
 """Checkpoints, caches and results are written atomically: a failed write never leaves a broken file."""
 import os
+import tempfile
 
 import pytest
 
-from elastilab.files import atomic_folder, atomic_write
+from elastilab.files import MARKER, atomic_folder, atomic_write
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporaries(tmp_path):
@@ -26,7 +27,40 @@ def test_folder_is_swapped_in_whole(tmp_path):
     atomic_folder(target, lambda tmp: (tmp / "a").write_text("1"))
     with pytest.raises(RuntimeError):
         atomic_folder(target, lambda tmp: ((tmp / "b").write_text("2"), (_ for _ in ()).throw(RuntimeError("x"))))
-    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "a"]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     atomic_folder(target, lambda tmp: (tmp / "b").write_text("2"))
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "b"]
+
+
+def test_a_folder_not_made_here_is_never_replaced(tmp_path):
+    target = tmp_path / "smollm2-135m"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="smollm2-135m exists and was not created by elastilab"):
+        atomic_folder(target, lambda tmp: (tmp / "a").write_text("1"))
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]
+    (target / "notes.txt").unlink()  # an empty folder may be filled
+    atomic_folder(target, lambda tmp: (tmp / "a").write_text("1"))
+    assert (target / MARKER).is_file()  # ours now: it may be replaced
+    atomic_folder(target, lambda tmp: (tmp / "b").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "b"]
+
+
+def test_written_files_follow_the_users_umask(tmp_path):
+    def fill(tmp):  # libraries may write with mkstemp, which makes 0600 files
+        fd, _ = tempfile.mkstemp(dir=tmp)
+        os.close(fd)
+        (tmp / "sub").mkdir(mode=0o700)
+
+    old = os.umask(0o002)
+    try:
+        atomic_write(tmp_path / "f.json", lambda tmp: open(tmp, "w").write("{}"))
+        atomic_folder(tmp_path / "cache", fill)
+    finally:
+        os.umask(old)
+    mode = lambda p: oct(os.stat(p).st_mode & 0o777)
+    assert mode(tmp_path / "f.json") == "0o664"
+    assert {mode(p) for p in (tmp_path / "cache").iterdir() if p.is_file()} == {"0o664"}
+    assert mode(tmp_path / "cache") == mode(tmp_path / "cache" / "sub") == "0o775"

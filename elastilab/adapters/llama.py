@@ -40,7 +40,7 @@ class LlamaAdapter(Adapter):
             a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
             causal=True, rope=rope, scaling=a.scaling)
         mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight,
-                         m.up_proj.bias, m.down_proj.bias)
+                         m.up_proj.bias, m.down_proj.bias, b_gate=m.gate_proj.bias)  # every bias (mlp_bias=True)
         # position 0 is the attention sink: its hidden state carries the massive activations
         # later layers rely on, so it is never routed away (costs 1/T of the compute)
         return BlockSpec(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, n_protected=1)

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import time
 import types
@@ -66,9 +65,9 @@ def onnx_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """$ELASTILAB_CACHE/dinov2-small (default ~/.cache/elastilab/dinov2-small)."""
-    root = os.environ.get("ELASTILAB_CACHE") or Path.home() / ".cache" / "elastilab"
-    return Path(root) / NAME
+    """$ELASTILAB_CACHE/dinov2-small (default ~/.cache/elastilab/dinov2-small): zoo.cache_dir."""
+    from . import cache_dir as zoo_cache_dir
+    return zoo_cache_dir(NAME)
 
 
 def _sha256(path: Path) -> str:
@@ -168,6 +167,12 @@ def load_hf(dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
+def load(dtype: torch.dtype = torch.float32):
+    """(Dinov2Model, preprocess): what ``el.zoo.load("dinov2-small")`` returns, a pair like every
+    offline default's (the model, and the function that turns images into its input)."""
+    return load_hf(dtype), preprocess
+
+
 # ---------------------------------------------------------------- Hugging Face -> timm
 def hf_to_timm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Dinov2Model state dict to timm's VisionTransformer names (q, k, v fused into qkv)."""
@@ -220,20 +225,34 @@ def load_timm(match_hf: bool = True):
 
 # ---------------------------------------------------------------- preprocessing
 def _to_chw_uint8(image, where: str) -> torch.Tensor:
-    """One image (PIL or uint8 numpy HxW / HxWx1 / HxWx3) -> uint8 tensor [3, H, W]."""
+    """One image (PIL, or uint8 / uint16 numpy HxW / HxWx1 / HxWx3) -> uint8 tensor [3, H, W].
+
+    16-bit images (PIL modes I;16 and I, as 16-bit PNGs open, or uint16 arrays) are scaled to 0..255."""
     try:
         from PIL import Image
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
+            if image.mode.startswith("I;16") or image.mode == "I":
+                image = np.asarray(image)  # 16-bit gray: PIL's convert("RGB") would clip it to white
+                if image.dtype != np.uint16 and (image.min() < 0 or image.max() > 65535):
+                    raise ValueError(f"{where}: a 32-bit integer image (PIL mode I) with values outside "
+                                     f"0..65535 ({image.min()}..{image.max()}); convert it to 8 or 16 bits")
+                image = image.astype(np.uint16)
+            elif image.mode == "F":
+                raise TypeError(f"{where}: a floating-point PIL image (mode F); convert it to 8-bit first, "
+                                "e.g. Image.fromarray((x * 255).round().astype(np.uint8))")
+            else:
+                image = np.asarray(image.convert("RGB"))
     except ImportError:
         pass
+    if isinstance(image, np.ndarray) and image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # 65535 -> 255, rounded
     if isinstance(image, torch.Tensor):
         raise TypeError(f"{where}: got a torch.Tensor; pass numpy uint8 arrays or PIL images "
                         "(an already normalised tensor needs no preprocess)")
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{where}: expected a PIL image or a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
-        raise TypeError(f"{where}: expected dtype uint8 (0..255), got {image.dtype}; "
+        raise TypeError(f"{where}: expected dtype uint8 (0..255) or uint16 (0..65535), got {image.dtype}; "
                         "convert floats in [0, 1] with (x * 255).round().astype(np.uint8)")
     if image.ndim == 2:
         image = image[..., None]
@@ -252,7 +271,8 @@ def preprocess(images, size: int = 224) -> torch.Tensor:
     """Images -> FloatTensor [B, 3, size, size], ImageNet mean/std normalised.
 
     images: one image or a list of them (PIL, or uint8 numpy HxW / HxWx1 / HxWx3), or a uint8 array
-    [B, H, W, C] with C in (1, 3). Gray becomes 3 channels. Each image is resized to size x size
+    [B, H, W, C] with C in (1, 3); 16-bit images (uint16, 16-bit PNGs) are scaled to 8 bits first.
+    Gray becomes 3 channels. Each image is resized to size x size
     (bilinear, antialiased, no crop: non-square images are stretched). size must be a multiple of 14.
     """
     if not isinstance(size, int) or size < 14 or size % 14:

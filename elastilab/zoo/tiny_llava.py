@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_folder, atomic_write
+from ..files import MARKER, atomic_folder, atomic_write, check_replaceable
 
 NAME = "tiny-llava"
 SHIP_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny-llava"
@@ -174,10 +174,13 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     cache = cache_dir(NAME)
     stamp = cache / "projector.sha256"
     if not (stamp.is_file() and stamp.read_text() == digest):
+        if stamp.is_file() and not (cache / MARKER).exists():
+            (cache / MARKER).touch()  # assembled by a version before the marker (only we write the stamp)
+        check_replaceable(cache)  # before assembling: never replace a folder that is not ours
         model, tok = assemble(load_file(str(src)))
         atomic_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp),
                                           (Path(tmp) / "projector.sha256").write_text(digest)))
-    model = LlavaForConditionalGeneration.from_pretrained(cache, dtype=dtype).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(cache, dtype=dtype, use_safetensors=True).eval()
     return model, AutoTokenizer.from_pretrained(cache)
 
 
@@ -243,11 +246,13 @@ def cached_features(model, split: str) -> tuple[list[dict], torch.Tensor]:
     """(examples(split), their tower features [n, 65, 384]), computed once into the zoo cache."""
     from . import cache_dir
     items = examples(split)
-    path = cache_dir(NAME + "-features") / f"{split}-{len(items)}.pt"
+    # safetensors, never a pickle: whoever can write to the cache must not be able to run code here
+    from safetensors.torch import load_file, save_file
+    path = cache_dir(NAME + "-features") / f"{split}-{len(items)}.safetensors"
     if path.is_file():
-        return items, torch.load(path)
+        return items, load_file(str(path))["features"]
     feats = tower_features(model, [it["image"] for it in items])
-    atomic_write(path, lambda tmp: torch.save(feats, tmp))
+    atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp))
     return items, feats
 
 
