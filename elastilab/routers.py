@@ -17,10 +17,21 @@ class Router(nn.Module):
     def __init__(self, d: int, n_out: int = 1):
         super().__init__()
         self.proj = nn.Linear(d, n_out)
-        nn.init.normal_(self.proj.weight, std=d ** -0.5 * 0.1)
-        nn.init.zeros_(self.proj.bias)
         if n_out == 1:
             self.register_buffer("quantiles", torch.full((N_QUANTILES,), float("nan")))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Fresh initial weights and an empty calibration table, drawn from ``generator`` (on its
+        device: reproducible whatever the global RNG state) or else from the global RNG."""
+        w = self.proj.weight
+        device = w.device if generator is None else generator.device
+        w.copy_(torch.empty(w.shape, dtype=w.dtype, device=device).normal_(std=w.shape[1] ** -0.5 * 0.1,
+                                                                           generator=generator))
+        self.proj.bias.zero_()
+        if hasattr(self, "quantiles"):
+            self.quantiles.fill_(float("nan"))
 
     def forward(self, h: Tensor) -> Tensor:
         s = self.proj(h.to(self.proj.weight.dtype))

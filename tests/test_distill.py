@@ -1,15 +1,17 @@
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import elastilab as el
-from elastilab.distill import DistillConfig, kl_loss
+from elastilab.distill import DistillConfig, TrainingDiverged, kl_loss, lm_loss
 from model_cases import CASES
 
 HERE = Path(__file__).parent
@@ -77,3 +79,197 @@ def test_two_cpu_processes_train_the_same_routers_as_one(tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
         if not k.startswith("init.") and k.endswith("weight"):
             assert (one[k] - one["init." + k]).abs().max() > 1e-3  # the routers really trained
+
+
+# -- reproducible, resumable, safe training (issue 9: items 4, 8, 9, 11) --------------------------
+DATA = torch.randint(0, 101, (10, 12), generator=torch.Generator().manual_seed(1))  # 2 batches of 4 per epoch
+SAMPLED = dict(batch_size=4, lr=1e-2, seed=3, capacity_range=(0.3, 0.9), components_per_step=1, progress=False)
+
+
+def tiny_elastic(router_seed=0):
+    """The same tiny Llama every time; ``router_seed`` sets the global RNG elastify draws routers from."""
+    torch.manual_seed(0)
+    model = CASES["llama"]().model
+    torch.manual_seed(router_seed)
+    return el.elastify(model, el.ElasticConfig(mlp_tokens=0.5, attn_heads=0.5))
+
+
+def routers(em):
+    return {k: v.detach().clone() for k, v in em.router_state().items()}
+
+
+def assert_same_routers(a, b):
+    assert a.keys() == b.keys() and a
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit-identical (NaN: uncalibrated)
+
+
+def test_same_seed_gives_identical_routers_whatever_the_global_rng():
+    runs = []
+    for router_seed in (1, 2):  # e.g. the CLI: loading a model moves the global RNG differently
+        em = tiny_elastic(router_seed)
+        el.distill(em, DATA, steps=4, init_routers=True, **SAMPLED)
+        runs.append(routers(em))
+    assert_same_routers(runs[0], runs[1])
+    em = tiny_elastic(1)
+    el.distill(em, DATA, steps=4, init_routers=True, **{**SAMPLED, "seed": 4})
+    assert not torch.equal(routers(em)["1.mlp_tokens.proj.weight"], runs[0]["1.mlp_tokens.proj.weight"])
+
+
+@pytest.mark.parametrize("stop", [3, 4])  # mid-epoch, and at an epoch's end
+def test_resume_reaches_the_routers_of_an_uninterrupted_run(tmp_path, stop):
+    full = tiny_elastic()
+    full_log = el.distill(full, DATA, steps=7, init_routers=True, **SAMPLED)
+    ck = str(tmp_path / "ck")
+    el.distill(tiny_elastic(), DATA, steps=stop, init_routers=True, checkpoint_dir=ck, checkpoint_every=2, **SAMPLED)
+    resumed = tiny_elastic(router_seed=5)  # other routers: the checkpoint must bring them back
+    log = el.distill(resumed, DATA, steps=7, init_routers=True, checkpoint_dir=ck, checkpoint_every=2, resume=True,
+                     **SAMPLED)
+    assert_same_routers(routers(resumed), routers(full))
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"), full_log.drop(columns="seconds"))
+    assert json.loads((tmp_path / "ck" / "routers.json").read_text())["metadata"]["step"] == 7
+
+
+def test_resume_refuses_another_run_or_nothing_to_resume(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        el.distill(tiny_elastic(), DATA, steps=2, checkpoint_dir=str(ck), resume=True, **SAMPLED)
+    el.distill(tiny_elastic(), DATA, steps=2, checkpoint_dir=str(ck), **SAMPLED)
+    with pytest.raises(ValueError, match="other settings.*distill.lr: 0.01 then, 0.02 now"):
+        el.distill(tiny_elastic(), DATA, steps=4, checkpoint_dir=str(ck), resume=True, **{**SAMPLED, "lr": 2e-2})
+    with pytest.raises(ValueError, match="other settings.*data.sha256"):
+        el.distill(tiny_elastic(), DATA.flip(0), steps=4, checkpoint_dir=str(ck), resume=True, **SAMPLED)
+    with pytest.raises(ValueError, match="past steps=1"):
+        el.distill(tiny_elastic(), DATA, steps=1, checkpoint_dir=str(ck), resume=True, **SAMPLED)
+    other = el.elastify(CASES["llama"]().model, el.ElasticConfig(mlp_tokens=0.5, attn_heads=0.5))
+    with pytest.raises(ValueError, match="different model"):
+        el.distill(other, DATA, steps=4, checkpoint_dir=str(ck), resume=True, **SAMPLED)
+    state = load_file(ck / "trainer_state.safetensors")  # plain tensors, no pickle
+    assert {"rng.torch", "rng.data_epoch_start"} <= set(state) and any(k.startswith("optimizer.") for k in state)
+
+
+def test_bad_numbers_are_refused_when_the_config_is_made():
+    for name, value in [("temperature", float("nan")), ("temperature", 0.0), ("lr", float("inf")),
+                        ("lr", float("nan")), ("weight_decay", float("nan")), ("grad_clip", float("inf")),
+                        ("checkpoint_every", -1)]:
+        with pytest.raises(ValueError, match=name):
+            DistillConfig(**{name: value})
+    cfg = DistillConfig()
+    cfg.lr = float("inf")  # changed after it was made: distill checks its copy again
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
+        el.distill(tiny_elastic(), DATA, cfg)
+
+
+def poisoned(at_step, how):
+    """An LM loss that goes wrong from the ``at_step``-th call on."""
+    calls = []
+
+    def loss_fn(em, wrapped, batch, cfg):
+        calls.append(1)
+        loss, metrics = lm_loss(em, wrapped, batch, cfg)
+        if len(calls) >= at_step:
+            if how == "loss":
+                return loss * float("nan"), {**metrics, "kl": float("nan")}
+            w = em.router_parameters()[0]  # finite value, NaN gradient (the torch.where trap): like lr=inf
+            loss = loss + torch.where(w > 1e9, w.sqrt(), torch.zeros_like(w)).sum()
+        return loss, metrics
+    return loss_fn
+
+
+@pytest.mark.parametrize("how, message", [("loss", "at step 3: the loss is nan .*non-finite: kl=nan"),
+                                          ("weights", "at step 3: the update made router weights non-finite")])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, how, message):
+    em, ck = tiny_elastic(), tmp_path / "ck"
+    with pytest.raises(TrainingDiverged, match=message + ".*checkpoint of step 2 .* is kept"):
+        el.distill(em, DATA, steps=6, checkpoint_dir=str(ck), checkpoint_every=2, loss_fn=poisoned(3, how), **SAMPLED)
+    assert json.loads((ck / "routers.json").read_text())["metadata"]["step"] == 2
+    saved = load_file(ck / "routers.safetensors")
+    assert all(v.isfinite().all() for k, v in saved.items() if "quantiles" not in k)
+    assert load_file(ck / "trainer_state.safetensors")["routers.1.mlp_tokens.proj.weight"].isfinite().all()
+
+
+def test_checkpoint_folder_is_checked_before_step_1(tmp_path):
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return lm_loss(*args)
+
+    def train(folder, **kw):
+        return el.distill(tiny_elastic(), DATA, steps=2, checkpoint_dir=str(folder), loss_fn=counting, **{**SAMPLED, **kw})
+
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(a_file)
+    with pytest.raises(OSError, match="cannot write checkpoints to"):
+        train(a_file / "sub")  # cannot be created (as root, chmod would not block a write)
+    other = tmp_path / "other"  # another model's routers
+    el.elastify(CASES["gpt2"]().model, el.ElasticConfig(mlp_tokens=0.5)).save_routers(other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(ValueError, match="already holds a router checkpoint.*resume=True.*overwrite=True"):
+        train(other)
+    assert not calls and {p.name: p.read_bytes() for p in other.iterdir()} == before
+    train(other, overwrite=True)
+    assert json.loads((other / "routers.json").read_text())["model_class"] == "LlamaForCausalLM"
+    fresh = tmp_path / "fresh"
+    train(fresh, checkpoint_every=0)  # 0: only after the last step
+    assert json.loads((fresh / "routers.json").read_text())["metadata"]["step"] == 2
+    assert not [p for p in fresh.iterdir() if p.name.startswith(".")]  # the write probe is gone
+
+
+# -- the same through `elastilab train`, on the tiny Llama (no pretrained model is loaded) ----------
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path):
+    """cli.main with --model served by the tiny Llama (and a character tokenizer); returns (run, text)."""
+    import elastilab.cli as cli
+
+    def load_tiny(name):
+        torch.manual_seed(0)
+        model = CASES["llama"]().model
+        torch.manual_seed(len(calls))  # each load leaves the global RNG elsewhere, as real loads may
+        calls.append(name)
+        return model, lambda s: [ord(c) % 101 for c in s]
+
+    calls = []
+    monkeypatch.setattr(cli, "_load_lm", load_tiny)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    args = ["--text", str(text), "--mlp-tokens", "0.5", "--attn-heads", "0.5", "--capacity-range", "0.3", "0.9",
+            "--batch-size", "4", "--seq-len", "12", "--lr", "1e-2", "--calibration-blocks", "2"]
+    return (lambda *extra: cli.main(["train", *args, *extra])), calls
+
+
+def test_cli_train_repeats_and_resumes_exactly(tiny_cli, tmp_path):
+    run, _ = tiny_cli
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    assert run("--steps", "5", "--checkpoint-every", "2", "--out", a) == 0
+    assert run("--steps", "5", "--checkpoint-every", "2", "--out", b) == 0  # same seed: same routers
+    assert run("--steps", "3", "--checkpoint-every", "2", "--out", c) == 0  # "interrupted" after step 3
+    assert run("--steps", "5", "--checkpoint-every", "2", "--out", c, "--resume") == 0
+    first = load_file(Path(a) / "routers.safetensors")
+    for other in (b, c):
+        assert_same_routers(load_file(Path(other) / "routers.safetensors"), first)
+    assert pd.read_csv(Path(c) / "train_log.csv").step.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_cli_train_refuses_bad_settings_and_outputs_before_loading(tiny_cli, tmp_path, capsys):
+    run, loads = tiny_cli
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    done = tmp_path / "done"
+    el.elastify(CASES["gpt2"]().model, el.ElasticConfig(mlp_tokens=0.5)).save_routers(done)
+    for extra, message in [(["--temperature", "nan"], "temperature must be a finite number > 0, got nan"),
+                           (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+                           (["--out", str(a_file)], "is a file, not a folder"),
+                           (["--out", str(done)], "already holds a router checkpoint"),
+                           (["--resume"], "nothing to resume"),
+                           (["--resume", "--init-from", str(done)], "--resume continues the run in --out")]:
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "new")]
+        assert run(*extra, *out) == 2
+        assert message in capsys.readouterr().err
+    for extra in (["--checkpoint-every", "-1"], ["--resume", "--overwrite"]):
+        with pytest.raises(SystemExit) as exit_:
+            run(*extra, "--out", str(tmp_path / "new"))
+        assert exit_.value.code == 2
+    assert not loads  # every refusal came before the model was loaded
+    assert run("--steps", "1", "--out", str(done), "--overwrite") == 0
