@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import LAYER_COMPONENTS
+
 
 def _capacity(text: str) -> float:
     try:
@@ -23,15 +25,53 @@ def _capacity(text: str) -> float:
     return value
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low, e.g. ``type=_int_at_least(1)`` for a positive count."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its own messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default that is not None/False."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+_CAPACITY_HELP = {
+    "attn_tokens": "fraction of each block's tokens that enter attention, in (0, 1]; rounded up to whole tokens",
+    "mlp_tokens": "fraction of each block's tokens that enter the MLP, in (0, 1]; rounded up to whole tokens",
+    "attn_heads": "fraction of the query heads each token uses, in (0, 1]; rounded up to whole heads "
+                  "(0.9 of 9 heads computes all 9)",
+    "mlp_experts": "fraction of the MLP expert slices each token uses, in (0, 1]; rounded up to whole "
+                   "experts (0.9 of 8 experts computes all 8)",
+}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="offline default name, Hugging Face id or folder")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a causal language model: offline default name, Hugging Face id or folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--domain", help="a text domain shipped in data/text (licenses, pydocs)")
+    src.add_argument("--domain", help="a text domain shipped in data/text (licenses, pydocs; default pydocs)")
     src.add_argument("--text", type=Path, help="any UTF-8 text file")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=_int_at_least(2), default=128,
+                   help="tokens per block (at least 2: each block predicts its tokens 2..n)")
     for comp in LAYER_COMPONENTS:
         p.add_argument("--" + comp.replace("_", "-"), type=_capacity, metavar="C",
-                       help=f"capacity of {comp} in (0, 1]")
+                       help=_CAPACITY_HELP[comp])
 
 
 def _text(args) -> str:
@@ -47,24 +87,24 @@ def _capacities(args) -> dict:
 
 def cmd_train(args) -> int:
     import elastilab as el
+    from .distill import check_checkpoint_dir
     caps = _capacities(args)
     if not caps:
         raise SystemExit("elastilab train: give at least one capacity, e.g. --mlp-tokens 0.75 "
                          f"(components: {', '.join(LAYER_COMPONENTS)})")
-    model, tok = el.zoo.load(args.model)
-    if args.init_from:  # continue from saved routers (the optimizer state starts afresh)
+    _check_trainable(caps, args.capacity_range)
+    cfg = _train_config(args)
+    check_checkpoint_dir(cfg)  # --out is usable: checked before minutes go into loading and training
+    model, tok = _load_lm(args.model)
+    if args.init_from:  # start from saved routers (the optimizer state starts afresh)
         em = el.load_routers(model, args.init_from)
         em.set_capacity(**caps)
-    else:
+    else:  # fresh routers; distill draws them from --seed (init_routers), so runs repeat exactly
         em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition))
     print(em, file=sys.stderr)
     blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split="train")
-    t0 = time.perf_counter()
-    log = el.distill(em, blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     capacity_range=tuple(args.capacity_range) if args.capacity_range else None,
-                     components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
-                     checkpoint_every=args.checkpoint_every, temperature=args.temperature)
-    seconds = time.perf_counter() - t0
+    log = el.distill(em, blocks, cfg)
+    seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
     em.calibrate(blocks[: args.calibration_blocks])
     command = "elastilab " + " ".join(sys.argv[1:])
     em.save_routers(args.out, command=command, steps=args.steps, seconds=round(seconds, 1),
@@ -75,70 +115,242 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _train_config(args):
+    """The DistillConfig of ``elastilab train``; it refuses bad numbers (NaN/inf lr, temperature...)."""
+    from .distill import DistillConfig
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues the run in --out, --init-from starts a new one: give only one")
+    return DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                         seed=args.seed, capacity_range=tuple(args.capacity_range) if args.capacity_range else None,
+                         components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
+                         checkpoint_every=args.checkpoint_every, init_routers=args.init_from is None,
+                         resume=args.resume, overwrite=args.overwrite)
+
+
+def _load_lm(name: str):
+    """(causal LM, tokenizer) by name, refusing models the text commands cannot run."""
+    import elastilab as el
+    model, tok = el.zoo.load(name)
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError(f"this command takes causal language models (e.g. smollm2-135m), but {name!r} "
+                         f"is a {type(model).__name__}; image models such as dinov2-small are trained and "
+                         "evaluated with `python -m elastilab.vision`, tiny-llava with `python -m elastilab.vlm`")
+    return model, tok
+
+
+def _check_trainable(caps: dict, capacity_range) -> None:
+    """Routers learn from what they skip: at least one capacity (or the range's low end) must be below 1.0."""
+    low = capacity_range[0] if capacity_range else min(caps.values())
+    if low >= 1.0:
+        given = " ".join(f"--{c.replace('_', '-')} {v:g}" for c, v in caps.items())
+        raise ValueError(f"every capacity is 1.0 ({given}{' with --capacity-range 1 1' if capacity_range else ''}), "
+                         "so nothing is skipped and the routers get no training signal; give at least one "
+                         "component a capacity below 1.0, e.g. --mlp-tokens 0.75, or --capacity-range 0.5 1.0")
+
+
+def _recommended_capacities(path: Path) -> dict | None:
+    """The operating point stored as "recommended_capacities" in <path>/routers.json, if any."""
+    from .elastic import META_FILE
+    meta = json.loads((Path(path) / META_FILE).read_text())
+    rec = meta.get("recommended_capacities") if isinstance(meta, dict) else None
+    if rec is not None and not (isinstance(rec, dict) and rec):
+        raise ValueError(f"{Path(path) / META_FILE}: recommended_capacities must be a non-empty "
+                         f"{{component: capacity}} object, got {rec!r}")
+    return rec
+
+
+def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
+    """What the capacities select, in whole tokens / heads / experts: (lines, warnings)."""
+    from .config import TOKEN_COMPONENTS
+    from .routing import n_kept
+    lines, warnings = [], []
+    threshold = em.elastic_config.mode == "threshold"
+    for comp, cap in em.capacities.items():
+        block = next((b for b in em.blocks if comp in b.routers), None)
+        if block is None:
+            continue
+        if cap >= 1.0:
+            lines.append(f"{comp} 1 -> dense")
+            continue
+        if comp in TOKEN_COMPONENTS:
+            if threshold:
+                lines.append(f"{comp} {cap:g} -> tokens whose score passes the threshold calibrated for "
+                             f"{cap:.0%} (the fraction computed is in measured_capacities)")
+                continue
+            always = min(seq_len, block.adapter.block_spec(block.base_layer, block.layer_idx).n_protected)
+            k, n, unit = always + n_kept(cap, seq_len - always), seq_len, f"tokens per {seq_len}-token block"
+            if always:
+                unit += f" (the first {always} always computed)"
+        else:
+            n = block.routers[comp].proj.out_features  # one score per head / expert
+            k, unit = n_kept(cap, n), ("heads" if comp == "attn_heads" else "experts") + " per token"
+        line = f"{comp} {cap:g} -> {k}/{n} {unit}"
+        lines.append(line)
+        if k == n:
+            below = math.floor((n - 1) / n * 1000) / 1000
+            warnings.append(f"{line}: nothing skipped (capacities round up to whole {unit.split()[0]}; "
+                            f"{below:g} or less skips one)")
+    return lines, warnings
+
+
+@contextmanager
+def _measured_capacities(em):
+    """Yields a dict filled, once the block exits, with the fraction of tokens / heads / experts the
+    routed forwards run inside really computed, per component (mean over elastic layers and batches)."""
+    from .routing import n_kept
+    sums: dict[str, list[float]] = {}
+
+    def record(block, args, output):
+        if not block.enabled:  # the teacher pass
+            return
+        c = block.counts
+        for comp in block.routers:
+            if comp in ("attn_tokens", "mlp_tokens"):
+                frac = c["attn_rows" if comp == "attn_tokens" else "mlp_rows"] / (c["B"] * c["T"])
+            else:
+                n = block.routers[comp].proj.out_features
+                frac = n_kept(block.capacity[comp], n) / n
+            total = sums.setdefault(comp, [0.0, 0])
+            total[0] += frac
+            total[1] += 1
+
+    measured: dict[str, float] = {}
+    handles = [b.register_forward_hook(record) for b in em.blocks]
+    try:
+        yield measured
+    finally:
+        for h in handles:
+            h.remove()
+        measured.update({comp: round(s / n, 4) for comp, (s, n) in sums.items()})
+
+
+def _json_safe(obj):
+    """NaN and inf become null: the printed JSON stays valid."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def cmd_eval(args) -> int:
     import elastilab as el
-    model, tok = el.zoo.load(args.model)
+    from .config import TOKEN_COMPONENTS
+    model, tok = _load_lm(args.model)
+    caps, where = _capacities(args), "the command line"
     if args.routers:
         em = el.load_routers(model, args.routers)
+        if caps:
+            source = "from the command line; the other components run dense"
+        elif rec := _recommended_capacities(args.routers):
+            caps, where = rec, f"{args.routers}: recommended_capacities"
+            source = f"the recommended operating point stored in {args.routers}"
+        else:
+            source = (f"the capacities {args.routers} was trained at (it stores no recommended_capacities); "
+                      "give capacities to choose others")
     else:
-        caps = _capacities(args)
         if not caps:
             raise SystemExit("elastilab eval: give --routers DIR or at least one capacity")
         em = el.elastify(model, el.ElasticConfig(**caps))
-    overrides = _capacities(args)
-    if overrides:  # the capacities given on the command line; the other components run dense
-        em.set_capacity(**{**{c: 1.0 for c in em.capacities}, **overrides})
+        source = "from the command line; fresh, untrained routers"
+    if caps:  # the chosen capacities; the other components run dense
+        try:
+            em.set_capacity(**{**{c: 1.0 for c in em.capacities}, **caps})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
     if args.mode:
         em.set_mode(args.mode)
-    blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split=args.split)[: args.blocks]
-    result = el.evaluate(em, blocks)
+    if em.elastic_config.mode == "threshold":
+        missing = sorted({c for b in em.blocks for c, r in b.routers.items()
+                          if c in TOKEN_COMPONENTS and b.capacity[c] < 1.0 and not r.calibrated})
+        if missing:
+            why = "this checkpoint was saved uncalibrated" if args.routers else "fresh routers: no --routers given"
+            raise ValueError(f"--mode threshold needs token routers calibrated on sample text, and the "
+                             f"{', '.join(missing)} routers are not ({why}); use --mode topk, or --routers DIR "
+                             "written by `elastilab train` (which calibrates them)")
+    print(f"elastilab eval: capacities {', '.join(f'{c}={v:g}' for c, v in em.capacities.items())}, "
+          f"mode {em.elastic_config.mode} ({source})", file=sys.stderr)
+    lines, warnings = _selection(em, args.seq_len)
+    for line in lines:
+        print(f"elastilab eval:   {line}", file=sys.stderr)
+    for line in warnings:
+        print(f"elastilab eval: warning: {line}", file=sys.stderr)
+    blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split=args.split)
+    if args.blocks > len(blocks):
+        print(f"elastilab eval: note: --blocks {args.blocks}, but the {args.split} split has only {len(blocks)} "
+              f"blocks of {args.seq_len} tokens; evaluating {len(blocks)}", file=sys.stderr)
+    blocks = blocks[: args.blocks]
+    with _measured_capacities(em) as measured:
+        result = el.evaluate(em, blocks)
     report = em.compute_report(blocks[:1])
     result["compute_fraction"] = {row.part: round(float(row.fraction), 4) for row in report.itertuples()}
-    result["capacities"] = em.capacities
+    result["requested_capacities"] = em.capacities
+    result["measured_capacities"] = measured
     result["mode"] = em.elastic_config.mode
+    result = _json_safe(result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, allow_nan=False))
     else:
         for k, v in result.items():
-            print(f"{k:>18}: {v}")
+            print(f"{k:>20}: {v}")
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="elastilab", description="Elastic pretrained Transformers (ElastiFormer)")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train routers by self-distillation")
+    t = sub.add_parser("train", help="train routers by self-distillation", formatter_class=_HelpFormatter)
     _common(t)
-    t.add_argument("--out", type=Path, required=True, help="folder for routers.safetensors/json and the log")
+    t.add_argument("--out", type=Path, required=True,
+                   help="folder for routers.safetensors/json, the trainer state and the log; one that already "
+                        "holds routers takes --resume or --overwrite")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--temperature", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial routers, the data order and the capacity draws: same seed, same routers")
     t.add_argument("--n-experts", type=int, default=8)
     t.add_argument("--partition", choices=("contiguous", "clustered"), default="contiguous")
     t.add_argument("--capacity-range", type=_capacity, nargs=2, metavar=("LOW", "HIGH"),
                    help="sample capacities from [LOW, HIGH] each step (one router set for the whole slider)")
     t.add_argument("--components-per-step", type=int, default=None,
                    help="route only this many (random) components per step, the others dense")
-    t.add_argument("--checkpoint-every", type=int, default=25)
+    t.add_argument("--checkpoint-every", type=_int_at_least(0), default=25,
+                   help="save routers and trainer state every N steps and after the last (0: only after the last)")
     t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
-    t.add_argument("--calibration-blocks", type=int, default=16, help="blocks used to calibrate threshold mode")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --out from its last checkpoint, to the routers an "
+                            "uninterrupted run reaches: give the same options (a larger --steps extends it)")
+    again.add_argument("--overwrite", action="store_true", help="replace the router checkpoint already in --out")
+    t.add_argument("--calibration-blocks", type=_positive_int, default=16,
+                   help="blocks used to calibrate threshold mode")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="perplexity, KL, agreement and compute vs the teacher")
+    e = sub.add_parser("eval", help="perplexity, KL, agreement and compute vs the teacher",
+                       formatter_class=_HelpFormatter)
     _common(e)
-    e.add_argument("--routers", type=Path, help="a folder written by `elastilab train`")
-    e.add_argument("--split", choices=("train", "eval", "all"), default="eval")
-    e.add_argument("--blocks", type=int, default=8)
-    e.add_argument("--mode", choices=("topk", "threshold"))
+    e.add_argument("--routers", type=Path, help="a folder written by `elastilab train`; without capacities, "
+                   "its recommended_capacities (else the capacities it was trained at) are used")
+    e.add_argument("--split", choices=("train", "eval", "all"), default="eval",
+                   help="part of the text: eval = the last 10%% (cut at a line start), train = the rest, all")
+    e.add_argument("--blocks", type=_positive_int, default=8,
+                   help="number of blocks to evaluate (fewer if the split is shorter)")
+    e.add_argument("--mode", choices=("topk", "threshold"),
+                   help="token selection: top-k per block, or calibrated per-layer thresholds (causal); "
+                        "default: the routers' own mode (topk for fresh routers)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
     from .bench import add_bench_parser
     add_bench_parser(sub)  # elastilab bench speed | mlp | profile, defined in bench.py
+    from .commands import add_parsers
+    add_parsers(sub)  # elastilab frontier | report, defined in commands.py
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, ModuleNotFoundError, RuntimeError) as exc:
         print(f"elastilab {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -90,8 +90,12 @@ def token_blocks(tokenizer, s: str, seq_len: int, n_blocks: int | None = None, s
     available = ids.numel() // seq_len
     n = available if n_blocks is None else n_blocks
     if not 1 <= n <= available:
-        raise ValueError(f"asked for {n_blocks} blocks of {seq_len} tokens but the {split} split has "
-                         f"{ids.numel()} tokens ({available} blocks); use a smaller seq_len or n_blocks")
+        part = {"all": "the text", "train": f"the train split (the first {1 - eval_fraction:.0%} of the text)",
+                "eval": f"the eval split (the last {eval_fraction:.0%} of the text)"}[split]
+        asked = "one block" if n_blocks is None else f"{n_blocks} blocks"
+        raise ValueError(f"asked for {asked} of {seq_len} tokens but {part} has {ids.numel()} tokens "
+                         f"({available} blocks); use a longer text, a smaller seq_len"
+                         f"{'' if n_blocks is None else ' or fewer blocks'}")
     return ids[: n * seq_len].view(n, seq_len)
 
 

@@ -14,9 +14,21 @@ from torch import nn
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
-from .files import atomic_write
+from .files import atomic_files, current_files
 
 ROUTERS_FILE, META_FILE = "routers.safetensors", "routers.json"
+CHECKPOINT_TAG = "routers"  # names the pair's temporary files: .routers.*.tmp, .routers.pending
+
+
+def layer_indices(indices, n: int, what: str) -> set[int]:
+    """Layer indices (negative ones count from the end) as a set in [0, n); out of range raises."""
+    out = set()
+    for i in indices:
+        if not -n <= i < n:
+            raise ValueError(f"{what} names layer {i}, but the model has {n} layers "
+                             f"(allowed: 0..{n - 1}, or -{n}..-1 from the end)")
+        out.add(i % n)
+    return out
 
 
 class ElasticModel(nn.Module):
@@ -33,11 +45,17 @@ class ElasticModel(nn.Module):
         if unsupported:
             raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
                              f"supported components: {', '.join(self.adapter.components)}")
-        for p in model.parameters():
-            p.requires_grad_(False)
         layers = self.adapter.layers(model)
+        if any(isinstance(m, ElasticBlock) for m in layers):
+            raise TypeError("model is already elastic (its layers are ElasticBlocks); call .unelastify() on "
+                            "the ElasticModel that wraps it first to re-wrap it")
         n = len(layers)
-        dense = {i % n for i in config.dense_layers}
+        if n == 0 and layer_comps:
+            raise ValueError(f"{type(model).__name__} has no layers to make elastic")
+        dense = layer_indices(config.dense_layers, n, "dense_layers")
+        for comp, kept in config.keep_dense.items():
+            layer_indices(kept, n, f"keep_dense[{comp!r}]")
+        wrapped = {}  # built first: the caller's model is touched only once every block was made
         for i in range(n):
             comps = {c: getattr(config, c) for c in layer_comps}
             if self.adapter.causal and i == 0:
@@ -48,9 +66,13 @@ class ElasticModel(nn.Module):
             order = None
             if "mlp_experts" in comps and config.expert_partition == "clustered":
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
-            layers[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
-        if layer_comps and not self.blocks:  # (a VLM may route only its visual tokens)
+            wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
+        if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
             raise ValueError("no layer was made elastic: every layer is in dense_layers")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, block in wrapped.items():
+            layers[i] = block
         for p in self.router_parameters():
             p.requires_grad_(True)
         if config.keep_dense:
@@ -61,6 +83,10 @@ class ElasticModel(nn.Module):
         check = getattr(self.adapter, "check_inputs", None)  # e.g. ViTs: image size and channels
         if check is not None:
             check(self.model, args, kwargs)
+        scorer = self.scorer
+        if scorer is not None and hasattr(scorer, "before_forward") and not torch.is_grad_enabled() \
+                and any(b.enabled for b in self.blocks):
+            scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -117,13 +143,16 @@ class ElasticModel(nn.Module):
         SmolLM2-135M costs most in layers 0, 1 and the last two (notebooks/01_language.ipynb):
         ``em.keep_dense(mlp_tokens=(0, 1, -2, -1), attn_tokens=(0, 1, -2, -1))``."""
         keep = {**self.elastic_config.keep_dense, **check_keep_dense(layers, self.elastic_config.components)}
+        n = len(self.adapter.layers(self.model))
+        for comp, kept in keep.items():
+            layer_indices(kept, n, f"keep_dense[{comp!r}]")
         self.elastic_config.keep_dense = {c: v for c, v in keep.items() if v}
         self.set_capacity(**{c: getattr(self.elastic_config, c) for c in layers})
         return self
 
     def _kept_dense(self, component: str) -> set[int]:
         n = len(self.adapter.layers(self.model))
-        return {i % n for i in self.elastic_config.keep_dense.get(component, ())}
+        return layer_indices(self.elastic_config.keep_dense.get(component, ()), n, f"keep_dense[{component!r}]")
 
     def set_mode(self, mode: str) -> "ElasticModel":
         ElasticConfig.from_dict({**self.elastic_config.to_dict(), "mode": mode})  # validates
@@ -150,6 +179,34 @@ class ElasticModel(nn.Module):
             yield self
         finally:
             self.set_capacity(**old)
+
+    @property
+    def scorer(self):
+        """The selection method in use: None for the learned routers (see ``scoring``)."""
+        blocks = self.blocks
+        return blocks[0].scoring.scorer if blocks else None
+
+    @contextmanager
+    def scoring(self, scorer="learned"):
+        """Choose with another selection method than the routers, e.g. ``with em.scoring("oracle"):``
+        (names in ``elastilab.scorers.SCORERS``, or a ``Scorer`` instance). Yields the scorer."""
+        from .scorers import get_scorer
+        s = get_scorer(scorer)
+        if s is not None:
+            for comp in self.elastic_config.components:
+                if comp in LAYER_COMPONENTS and self.capacities[comp] < 1.0:
+                    s.check(self, comp)
+            if self.elastic_config.mode != "topk":
+                raise ValueError(f"scorer {s.name!r} chooses by top-k; set_mode('topk') first (threshold "
+                                 "mode needs calibrated routers)")
+        old = [b.scoring.scorer for b in self.blocks]
+        for b in self.blocks:
+            b.scoring.scorer = s
+        try:
+            yield s
+        finally:
+            for b, o in zip(self.blocks, old):
+                b.scoring.scorer = o
 
     @contextmanager
     def routers_disabled(self):
@@ -212,15 +269,15 @@ class ElasticModel(nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
-        """Write routers.safetensors + routers.json into the folder ``path`` (atomically)."""
+        """Write routers.safetensors + routers.json into the folder ``path``, as a pair: a reader
+        (or a run killed mid-save) sees both old files or both new ones (``files.atomic_files``)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
                 "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
                 **self.parameter_summary(), "metadata": metadata}
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.router_state().items()}
-        atomic_write(path / ROUTERS_FILE, lambda f: save_file(tensors, f))
-        atomic_write(path / META_FILE, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
+        atomic_files(path, {ROUTERS_FILE: lambda f: save_file(tensors, f),
+                            META_FILE: lambda f: Path(f).write_text(json.dumps(meta, indent=2))}, tag=CHECKPOINT_TAG)
         return path
 
     def compute_report(self, *args, **kwargs):
@@ -240,44 +297,110 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
     return getattr(find_adapter(model), "elastic_class", ElasticModel)(model, config)  # e.g. vlm.ElasticLlava
 
 
-def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
-    """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(routers.json as a dict, routers.safetensors as tensors) of the checkpoint folder ``path``,
+    validated: readable, the metadata keys present, every tensor floating point and finite."""
     path = Path(path)
-    if not (path / META_FILE).exists() or not (path / ROUTERS_FILE).exists():
+    files = current_files(path, (ROUTERS_FILE, META_FILE), tag=CHECKPOINT_TAG)
+    if not all(f.is_file() for f in files.values()):
         raise FileNotFoundError(f"{path} holds no router checkpoint (expected {ROUTERS_FILE} and {META_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
-    found = fingerprint(model)
-    if strict_fingerprint and meta["fingerprint"] != found:
-        raise ValueError(
-            f"the routers in {path} were trained for a different model: {meta['model_class']} with "
-            f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
-            f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
-    em = elastify(model, ElasticConfig.from_dict(meta["elastic_config"]))
-    state = load_file(str(path / ROUTERS_FILE))
-    own = em.router_state()
-    if set(state) != set(own):
-        raise ValueError(f"router checkpoint {path} does not match the elastic layout "
-                         f"(missing {sorted(set(own) - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]})")
-    with torch.no_grad():
+    try:
+        meta = json.loads(files[META_FILE].read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / META_FILE} is not valid JSON ({e}); save the routers again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / META_FILE} must hold a JSON object, got a {type(meta).__name__}")
+    missing = [k for k in ("elastic_config", "fingerprint") if k not in meta]
+    if missing:
+        raise ValueError(f"{path / META_FILE} lacks {missing}: it was not written by ElasticModel.save_routers")
+    if not isinstance(meta["elastic_config"], dict) or not isinstance(meta["fingerprint"], str):
+        raise ValueError(f"{path / META_FILE}: elastic_config must be an object and fingerprint a string")
+    try:
+        state = load_file(str(files[ROUTERS_FILE]))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{path / ROUTERS_FILE} is not a readable safetensors file ({e}); "
+                         "save the routers again") from None
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise ValueError(f"router tensor {k!r} in {path / ROUTERS_FILE} is {v.dtype}, not floating point")
+        finite = torch.isfinite(v)
+        # a token router's quantile table is NaN until calibrate() fills it (all of it, or none)
+        if not (finite.all() or (k.endswith("quantiles") and torch.isnan(v).all())):
+            raise ValueError(f"router tensor {k!r} in {path / ROUTERS_FILE} holds NaN or infinite values "
+                             "(training diverged?); these routers cannot be used")
+    return meta, state
+
+
+def config_of(meta: dict, path, **overrides) -> ElasticConfig:
+    try:
+        return ElasticConfig.from_dict({**meta["elastic_config"], **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{Path(path) / META_FILE} holds an invalid elastic_config: {e}") from None
+
+
+def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torch.Tensor], path,
+                  select=lambda name: True) -> ElasticModel:
+    """``elastify(model, config)`` with its routers (those ``select`` names) set from ``state``,
+    whose names and shapes must match exactly; on any failure the model is left as it was."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    em = elastify(model, config)
+    try:
+        own = {k: v for k, v in em.router_state().items() if select(k)}
+        if set(state) != set(own):
+            raise ValueError(
+                f"router checkpoint {path} does not match the elastic layout of this model (missing "
+                f"{sorted(set(own) - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]})")
         for k, v in own.items():
-            v.copy_(state[k])
+            if state[k].shape != v.shape:
+                raise ValueError(f"router tensor {k!r} in {Path(path) / ROUTERS_FILE} has shape "
+                                 f"{list(state[k].shape)}, but this model needs {list(v.shape)}")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+    except BaseException:
+        em.unelastify()
+        for p, g in grads:
+            p.requires_grad_(g)
+        raise
     return em
 
 
+def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
+    """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model.
+    Everything is checked before the model is changed: on any error it is left as it was."""
+    path = Path(path)
+    if isinstance(model, ElasticModel):
+        raise TypeError("model is already elastic; call .unelastify() first to load other routers into it")
+    meta, state = read_checkpoint(path)
+    config = config_of(meta, path)
+    found = fingerprint(model)
+    if strict_fingerprint and meta["fingerprint"] != found:
+        raise ValueError(
+            f"the routers in {path} were trained for a different model: {meta.get('model_class', '?')} with "
+            f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
+            f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
+    return elastify_with(model, config, state, path)
+
+
+#: values sampled from every parameter tensor for the fingerprint
+FINGERPRINT_SAMPLES = 64
+
+
 def fingerprint(model: nn.Module) -> str:
-    """A short hash of the architecture and of sampled base weights (routers excluded)."""
+    """A short hash of the architecture (every parameter's name and shape) and of the signs of
+    values sampled from every parameter tensor (routers excluded). Signs survive a cast to any
+    float dtype (a bf16 or fp16 copy is the same model), while a layer replaced, zeroed or
+    retrained changes them; the values themselves would not survive rounding."""
     if isinstance(model, ElasticModel):
         model = model.model
     params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if ".routers." not in n]
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(json.dumps([(n, list(p.shape)) for n, p in params]).encode())
-    sample = [params[0][1], params[len(params) // 2][1], params[-1][1]]
-    if all(p.detach().flatten()[:8192].float().std() == 0 for p in sample):
-        # all three are constant (e.g. a fresh ViT-MAE: zero CLS token and biases): add the largest
-        # weight, so different models still differ (hashes of other models are unchanged)
-        sample.append(max((p for _, p in params), key=lambda p: p.numel()))
-    for p in sample:
-        h.update(p.detach().flatten()[:8192].float().cpu().numpy().tobytes())
+    for _, p in params:
+        flat = p.detach().reshape(-1)
+        k = min(flat.numel(), FINGERPRINT_SAMPLES)  # evenly spaced, in integers (float32 rounds)
+        idx = torch.arange(k, device=flat.device) * max(flat.numel() - 1, 0) // max(k - 1, 1)
+        h.update(torch.sign(flat[idx].float()).to(torch.int8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 

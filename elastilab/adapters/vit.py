@@ -23,6 +23,16 @@ def gelu_kind(act: nn.Module, where: str) -> str:
                      "(exact or tanh). SwiGLU MLPs (e.g. dinov2 giant) are not supported yet")
 
 
+def check_finite(x, name: str) -> None:
+    """Refuse image tensors holding NaN or inf (they would spread through every token silently)."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        images = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name}: the image tensor holds {int(bad.sum())} NaN or inf values (in image"
+                         f"{'s' if len(images) > 1 else ''} {', '.join(map(str, images[:5]))}"
+                         f"{', ...' if len(images) > 5 else ''}); check how the pixels were produced")
+
+
 def check_image(x, channels: int, patch: tuple[int, int], fixed: tuple[int, int] | None, name: str) -> None:
     """Clear errors for pixel tensors the model cannot take (before timm/transformers fail deep inside)."""
     if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
@@ -32,6 +42,7 @@ def check_image(x, channels: int, patch: tuple[int, int], fixed: tuple[int, int]
     if x.shape[1] != channels:
         raise ValueError(f"{name} expects {channels} channels, got an image tensor of shape {tuple(x.shape)} "
                          f"({x.shape[1]} channels); gray images must be repeated to {channels} channels")
+    check_finite(x, name)
     H, W = x.shape[-2:]
     if fixed is not None and (H, W) != tuple(fixed):
         raise ValueError(f"{name} has a fixed input size {fixed[0]}x{fixed[1]}, got {H}x{W}; resize the "
