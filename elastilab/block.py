@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .routers import Router
+from .scorers import Candidates, Scoring
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
                       hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)
 
@@ -36,6 +37,7 @@ class ElasticBlock(nn.Module):
         self.enabled = True
         self.attn = RoutedAttention(layer_idx)
         self.mlp = RoutedMLP()
+        self.scoring = Scoring()  # another selection method than the routers (ElasticModel.scoring)
         if unit_order is not None:  # clustered experts: the MLP with its hidden units reordered
             self.register_buffer("unit_order", unit_order, persistent=False)
         else:
@@ -44,13 +46,23 @@ class ElasticBlock(nn.Module):
         self.counts: dict = {}  # sizes the last forward computed, for the analytic FLOP count
         #: training: forward values of the routed path, gradients for unchosen rows too (see estimate)
         self.estimator = False
+        #: {} while Taylor scores are measured: estimate() runs dense with all-ones gates it stores here
+        self.probe: dict | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _active(self, comp: str) -> bool:
         return comp in self.routers and self.capacity[comp] < 1.0
 
-    def _token_keep(self, comp: str, h: Tensor, n_protected: int) -> tuple[Tensor, Tensor]:
-        scores = self.routers[comp](h)
+    def _scores(self, comp: str, h: Tensor, rows: Tensor, **where) -> Tensor:
+        """Scores of the candidates of ``comp`` for the rows h: the router's, or the scorer's."""
+        if self.scoring.scorer is None:
+            return self.routers[comp](h)
+        return self.scoring(Candidates(self, comp, h, rows, **where))
+
+    def _token_keep(self, comp: str, h: Tensor, n_protected: int, **where) -> tuple[Tensor, Tensor]:
+        B, T = h.shape[:2]
+        rows = torch.arange(B * T, device=h.device).view(B, T)
+        scores = self._scores(comp, h, rows, **where)
         threshold = None
         if self.mode == "threshold":
             router = self.routers[comp]
@@ -98,7 +110,7 @@ class ElasticBlock(nn.Module):
         # attention sub-layer: chosen tokens (all, padded to the longest row) and chosen heads
         h = spec.attn_norm(x)
         if self._active("attn_tokens"):
-            scores, keep = self._token_keep("attn_tokens", h, protected)
+            scores, keep = self._token_keep("attn_tokens", h, protected, pos=pos, rope=rope)
             idx, valid = keep_to_index(keep)
             take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
             h, pos, gate = take(h), take(pos), straight_through(take(scores))
@@ -110,7 +122,8 @@ class ElasticBlock(nn.Module):
             pad_mask = pad_mask[:, 0] if take is None else take(pad_mask[:, 0])
         heads = None
         if self._active("attn_heads"):
-            hs = self.routers["attn_heads"](h)
+            rows = (pos - start) + T * torch.arange(B, device=x.device)[:, None]  # each row's place in B x T
+            hs = self._scores("attn_heads", h, rows, pos=pos, rope=rope, valid=valid)
             heads = choose_slots(hs, self.capacity["attn_heads"])
             self.aux["attn_heads"] = (hs[valid], heads[0][valid])
             # (token, head) pairs computed: per head, every batch row is padded to the row that
@@ -138,7 +151,7 @@ class ElasticBlock(nn.Module):
             h, gate = h_all[rows], straight_through(scores.reshape(-1)[rows])
         experts = None
         if self._active("mlp_experts"):
-            es = self.routers["mlp_experts"](h)
+            es = self._scores("mlp_experts", h, torch.arange(B * T, device=x.device) if rows is None else rows)
             experts = choose_slots(es, self.capacity["mlp_experts"])
             self.aux["mlp_experts"] = (es, experts[0])
             counts["expert_pairs"] = experts[0].numel()
@@ -158,20 +171,30 @@ class ElasticBlock(nn.Module):
         exactly 0), but skipped tokens / heads / slices are computed too and multiplied by a gate
         that is 0 in value and has the straight-through gradient. So each router learns from what
         every candidate *would* contribute, not only from the ones it already picked (with
-        gradients only on chosen rows, the ranking barely moves from its random start)."""
+        gradients only on chosen rows, the ranking barely moves from its random start).
+
+        With ``self.probe`` set (a dict), nothing is chosen: every candidate is computed with a gate
+        of exactly 1, a leaf stored in the dict, whose gradient is a first-order (Taylor) estimate of
+        what removing that candidate would change (``scorers.Taylor``)."""
         spec = self._spec()
         B, T, d = x.shape
         self.aux = {}
         pos = torch.arange(T, device=x.device).expand(B, T)
         if rope is not None:
             rope = tuple(r.expand(B, -1, -1) for r in rope)
+        sizes = {"attn_tokens": (B, T), "attn_heads": (B, T, spec.attn.n_heads),
+                 "mlp_tokens": (B * T,), "mlp_experts": (B * T, self.n_experts)}
+        probe = {c: torch.ones(sizes[c], device=x.device, requires_grad=True)
+                 for c in self.routers} if self.probe is not None else {}
+        if self.probe is not None:
+            self.probe.update(probe)
         h = spec.attn_norm(x)
-        key_idx = tok_gate = head_gates = None
-        if self._active("attn_tokens"):
+        key_idx, tok_gate, head_gates = None, probe.get("attn_tokens"), probe.get("attn_heads")
+        if self._active("attn_tokens") and not probe:
             scores, keep = self._token_keep("attn_tokens", h, min(T, spec.n_protected))
             key_idx = keep_to_index(keep)[0]  # top-k: the same count in every row, no padding
             tok_gate = hard_gates(keep, scores)
-        if self._active("attn_heads"):
+        if self._active("attn_heads") and not probe:
             hs = self.routers["attn_heads"](h)
             ids = choose_slots(hs, self.capacity["attn_heads"])[0]
             self.aux["attn_heads"] = (hs.reshape(B * T, -1), ids.reshape(B * T, -1))
@@ -182,11 +205,11 @@ class ElasticBlock(nn.Module):
         x = x + (y if tok_gate is None else y * tok_gate[..., None])
 
         h = spec.mlp_norm(x).reshape(B * T, d)
-        tok_gate = unit_gates = None
-        if self._active("mlp_tokens"):
+        tok_gate, unit_gates = probe.get("mlp_tokens"), probe.get("mlp_experts")
+        if self._active("mlp_tokens") and not probe:
             scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), min(T, spec.n_protected))
             tok_gate = hard_gates(keep, scores).reshape(B * T)
-        if self._active("mlp_experts"):
+        if self._active("mlp_experts") and not probe:
             es = self.routers["mlp_experts"](h)
             ids = choose_slots(es, self.capacity["mlp_experts"])[0]
             self.aux["mlp_experts"] = (es, ids)

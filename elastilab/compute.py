@@ -50,6 +50,8 @@ def analytic_block_flops(block) -> dict[str, int]:
     bt = c["B"] * c["T"]
     sizes = {"attn_tokens": bt, "mlp_tokens": bt, "attn_heads": c["attn_rows_padded"], "mlp_experts": c["mlp_rows"]}
     routers = sum(2 * sizes[k] * d * r.proj.out_features for k, r in block.routers.items() if block._active(k))
+    if block.scoring.scorer is not None:  # another method chose: its work is only measured
+        routers = 0
     return {"attention": attn, "mlp": mlp, "routers": routers}
 
 
@@ -57,16 +59,27 @@ def measure_flops(em, *args, **kwargs) -> dict[str, int]:
     """Run ``em(*args, **kwargs)`` under the FLOP counter; split the count by sub-layer."""
     names = {id(m): n for n, m in em.model.named_modules()}
     prefix = type(em).__name__ + ".model."
+    scorer = getattr(em, "scorer", None)
+    if hasattr(scorer, "before_forward"):  # an oracle's preparation (Taylor scores) is not counted
+        with torch.no_grad():
+            scorer.before_forward(em, args, kwargs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         em(*args, **kwargs)
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
     out = {"attention": 0, "mlp": 0, "routers": 0, "analytic_attention": 0, "analytic_mlp": 0,
-           "analytic_routers": 0, "total": counts.get("Global", 0)}
+           "analytic_routers": 0, "oracle": 0, "total": counts.get("Global", 0)}
     for b in em.blocks:
         name = prefix + names[id(b)]
         out["attention"] += counts.get(name + ".attn", 0)
         out["mlp"] += counts.get(name + ".mlp", 0)
         out["routers"] += sum(v for k, v in counts.items() if k.startswith(name + ".routers.") and k.count(".") == name.count(".") + 2)
+        # another selection method (ElasticModel.scoring): a real method's work counts as routing
+        # work; an oracle's is left out of the total (it is a ceiling for analysis, not a method)
+        scoring = counts.get(name + ".scoring", 0)
+        counted = b.scoring.scorer is None or b.scoring.scorer.counted
+        out["routers" if counted else "oracle"] += scoring
+        if not counted:
+            out["total"] -= scoring
         for k, v in analytic_block_flops(b).items():
             out["analytic_" + k] += v
     return out

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels.head_attention import head_routed_attention
-from .spec import ACTIVATIONS, AttnWeights, BlockSpec, MLPWeights, mlp_forward
+from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_hidden
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
 
@@ -172,11 +172,7 @@ def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: T
 def estimator_mlp(w: MLPWeights, h: Tensor, unit_gates: Tensor | None) -> Tensor:
     """Training estimator of expert routing: the dense MLP with each hidden unit scaled by its
     expert's gate (1/0 in value, straight-through gradient); unit_gates [n, E]."""
-    act = ACTIVATIONS[w.act]
-    if w.kind == "swiglu":
-        hidden = act(F.linear(h, w.w_gate)) * F.linear(h, w.w_in, w.b_in)
-    else:
-        hidden = act(F.linear(h, w.w_in, w.b_in))
+    hidden = mlp_hidden(w, h)
     if unit_gates is not None:
         hidden = hidden * unit_gates.repeat_interleave(w.width // unit_gates.shape[-1], -1).to(hidden.dtype)
     y = F.linear(hidden, w.w_out)

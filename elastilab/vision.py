@@ -13,15 +13,16 @@ Loss (student vs teacher = the same model with routers disabled): ``cos_weight *
 ``kl_weight * KL(teacher || student)`` on the probe's (or the model's own head's) logits.
 It runs in distill.py's loop (same capacities, sampling, logs and checkpoints as the LMs).
 
-Baselines at matched measured compute: ``random_routing`` (random scores, same capacities) and the
-training-free ``cls_attention_routing`` (tokens ranked by the attention the CLS token pays them in
-that layer, computed from the layer's own frozen q/k weights; its cost is measured as router FLOPs).
+Baselines at matched measured compute come from the scorer registry (``elastilab.scorers``):
+``with em.scoring("random")``, ``"cls_attention"`` (tokens ranked by the attention the CLS token pays
+them in that layer; its cost is measured as routing FLOPs), ``"oracle"``, ...
 
-Commands (numbers land in benchmarks/results/vision.json; routers in data/routers/dinov2-small-*/):
+Commands (results go where ``--out`` says: the shipped ones are benchmarks/results/vision.json and
+data/routers/dinov2-small-*/):
 
-    python -m elastilab.vision train --domain digits04 --out data/routers/dinov2-small-digits04
-    python -m elastilab.vision bench --routers data/routers/dinov2-small-digits04
-    python -m elastilab.vision crossdomain
+    python -m elastilab.vision train --domain digits04 --out runs/dinov2-digits04
+    python -m elastilab.vision bench --routers data/routers/dinov2-small-digits04 --out runs/vision.json
+    python -m elastilab.vision crossdomain --out runs/vision.json
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +43,32 @@ from .distill import DistillConfig, distill, kl_loss
 from .files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "vision.json"
 SIZE = 112  # 8x8 patches of 14 px: the probe's resolution, cheap on a CPU
 DOMAINS = ("digits04", "digits59", "photos")
 DEFAULT_CAPS = dict(attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
+
+
+def check_components(components) -> tuple[str, ...]:
+    """The components a ViT routes, validated: a non-empty subset of DEFAULT_CAPS, in order, no repeats."""
+    comps = tuple(dict.fromkeys(components))
+    allowed = ", ".join(DEFAULT_CAPS)
+    bad = [c for c in comps if c not in DEFAULT_CAPS]
+    if bad:
+        hint = " (visual_tokens belongs to visual-language models: python -m elastilab.vlm)" \
+            if "visual_tokens" in bad else ""
+        raise ValueError(f"unknown ViT component{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}{hint}; "
+                         f"allowed: {allowed}")
+    if not comps:
+        raise ValueError(f"no component to route; give one or more of: {allowed}")
+    return comps
+
+
+def _components_arg(text: str) -> tuple[str, ...]:
+    """argparse type of --components: comma-separated names."""
+    try:
+        return check_components(c.strip() for c in text.split(",") if c.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- model plumbing
@@ -192,7 +214,7 @@ def compute_fraction(em, x: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_vit(em, pixels: Tensor, labels: Tensor | None = None, probe=None, batch_size: int = 32,
-                 teacher: tuple[Tensor, Tensor] | None = None) -> dict:
+                 teacher: tuple[Tensor, Tensor] | None = None, measure: bool = True) -> dict:
     """Student vs teacher on images: teacher agreement (top-1 of the logits), KL, feature cosine,
     accuracy of both when labels are given, and the measured compute fraction."""
     t_hidden, t_logits = teacher if teacher is not None else teacher_outputs(em, pixels, probe, batch_size)
@@ -202,8 +224,9 @@ def evaluate_vit(em, pixels: Tensor, labels: Tensor | None = None, probe=None, b
         hs.append(h)
         ls.append(logits if logits is not None else h.new_zeros(len(h), 0))
     s_hidden, s_logits = torch.cat(hs), torch.cat(ls)
-    out = {"cosine": F.cosine_similarity(s_hidden, t_hidden, dim=-1).mean().item(),
-           "compute": compute_fraction(em, pixels[:min(len(pixels), 4)]), "n": len(pixels)}
+    out = {"cosine": F.cosine_similarity(s_hidden, t_hidden, dim=-1).mean().item(), "n": len(pixels)}
+    if measure:
+        out["compute"] = compute_fraction(em, pixels[:min(len(pixels), 4)])
     if t_logits.numel():
         out.update(agreement=(s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().item(),
                    kl=kl_loss(s_logits, t_logits).item())
@@ -211,58 +234,6 @@ def evaluate_vit(em, pixels: Tensor, labels: Tensor | None = None, probe=None, b
             out.update(accuracy=(s_logits.argmax(-1) == labels).float().mean().item(),
                        teacher_accuracy=(t_logits.argmax(-1) == labels).float().mean().item())
     return out
-
-
-# ---------------------------------------------------------------- baselines
-@contextmanager
-def _scored_routers(em, score_fn, components):
-    """Temporarily replace the forward of the routers of ``components`` by score_fn(block, comp, h)."""
-    patched = []
-    try:
-        for b in em.blocks:
-            for comp in components:
-                if comp in b.routers:
-                    r = b.routers[comp]
-                    r.forward = (lambda h, b=b, comp=comp: score_fn(b, comp, h))
-                    patched.append(r)
-        yield em
-    finally:
-        for r in patched:
-            del r.forward
-
-
-@contextmanager
-def random_routing(em, seed: int = 0):
-    """Every router scores at random: same capacities and compute, no learning."""
-    g = torch.Generator().manual_seed(seed)
-
-    def score(block, comp, h):
-        n = block.routers[comp].proj.out_features
-        s = torch.randn(*h.shape[:-1], n, generator=g).to(h)
-        return s.squeeze(-1) if n == 1 else s
-    with _scored_routers(em, score, LAYER_COMPONENTS):
-        yield em
-
-
-def cls_attention_scores(block, h: Tensor) -> Tensor:
-    """Training-free token scores [B, T]: log of the attention the CLS token (position 0) pays each
-    token in this layer, averaged over heads, from the layer's frozen q/k weights on h [B, T, d]."""
-    a = block._spec().attn
-    B, T, _ = h.shape
-    q = F.linear(h[:, :1], a.w_q, a.b_q).view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
-    k = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    att = torch.softmax((q @ k.transpose(-1, -2)) * a.scaling, dim=-1)  # [B, H, 1, T]
-    return att.mean(1)[:, 0].clamp_min(1e-12).log()
-
-
-@contextmanager
-def cls_attention_routing(em):
-    """Token routers replaced by CLS attention (drop the patches the CLS token looks at least).
-    Head and expert routers are left as they are. Needs a model with a CLS token."""
-    if not _adapter(em).has_cls(_unwrap(em)):
-        raise ValueError(f"CLS-attention routing needs a CLS token; {type(_unwrap(em)).__name__} has none")
-    with _scored_routers(em, lambda b, comp, h: cls_attention_scores(b, h), TOKEN_COMPONENTS):
-        yield em
 
 
 # ---------------------------------------------------------------- routing maps and usage
@@ -359,6 +330,7 @@ def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size:
           seed: int = 0, command: str = "") -> dict:
     """Distill the four routers of DINOv2-S on one domain; each step routes one random component at a
     random capacity in capacity_range (the others at 1.0), so each slider is trained where it is used."""
+    components = check_components(components)
     torch.manual_seed(seed)
     em, probe = load_dinov2(config={c: DEFAULT_CAPS[c] for c in components})
     images, _ = domain(domain_name, "train", n, seed)
@@ -375,41 +347,44 @@ def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size:
     return info
 
 
-def _update_results(key: str, value) -> None:
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def _update_results(out, key: str, value) -> None:
+    """Set ``key`` of the results JSON ``out`` (other keys kept); ``out=None`` writes nothing."""
+    if out is None:
+        return
+    out = Path(out)
+    data = json.loads(out.read_text()) if out.exists() else {}
     data[key] = value
-    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "") -> list[dict]:
-    """Per component, at each capacity: learned vs random vs CLS attention (tokens) on held-out digits."""
+def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "", out=None) -> list[dict]:
+    """Per component, at each capacity: learned vs random vs CLS attention (tokens) on held-out digits;
+    the rows are returned, and stored under "bench" in the JSON file ``out`` if given."""
     em, probe = load_dinov2(routers)
     images, labels = domain("digits", "test", n)
     x = pixels(images)
     teacher = teacher_outputs(em, x, probe)
     rows = []
     base = {c: 1.0 for c in em.capacities}
-    methods = {"learned": nullcontext, "random": lambda: random_routing(em)}
     for comp in em.capacities:
         for cap in caps:
             em.set_capacity(**{**base, comp: cap})
-            for method, ctx in [*methods.items()] + ([("cls_attention", lambda: cls_attention_routing(em))]
-                                                     if comp in TOKEN_COMPONENTS else []):
-                with ctx():
+            for method in ("learned", "random") + (("cls_attention",) if comp in TOKEN_COMPONENTS else ()):
+                with em.scoring(method):
                     r = evaluate_vit(em, x, labels, probe, teacher=teacher)
                 rows.append({"component": comp, "capacity": cap, "method": method, **r})
                 print(json.dumps(rows[-1]))
     em.set_capacity(**base)
     rows.append({"component": "all", "capacity": 1.0, "method": "learned",
                  **evaluate_vit(em, x, labels, probe, teacher=teacher)})
-    _update_results("bench", {"routers": os.path.relpath(routers, ROOT), "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
+    _update_results(out, "bench", {"routers": os.path.relpath(routers, ROOT), "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
                               "command": command, "rows": rows})
     return rows
 
 
-def crossdomain(n: int = 24, caps: dict | None = None, command: str = "") -> list[dict]:
+def crossdomain(n: int = 24, caps: dict | None = None, command: str = "", out=None) -> list[dict]:
     """Routers trained on each domain, evaluated on every domain at the same capacities; random
-    routing (``trained_on="random"``) as the floor."""
+    routing (``trained_on="random"``) as the floor. Stored under "crossdomain" in ``out`` if given."""
     caps = caps or {"attn_tokens": 1.0, "mlp_tokens": 1.0, "attn_heads": 1.0, "mlp_experts": 0.75}
     tests = {d: domain(d, "test", n) for d in DOMAINS}
     rows = []
@@ -418,11 +393,11 @@ def crossdomain(n: int = 24, caps: dict | None = None, command: str = "") -> lis
         em, probe = load_dinov2(path)
         em.set_capacity(**caps)
         for target, (images, labels) in tests.items():
-            with random_routing(em) if trained == "random" else nullcontext():
+            with em.scoring("random" if trained == "random" else "learned"):
                 r = evaluate_vit(em, pixels(images), labels, probe)
             rows.append({"trained_on": trained, "evaluated_on": target, **r})
             print(json.dumps(rows[-1]))
-    _update_results("crossdomain", {"capacities": caps, "eval": f"{n} test images per domain, {SIZE}px",
+    _update_results(out, "crossdomain", {"capacities": caps, "eval": f"{n} test images per domain, {SIZE}px",
                                     "command": command, "rows": rows})
     return rows
 
@@ -438,23 +413,25 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--components", default=",".join(DEFAULT_CAPS), help="comma-separated components to route")
+    p.add_argument("--components", type=_components_arg, default=tuple(DEFAULT_CAPS),
+                   help=f"comma-separated components to route, from {','.join(DEFAULT_CAPS)} (default: all)")
     p = sub.add_parser("bench", help="learned vs random vs CLS-attention routing per component")
     p.add_argument("--routers", default=str(ROOT / "data" / "routers" / "dinov2-small-digits04"))
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--out", required=True, help="results JSON (its \"bench\" key is replaced, others kept)")
     p = sub.add_parser("crossdomain", help="routers of each domain evaluated on every domain")
     p.add_argument("--images", type=int, default=24)
+    p.add_argument("--out", required=True, help="results JSON (its \"crossdomain\" key is replaced, others kept)")
     args = parser.parse_args(argv)
     command = "python -m elastilab.vision " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "train":
-        comps = tuple(c for c in args.components.split(",") if c)
         print(json.dumps(train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
-                               components=comps, command=command), indent=1))
+                               components=args.components, command=command), indent=1))
     elif args.cmd == "bench":
-        bench(args.routers, args.images, command=command)
+        bench(args.routers, args.images, command=command, out=args.out)
     else:
-        crossdomain(args.images, command=command)
+        crossdomain(args.images, command=command, out=args.out)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,24 @@ class ElasticLlava(ElasticModel):
             finally:
                 self._estimating = False
 
+    @contextlib.contextmanager
+    def scoring(self, scorer="learned"):
+        """As ``ElasticModel.scoring``; image tokens are chosen by the router ("learned"), "random"
+        or "fastv" (attention received from the text in an early LM layer, ``fastv_layer``)."""
+        name = scorer if isinstance(scorer, str) else getattr(scorer, "name", None)
+        selector = {"learned": "router", "random": "random", "fastv": "fastv"}.get(name)
+        if selector is None and self.visual_capacity < 1.0:
+            raise ValueError(f"scorer {name!r} does not support visual_tokens; it supports learned, random, fastv")
+        old, self.selector = self.selector, selector or self.selector
+        try:
+            if name == "fastv":  # chooses image tokens only; the LM components keep their routers
+                yield None
+            else:
+                with super().scoring(scorer) as s:
+                    yield s
+        finally:
+            self.selector = old
+
     @property
     def visual_capacity(self) -> float:
         c = self.elastic_config.visual_tokens
@@ -117,6 +135,8 @@ class ElasticLlava(ElasticModel):
     # -- the image tokens ------------------------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """Vision tower + projector: [n_images, N, d_lm]."""
+        from .adapters.vit import check_finite
+        check_finite(pixel_values, "pixel_values")
         cfg = self.model.config
         out = self.model.model.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
@@ -515,36 +535,20 @@ def load_lm_routers(model, path, visual_tokens: float | None = None, visual_from
     optionally with a fresh visual_tokens router. The check is the router layout (layers, components,
     shapes), since the LLaVA's fingerprint differs from the text LM's by construction.
     ``visual_from``: a visual-router checkpoint of this very LLaVA (fingerprint checked) to load too."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from .config import ElasticConfig
-    from .elastic import META_FILE, ROUTERS_FILE, elastify
-    path = Path(path)
-    meta = json.loads((path / META_FILE).read_text())
-    em = elastify(model, ElasticConfig.from_dict({**meta["elastic_config"], "visual_tokens": visual_tokens}))
-    state = load_file(str(path / ROUTERS_FILE))
-    own = {k: v for k, v in em.router_state().items() if not k.startswith("visual.")}
-    bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
-    if bad or set(state) - set(own):
-        raise ValueError(f"the routers in {path} do not fit this LLaVA's language model (e.g. {bad[:3]}); "
-                         "they must come from the same LM architecture")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])
+    from .elastic import config_of, elastify_with, fingerprint, read_checkpoint
+    meta, state = read_checkpoint(path)  # everything is checked before the model is changed
+    state = {k: v for k, v in state.items() if not k.startswith("visual.")}
     if visual_from is not None:
-        from .elastic import fingerprint
-        vmeta = json.loads((Path(visual_from) / META_FILE).read_text())
+        vmeta, vstate = read_checkpoint(visual_from)
         if vmeta["fingerprint"] != fingerprint(model):
             raise ValueError(f"the visual router in {visual_from} was trained for a different model")
-        vstate = load_file(str(Path(visual_from) / ROUTERS_FILE))
-        if em.visual_router is None:
-            em.elastic_config.visual_tokens = vmeta["elastic_config"]["visual_tokens"]
-            em.visual_router = Router(model.config.text_config.hidden_size, 1)
-        em.visual_router.load_state_dict({k[len("visual."):]: v for k, v in vstate.items() if k.startswith("visual.")})
-    return em
+        state.update({k: v for k, v in vstate.items() if k.startswith("visual.")})
+        if visual_tokens is None:
+            visual_tokens = vmeta["elastic_config"].get("visual_tokens")
+    config = config_of(meta, path, visual_tokens=visual_tokens)
+    keep_fresh_visual = visual_from is None  # a new visual router (if any) keeps its initial weights
+    return elastify_with(model, config, state, path,
+                         select=lambda k: not (keep_fresh_visual and k.startswith("visual.")))
 
 
 __all__ = ["load_lm_routers", "ElasticLlava", "LlavaAdapter", "VLMOutput", "SELECTORS", "answer_loss", "answer_dataset",
@@ -552,8 +556,7 @@ __all__ = ["load_lm_routers", "ElasticLlava", "LlavaAdapter", "VLMOutput", "SELE
 
 
 # -- commands: train the visual router on tiny-llava, benchmark it against the baselines --------------
-TRAIN_OUT = "data/routers/tiny-llava-visual"
-BENCH_OUT = "benchmarks/results/tiny-llava-visual-tokens.json"
+SHIPPED_ROUTERS = "data/routers/tiny-llava-visual"  # read by default; written only where --out says
 
 
 def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, faces: int | None = None):
@@ -578,8 +581,11 @@ def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, 
 
 
 def train_visual_router(steps: int = 150, batch_size: int = 8, lr: float = 1e-2, capacity_range=(0.15, 0.85),
-                        out: str = TRAIN_OUT, seed: int = 0):
-    """Self-distil the visual_tokens router of tiny-llava (KL on the answer tokens) and save it."""
+                        out: str | None = None, seed: int = 0):
+    """Self-distil the visual_tokens router of tiny-llava (KL on the answer tokens) and save it in
+    the folder ``out`` (required: the shipped routers are never a default destination)."""
+    if out is None:
+        raise ValueError(f"out is required: the folder to save the routers in (the shipped ones are {SHIPPED_ROUTERS})")
     from .distill import distill
     from .elastic import elastify
     from .zoo import tiny_llava as tl
@@ -596,10 +602,11 @@ def train_visual_router(steps: int = 150, batch_size: int = 8, lr: float = 1e-2,
     return em, log
 
 
-def bench(routers: str = TRAIN_OUT, out: str = BENCH_OUT, per_class: int = 10, faces: int = 30,
+def bench(routers: str = SHIPPED_ROUTERS, out: str | None = None, per_class: int = 10, faces: int = 30,
           capacities=(0.75, 0.5, 0.25), fastv_layer: int = 2) -> dict:
     """Teacher accuracy; accuracy and agreement at each image-token budget for the learned router,
-    random keep and FastV (same numbers of image tokens); parameter fractions."""
+    random keep and FastV (same numbers of image tokens); parameter fractions. Written to the JSON file
+    ``out`` if given (never by default)."""
     import json
     from pathlib import Path
 
@@ -632,8 +639,9 @@ def bench(routers: str = TRAIN_OUT, out: str = BENCH_OUT, per_class: int = 10, f
                                "llava-1.5-7b": llava_parameter_count(llava_15_7b_config())},
         "rows": rows,
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        from .files import atomic_write
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
 
@@ -646,7 +654,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m elastilab.vlm", description="tiny-llava's visual-token router")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tdef, bdef = _defaults(train_visual_router), _defaults(bench)  # one source of defaults: the functions
-    t = sub.add_parser("train", help=f"self-distil the visual router (writes {TRAIN_OUT})",
+    t = sub.add_parser("train", help="self-distil the visual router (into --out)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--steps", type=int, default=tdef["steps"], help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=tdef["batch_size"], help="examples per step")
@@ -654,13 +662,14 @@ def main(argv=None) -> None:
     t.add_argument("--capacity-range", type=float, nargs=2, default=tdef["capacity_range"],
                    help="each step keeps a fraction of image tokens drawn from this range")
     t.add_argument("--seed", type=int, default=tdef["seed"], help="data order and capacity draws")
-    t.add_argument("--out", default=tdef["out"], help="checkpoint folder")
-    b = sub.add_parser("bench", help=f"learned vs FastV vs random at 75/50/25%% image tokens (writes {BENCH_OUT})",
+    t.add_argument("--out", required=True, help=f"checkpoint folder (the shipped one is {SHIPPED_ROUTERS})")
+    b = sub.add_parser("bench", help="learned vs FastV vs random at 75/50/25%% image tokens (into --out)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--routers", default=bdef["routers"], help="visual router checkpoint")
     b.add_argument("--per-class", type=int, default=bdef["per_class"], help="held-out digits per class")
     b.add_argument("--faces", type=int, default=bdef["faces"], help="held-out faces and non-faces each")
-    b.add_argument("--out", default=bdef["out"], help="results JSON")
+    b.add_argument("--out", required=True,
+                   help="results JSON (the shipped one is benchmarks/results/tiny-llava-visual-tokens.json)")
     a = ap.parse_args(argv)
     if a.cmd == "train":
         train_visual_router(a.steps, a.batch_size, a.lr, tuple(a.capacity_range), a.out, a.seed)

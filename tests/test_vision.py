@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import elastilab as el
+from elastilab.scorers import Candidates, ClsAttention
 from elastilab import vision as V
 from model_cases import CASES
 
@@ -63,8 +64,8 @@ def test_model_without_cls_token_routes_every_token_but_refuses_cls_features():
     assert em.blocks[0].aux["mlp_tokens"][1].sum(1).tolist() == [8, 8]  # nothing protected
     with pytest.raises(ValueError, match="no CLS token"):
         V.vit_outputs(em, torch.randn(2, 3, 32, 32), probe=torch.nn.Linear(128, 3))
-    with pytest.raises(ValueError, match="needs a CLS token"):
-        with V.cls_attention_routing(em):
+    with pytest.raises(ValueError, match="needs a vision transformer with a CLS token"):
+        with em.scoring("cls_attention"):
             pass
 
 
@@ -117,23 +118,26 @@ def test_baselines_route_differently_restore_the_routers_and_report_their_cost()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         learned = em(x)
-        with V.random_routing(em, seed=1):
+        with em.scoring("random"):
             random = em(x)
             random_cost = V.compute_fraction(em, x)
-        with V.cls_attention_routing(em):
-            cls = em(x)
-            scores, keep = em.blocks[0].aux["attn_tokens"]
-            cls_cost = V.compute_fraction(em, x)
+        with em.capacity(attn_heads=1.0, mlp_experts=1.0):
+            tokens_only_cost = V.compute_fraction(em, x)
+            with em.scoring("cls_attention"):
+                cls = em(x)
+                scores, keep = em.blocks[0].aux["attn_tokens"]
+                cls_cost = V.compute_fraction(em, x)
         assert torch.equal(em(x), learned)  # routers back in place
     learned_cost = V.compute_fraction(em, x)
     assert not torch.allclose(random, learned) and not torch.allclose(cls, learned)
     # CLS attention: the kept patches are those the CLS token attends to most
-    expected = V.cls_attention_scores(em.blocks[0], em.blocks[0]._spec().attn_norm(em.model._pos_embed(
-        em.model.patch_embed(x))))
+    h = em.blocks[0]._spec().attn_norm(em.model._pos_embed(em.model.patch_embed(x)))
+    rows = torch.arange(h.shape[0] * h.shape[1]).view(h.shape[:2])
+    expected = ClsAttention()(Candidates(em.blocks[0], "attn_tokens", h, rows))
     torch.testing.assert_close(scores, expected)
     assert keep[:, 3:].sum(1).eq(8).all()
     # same capacities, so the same routed work; the training-free scores cost extra router FLOPs
-    assert random_cost < learned_cost < cls_cost < 1.0
+    assert random_cost < learned_cost < 1.0 and tokens_only_cost < cls_cost < 1.0
 
 
 def test_routing_maps_and_slot_usage():
@@ -181,7 +185,7 @@ def test_real_dinov2_with_shipped_routers():
     assert full["agreement"] == 1.0 and full["cosine"] > 0.99999 and full["teacher_accuracy"] >= 0.85
     em.set_capacity(mlp_experts=0.75)  # where the shipped routers beat random (benchmarks/results/vision.json)
     learned = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
-    with V.random_routing(em):
+    with em.scoring("random"):
         random = V.evaluate_vit(em, x, labels, probe, teacher=teacher)
     assert learned["compute"] < 0.9 and learned["cosine"] > random["cosine"] + 0.05
     assert learned["agreement"] > random["agreement"]

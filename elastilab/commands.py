@@ -1,0 +1,267 @@
+"""``elastilab frontier`` and ``elastilab report``: the quality frontier of any model on any data, and
+the README's result tables, generated from the committed frontier CSVs.
+
+    elastilab frontier --routers data/routers/smollm2-135m --domain licenses --out runs/f1
+    elastilab frontier --model HuggingFaceTB/SmolLM2-360M --text my.txt --scorers random,oracle,magnitude
+    elastilab frontier --model dinov2-small --images my_photos/ --json
+    elastilab report --results benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+from .config import LAYER_COMPONENTS
+
+VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "vision": "frontier-dinov2-small.csv",
+                "vision-language": "frontier-tiny-llava.csv"}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1), got {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"capacities must be in (0, 1], got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names, got an empty one")
+    return names
+
+
+def _positive(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def modality(args) -> str:
+    if args.model in VLM_MODELS:
+        return "vision-language"
+    if args.model in VISION_MODELS or args.images is not None:
+        return "vision"
+    return "language"
+
+
+def read_images(folder: Path, limit: int) -> list:
+    """uint8 arrays of the images in a folder (sorted by name, at most ``limit``)."""
+    import numpy as np
+    from PIL import Image
+    if not folder.is_dir():
+        raise ValueError(f"--images must be a folder of images, got {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+
+
+def _elastic(model, args, components, extra=None):
+    from .config import ElasticConfig
+    from .elastic import elastify, load_routers
+    if args.routers:
+        return load_routers(model, args.routers)
+    if "learned" in args.scorers:
+        raise ValueError("the 'learned' scorer needs --routers DIR; without routers use random, oracle and "
+                         "the training-free scorers")
+    return elastify(model, ElasticConfig(**{c: 1.0 for c in components}, n_experts=args.n_experts, **(extra or {})))
+
+
+def build(args):
+    """(elastic model, task, components) for the command's model and data."""
+    from . import quality as fr
+    kind = modality(args)
+    comps = args.components or LAYER_COMPONENTS
+    if kind == "language":
+        from . import data, zoo
+        if args.images is not None:
+            raise ValueError("--images needs a vision model (--model dinov2-small or a ViT folder)")
+        model, tok = zoo.load(args.model)
+        text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
+        blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
+        return _elastic(model, args, comps), fr.LMTask(blocks), comps
+    if kind == "vision":
+        from . import vision
+        from .zoo import dinov2
+        if args.text is not None:
+            raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
+        if args.model in VISION_MODELS:
+            model, probe = dinov2.load_hf(), dinov2.load_probe()
+        else:
+            from transformers import AutoModel
+            model, probe = AutoModel.from_pretrained(args.model), None
+        if args.images is not None:
+            images, labels = read_images(args.images, args.n_images), None
+        else:
+            images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
+        return _elastic(model, args, comps), fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps
+    from . import vlm
+    from .zoo import tiny_llava
+    model, tok = tiny_llava.load()
+    items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
+    comps = args.components or ("visual_tokens",)
+    return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps
+
+
+def cmd_frontier(args) -> int:
+    import torch
+
+    from . import quality as fr
+    torch.manual_seed(0)
+    em, task, comps = build(args)
+    df = fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
+                     progress=not args.json)
+    meta = {"command": "elastilab " + " ".join(args.argv), "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "metric": df.attrs["metric"], "skipped": [f"{s} x {c}" for s, c in df.attrs["skipped"]]}
+    for k in ("command", "date", "machine", "torch"):
+        df[k] = meta[k]
+    summary = fr.frontier_summary(df)
+    if args.out is not None:
+        from .files import atomic_write
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out / "frontier.csv", lambda f: df.to_csv(f, index=False))
+        atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
+        fig = fr.plot_frontier(df, title=meta["command"][:90])
+        atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
+        print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**meta, "rows": df.drop(columns=["command", "date", "machine", "torch"]).to_dict("records")},
+                         indent=1, default=float))
+    else:
+        print(summary.round(4).to_string(index=False))
+    return 0
+
+
+def report(results: Path) -> str:
+    """The README's result tables (markdown), from the committed results in ``results``."""
+    parts = [frontier_tables(results), keep_dense_table(results), speed_table(results)]
+    if not parts[0]:
+        raise FileNotFoundError(f"no frontier results ({', '.join(REPORT_FILES.values())}) in {results}")
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def _cell(value, name=None) -> str:
+    import pandas as pd
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{value:.3f}" + (f" ({name})" if name else "")
+
+
+def frontier_tables(results: Path) -> str:
+    import pandas as pd
+
+    from . import quality as fr
+    out = []
+    for name, file in REPORT_FILES.items():
+        path = results / file
+        if not path.exists():
+            continue
+        df = pd.read_csv(path)
+        metric = {"language": "ppl_ratio", "vision": "agreement", "vision-language": "acc"}[name]
+        summary = fr.frontier_summary(df, metric, higher_is_better=metric != "ppl_ratio")
+        out += [f"**{name}: {metric.replace('_', ' ')}** (`{df.command.iloc[0]}`, {df.date.iloc[0]})", "",
+                "| component | capacity | measured compute | random | learned | best training-free | "
+                "best oracle | router efficiency |", "|---|---|---|---|---|---|---|---|"]
+        for r in summary.itertuples():
+            free = _cell(r.training_free, None if pd.isna(r.training_free) else r.best_training_free)
+            orc = _cell(r.oracle, None if pd.isna(r.oracle) else r.best_oracle)
+            eff = "–" if pd.isna(r.router_efficiency) else f"{r.router_efficiency:.2f}"
+            out.append(f"| {r.component} | {r.capacity:g} | {r.compute:.3f} | {_cell(r.random)} | "
+                       f"{_cell(r.learned)} | {free} | {orc} | {eff} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def keep_dense_table(results: Path) -> str:
+    import pandas as pd
+    path = results / "lm_keep_dense.csv"
+    if not path.exists():
+        return ""
+    df = pd.read_csv(path)
+    out = ["**language: token routing in every layer vs layers 0, 1, 28, 29 kept dense** "
+           "(`python benchmarks/lm_keep_dense.py`, perplexity ratio at matched sub-layer compute)", "",
+           "| eval domain | component | every layer: compute → ppl ratio | four layers dense: compute → ppl ratio |",
+           "|---|---|---|---|"]
+    for (domain, comp), g in df.groupby(["domain", "component"]):
+        cells = []
+        for kept in ("none", "0 1 -2 -1"):
+            h = g[g.kept_dense == kept].sort_values("capacity", ascending=False)
+            cells.append(" / ".join(f"{r.compute_fraction:.2f} → {r.ppl_ratio:.2f}" for r in h.itertuples()))
+        out.append(f"| {domain} | {comp} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out) + "\n"
+
+
+def speed_table(results: Path) -> str:
+    import pandas as pd
+    path = results / "speed_cpu.csv"
+    if not path.exists():
+        return ""
+    df = pd.read_csv(path, comment="#")
+    sel = df[(df.batch == df.batch.max()) & (df.seq == df.seq.max()) & (df.capacity == 0.5)
+             & (df.backend == "auto") & (df.heads == "grouped")]
+    if sel.empty:
+        return ""
+    r0 = sel.iloc[0]
+    out = [f"**speed on this CPU** (`elastilab bench speed`, {r0['model']}, {r0['dtype']}, batch {r0.batch} × "
+           f"{r0.seq} tokens, capacity 0.5, {r0.threads} threads)", "",
+           "| routed | speedup | ideal (FLOPs) | realised |", "|---|---|---|---|"]
+    for r in sel.itertuples():
+        out.append(f"| {r.component} | {r.speedup:.2f}× | {r.ideal_speedup:.2f}× | {100 * r.realised:.0f}% |")
+    return "\n".join(out) + "\n"
+
+
+def cmd_report(args) -> int:
+    print(report(args.results), end="")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m, dinov2-small, tiny-llava, or a Hugging Face id / folder (causal LM or ViT)")
+    f.add_argument("--routers", type=Path, help="trained routers (needed for the 'learned' scorer)")
+    src = f.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="any UTF-8 text file (language models)")
+    src.add_argument("--images", type=Path, help="any folder of images (vision models)")
+    src.add_argument("--domain", help="a shipped domain: licenses, pydocs (text); digits, digits04, digits59, photos (images)")
+    f.add_argument("--components", type=_names, help="comma-separated; default: every elastic component")
+    f.add_argument("--capacities", type=_floats, default=(0.9, 0.75, 0.5), help="comma-separated")
+    f.add_argument("--scorers", type=_names, default=None,
+                   help="comma-separated (learned, random, oracle, taylor, magnitude, attention_received, "
+                        "cls_attention, fastv); default: all, 'learned' only with --routers")
+    f.add_argument("--seq-len", type=_positive, default=128, help="tokens per block (text)")
+    f.add_argument("--blocks", type=_positive, default=8, help="held-out blocks of text")
+    f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
+                   help="part of the text: eval = the last 10%%, train = the first 90%%")
+    f.add_argument("--n-images", type=_positive, default=64, help="images (vision)")
+    f.add_argument("--size", type=_positive, default=112, help="image side in pixels (a multiple of 14)")
+    f.add_argument("--per-class", type=_positive, default=6, help="tiny-llava: digit questions per class")
+    f.add_argument("--faces", type=_positive, default=20, help="tiny-llava: face questions per answer")
+    f.add_argument("--n-experts", type=_positive, default=8, help="MLP slices when no routers are given")
+    f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
+    f.add_argument("--json", action="store_true", help="print the rows as JSON")
+    f.set_defaults(func=_run_frontier)
+    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
+    r.set_defaults(func=cmd_report)
+
+
+def _run_frontier(args) -> int:
+    from .scorers import SCORERS
+    if args.scorers is None:
+        args.scorers = (("learned",) if args.routers else ()) + tuple(SCORERS)
+    args.argv = sys.argv[1:]
+    return cmd_frontier(args)

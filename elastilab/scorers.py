@@ -1,0 +1,364 @@
+"""Selection methods. A *scorer* gives, for one block and one component, the scores of its candidates
+(tokens, heads or MLP slices); top-k (or a calibrated threshold) turns them into a selection, exactly
+as for the learned routers. So every method runs the same routed execution and its compute is
+measured the same way (the kvpress pattern: one small class per method, one registry, one test).
+
+    with em.scoring("oracle"):          # or "random", "magnitude", ..., or a Scorer instance
+        el.evaluate(em, blocks)
+
+==================== ================================ ==================================================
+name                 components                       score
+==================== ================================ ==================================================
+learned              all                              the routers (the default)
+random               all, visual_tokens               seeded noise
+oracle               all                              norm of the candidate's true contribution, computed
+                                                      densely on the block's current input (not counted)
+taylor               all                              |gradient of the loss x contribution|, first order,
+                                                      from one dense forward + backward (not counted)
+magnitude            attn_heads, mlp_experts          norm of each head's query / slice's gate activations
+attention_received   attn_tokens, mlp_tokens          attention each token receives in the layer (H2O)
+cls_attention        attn_tokens, mlp_tokens (ViTs)   attention the CLS token pays each token
+fastv                visual_tokens (VLMs)             attention image tokens receive from the text (FastV)
+==================== ================================ ==================================================
+
+Counted scorers (``counted = True``) are real methods: their scoring work is part of the measured
+compute (as router FLOPs). Oracles are ceilings for analysis: they look at what a candidate really
+contributes, so their own work is left out of the measured compute (``compute.measure_flops``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LAYER_COMPONENTS, PARAM_COMPONENTS, TOKEN_COMPONENTS
+from .spec import ACTIVATIONS, mlp_hidden
+
+
+@dataclass
+class Candidates:
+    """What a scorer sees: one block's candidates for one component.
+
+    h: the rows the component would run on, normalised as the sub-layer sees them: [B, T, d] for
+    token components, [B, K, d] attention rows for ``attn_heads``, [n, d] MLP rows for ``mlp_experts``.
+    rows: index of each row in the flattened B x T batch (shape h.shape[:-1]), so a scorer can look
+    up anything it computed per position. pos / rope / valid: positions, rotary tables and
+    validity (False = padding) of attention rows."""
+
+    block: nn.Module
+    component: str
+    h: Tensor
+    rows: Tensor
+    pos: Tensor | None = None
+    rope: tuple | None = None
+    valid: Tensor | None = None
+
+    @property
+    def spec(self):
+        return self.block._spec()
+
+    def n_out(self) -> int:
+        return self.block.routers[self.component].proj.out_features
+
+
+class Scorer:
+    """Base class: ``__call__(candidates) -> scores`` shaped like the router's output."""
+
+    name = "base"
+    components: tuple[str, ...] = LAYER_COMPONENTS
+    counted = True  #: its work is part of the measured compute
+
+    def check(self, em, component: str) -> None:
+        """Raise a clear error if this scorer cannot choose ``component`` on ``em``."""
+        if component not in self.components:
+            raise ValueError(f"scorer {self.name!r} does not support {component}; it supports "
+                             f"{', '.join(self.components)}")
+
+    def __call__(self, c: Candidates) -> Tensor:
+        raise NotImplementedError
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register(cls):
+    SCORERS[cls.name] = cls
+    return cls
+
+
+def get_scorer(scorer) -> Scorer | None:
+    """A Scorer from a registered name (None for "learned": the routers) or a Scorer instance."""
+    if isinstance(scorer, Scorer):
+        return scorer
+    if scorer in (None, "learned"):
+        return None
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; registered: learned, {', '.join(SCORERS)}")
+    return SCORERS[scorer]()
+
+
+def supports(scorer, em, component: str) -> bool:
+    s = get_scorer(scorer)
+    if s is None:
+        return True
+    try:
+        s.check(em, component)
+    except ValueError:
+        return False
+    return True
+
+
+class Scoring(nn.Module):
+    """The block's slot for a scorer: a module, so the FLOP counter sees its work by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.scorer: Scorer | None = None
+
+    def forward(self, c: Candidates) -> Tensor:
+        if c.component not in self.scorer.components:  # capacities may have changed since scoring()
+            raise ValueError(f"scorer {self.scorer.name!r} does not support {c.component}; it supports "
+                             f"{', '.join(self.scorer.components)}")
+        return self.scorer(c)
+
+
+# ------------------------------------------------------------------------------ the scorers
+@register
+class Random(Scorer):
+    """Seeded noise: the floor any method must beat at the same compute."""
+
+    name = "random"
+    components = LAYER_COMPONENTS + ("visual_tokens",)  # image tokens: ElasticLlava draws them
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, c):
+        n = c.n_out()
+        s = torch.randn(*c.h.shape[:-1], n, generator=self.generator).to(c.h)
+        return s.squeeze(-1) if n == 1 else s
+
+
+def _heads(a, h: Tensor, pos: Tensor, rope, valid: Tensor | None) -> Tensor:
+    """Per-head attention outputs o [B, H, K, hd] of rows h [B, K, d] attending to each other
+    (causal by position when the model is causal; padding rows are never keys)."""
+    B, K, _ = h.shape
+    q = F.linear(h, a.w_q, a.b_q).view(B, K, a.n_heads, a.head_dim).transpose(1, 2)
+    k = F.linear(h, a.w_k, a.b_k).view(B, K, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = F.linear(h, a.w_v, a.b_v).view(B, K, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = a.rope(q, *rope), a.rope(k, *rope)
+    mask = None
+    if a.causal:
+        mask = pos[:, None, :] <= pos[:, :, None]
+    if valid is not None and not bool(valid.all()):
+        keys = valid[:, None, :].expand(-1, K, -1)
+        mask = keys if mask is None else mask & keys
+        mask = mask | ~valid[:, :, None]  # padding queries still see a key (no NaN)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                          scale=a.scaling, enable_gqa=a.n_heads != a.n_kv_heads)
+
+
+def _positions(c: Candidates) -> Tensor:
+    if c.pos is not None:
+        return c.pos
+    B, T = c.h.shape[:2]
+    return torch.arange(T, device=c.h.device).expand(B, T)
+
+
+@register
+class Oracle(Scorer):
+    """The norm of each candidate's true contribution to the residual stream, computed densely on
+    the block's current input (so it follows the routing of earlier layers): a token's sub-layer
+    output ||dh||, a head's output through its slice of the output projection, an MLP slice's
+    output. Non-causal and as costly as the dense sub-layer: a ceiling for analysis, not counted.
+    Only a proxy for what matters downstream (see ``Taylor``)."""
+
+    name = "oracle"
+    counted = False
+
+    def __call__(self, c):
+        spec, comp, h = c.spec, c.component, c.h
+        if comp == "attn_tokens":
+            o = _heads(spec.attn, h, _positions(c), c.rope, None)
+            B, T = h.shape[:2]
+            y = F.linear(o.transpose(1, 2).reshape(B, T, -1), spec.attn.w_o)
+            return _scaled(y, spec.ls1).norm(dim=-1)
+        if comp == "attn_heads":
+            a = spec.attn
+            o = _heads(a, h, _positions(c), c.rope, c.valid)                  # [B, H, K, hd]
+            w_o = a.w_o.view(a.w_o.shape[0], a.n_heads, a.head_dim)          # [d, H, hd]
+            y = torch.einsum("bhkx,dhx->bkhd", o, w_o)
+            return _scaled(y, spec.ls1).norm(dim=-1)                         # [B, K, H]
+        hidden = mlp_hidden(spec.mlp, h)
+        if comp == "mlp_tokens":
+            return _scaled(F.linear(hidden, spec.mlp.w_out), spec.ls2).norm(dim=-1)
+        E = c.n_out()
+        n, width = hidden.shape
+        w_out = spec.mlp.w_out.view(-1, E, width // E)                       # [d, E, F/E]
+        y = torch.einsum("nef,def->ned", hidden.view(n, E, width // E), w_out)
+        return _scaled(y, spec.ls2).norm(dim=-1)                             # [n, E]
+
+
+def _scaled(y: Tensor, layer_scale: Tensor | None) -> Tensor:
+    return y if layer_scale is None else y * layer_scale
+
+
+@register
+class Taylor(Scorer):
+    """|dL/dg| for a gate g = 1 on each candidate: the first-order change of a loss L if that
+    candidate were removed (gradient of the loss x the candidate's contribution). Measured on the
+    dense model by one forward + backward of the same input before the routed forward
+    (``ElasticModel.forward`` calls ``before_forward``). The loss: a language model's next-token
+    cross-entropy on its input, a classifier's cross-entropy against its own top-1, otherwise half
+    the squared norm of the final hidden states; or ``loss(output)`` given to the constructor. A ceiling for analysis, not counted."""
+
+    name = "taylor"
+    counted = False
+
+    def __init__(self, loss=None):
+        self.loss = loss
+        self.tables: dict = {}
+        self._input = None
+
+    def before_forward(self, em, args, kwargs) -> None:
+        x = args[0] if args else kwargs.get("input_ids", kwargs.get("pixel_values"))
+        if not torch.is_tensor(x):
+            raise ValueError("Taylor scores need the model's input as a tensor (input_ids or pixel_values)")
+        if self._input is x:  # measured already for this very tensor (compute.measure_flops does so
+            return            # before counting, so that this work is not counted)
+        self._input = x
+        blocks = em.blocks
+        for b in blocks:
+            b.probe = {}
+        try:
+            call = dict(kwargs, use_cache=False) if em.adapter.causal else kwargs
+            with torch.enable_grad(), em.training_estimator(), em.capacity(**{c: 1.0 for c in em.capacities}):
+                out = em.model(*args, **call)
+                loss = self._loss(out, args, kwargs)
+                gates = [(b.layer_idx, c, g) for b in blocks for c, g in b.probe.items()]
+                grads = torch.autograd.grad(loss, [g for *_, g in gates], allow_unused=True)
+        finally:
+            for b in blocks:
+                b.probe = None
+        self.tables = {}
+        for (i, comp, g), d in zip(gates, grads):
+            t = torch.zeros_like(g) if d is None else d.detach().abs()
+            self.tables[(i, comp)] = t.reshape(-1, t.shape[-1]) if comp in PARAM_COMPONENTS else t.reshape(-1)
+
+    def _loss(self, out, args, kwargs) -> Tensor:
+        if self.loss is not None:
+            return self.loss(out)
+        logits = getattr(out, "logits", None)
+        ids = args[0] if args else kwargs.get("input_ids")
+        if logits is not None and ids is not None and ids.dtype == torch.long:
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if logits is not None:  # a classifier: cross-entropy against its own top-1
+            return F.cross_entropy(logits.float(), logits.argmax(-1).detach())
+        hidden = out if torch.is_tensor(out) else out.last_hidden_state
+        return 0.5 * hidden.float().pow(2).sum()
+
+    def __call__(self, c):
+        key = (c.block.layer_idx, c.component)
+        if key not in self.tables:
+            raise RuntimeError("Taylor scores were not measured for this input; call the ElasticModel "
+                               "itself (em(...)) inside `with em.scoring('taylor')`")
+        table = self.tables[key]
+        if c.rows.numel() and int(c.rows.max()) >= len(table):
+            raise RuntimeError("Taylor scores were measured on another input; run the model on one batch at a time")
+        return table.to(c.h.device)[c.rows].to(c.h.dtype)
+
+
+@register
+class Magnitude(Scorer):
+    """Training-free parameter routing (CATS / TEAL style): an MLP slice scores the norm of its
+    gate activations, a head the norm of its query. Computing them costs the gate projection
+    (MLP) or the query projection (heads): counted as scoring work, since a real implementation
+    has to compute them before it can choose."""
+
+    name = "magnitude"
+    components = ("attn_heads", "mlp_experts")
+
+    def __call__(self, c):
+        spec = c.spec
+        if c.component == "attn_heads":
+            a = spec.attn
+            q = F.linear(c.h, a.w_q, a.b_q)
+            return q.view(*q.shape[:-1], a.n_heads, a.head_dim).norm(dim=-1)
+        m = spec.mlp
+        gate = F.linear(c.h, m.w_gate) if m.kind == "swiglu" else F.linear(c.h, m.w_in, m.b_in)
+        act = ACTIVATIONS[m.act](gate)
+        E = c.n_out()
+        return act.view(*act.shape[:-1], E, m.width // E).norm(dim=-1)
+
+
+@register
+class AttentionReceived(Scorer):
+    """Training-free token routing (H2O / FastV style): a token scores the attention it receives in
+    this layer, summed over the queries that see it and averaged over heads, from the layer's own
+    frozen q/k projections applied to the scored hidden state. Costs those projections and scores."""
+
+    name = "attention_received"
+    components = TOKEN_COMPONENTS
+
+    def __call__(self, c):
+        a = c.spec.attn
+        h = c.h
+        B, T, _ = h.shape
+        pos = _positions(c)
+        q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if c.rope is not None:
+            q, k = a.rope(q, *c.rope), a.rope(k, *c.rope)
+        k = k.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
+        s = (q @ k.transpose(-1, -2)) * a.scaling                          # [B, H, T(q), T(k)]
+        if a.causal:
+            s = s.masked_fill(~(pos[:, None, None, :] <= pos[:, None, :, None]), float("-inf"))
+        return s.softmax(-1).mean(1).sum(1)
+
+
+@register
+class ClsAttention(Scorer):
+    """Training-free token routing for ViTs: log of the attention the CLS token (position 0) pays
+    each token in this layer, averaged over heads, from the layer's frozen q/k weights. Costs one
+    query and every key projection, counted as scoring work."""
+
+    name = "cls_attention"
+    components = TOKEN_COMPONENTS
+
+    def check(self, em, component):
+        super().check(em, component)
+        model = em.model
+        if em.adapter.causal or not em.adapter.has_cls(model):
+            raise ValueError(f"scorer 'cls_attention' needs a vision transformer with a CLS token; "
+                             f"{type(model).__name__} has none")
+
+    def __call__(self, c):
+        a = c.spec.attn
+        h = c.h
+        B, T, _ = h.shape
+        q = F.linear(h[:, :1], a.w_q, a.b_q).view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
+        k = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        att = torch.softmax((q @ k.transpose(-1, -2)) * a.scaling, dim=-1)  # [B, H, 1, T]
+        return att.mean(1)[:, 0].clamp_min(1e-12).log()
+
+
+@register
+class FastV(Scorer):
+    """Training-free image-token pruning in a VLM (FastV): after LM layer K-1, keep the image tokens
+    that received the most attention from the text that follows them. Runs inside ``ElasticLlava``
+    (its ``fastv_layer``); counted, since its layers before K see every image token."""
+
+    name = "fastv"
+    components = ("visual_tokens",)
+
+    def check(self, em, component):
+        super().check(em, component)
+        if not hasattr(em, "fastv_layer"):
+            raise ValueError("scorer 'fastv' chooses image tokens of a visual-language model (ElasticLlava)")
+
+    def __call__(self, c):
+        raise RuntimeError("FastV chooses image tokens inside ElasticLlava, not per block")
+

@@ -1,0 +1,121 @@
+"""The quality frontier: one tidy table per modality, its summary, the plot, the CLI and the README report."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import elastilab as el
+from elastilab import commands
+from elastilab.config import LAYER_COMPONENTS
+from model_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lm_frontier():
+    torch.manual_seed(0)
+    model = CASES["llama"]().model
+    em = el.elastify(model, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=4))
+    blocks = torch.randint(0, 101, (4, 16))
+    df = el.frontier(em, blocks, capacities=(0.75, 0.5), scorers=("learned", "random", "oracle", "magnitude"),
+                     progress=False)
+    return em, df
+
+
+def test_lm_frontier_rows_and_measured_compute(lm_frontier):
+    em, df = lm_frontier
+    assert set(df.columns) >= {"scorer", "component", "capacity", "compute", "model_compute", "scoring_cost",
+                               "quality", "ppl_ratio", "kl", "agreement"}
+    dense = df[df.capacity == 1.0]
+    assert (dense.ppl_ratio == 1.0).all() and (dense.agreement == 1.0).all()
+    routed = df[df.capacity < 1.0]
+    assert (routed.compute < 1.0).all() and (routed.ppl_ratio != 1.0).any()
+    # every method pays the same sub-layer compute at one capacity (mlp slices / tokens: exactly)
+    for (comp, cap), g in routed[routed.component.isin(["mlp_tokens", "mlp_experts"])].groupby(["component", "capacity"]):
+        assert g.compute.nunique() == 1, (comp, cap)
+    mlp = routed[(routed.component == "mlp_experts") & (routed.capacity == 0.5)].set_index("scorer")
+    assert mlp.loc["learned", "compute"] == pytest.approx(0.5)
+    # magnitude pays for its gate projection; the oracle's scoring is not compute
+    assert mlp.loc["magnitude", "scoring_cost"] > mlp.loc["learned", "scoring_cost"] > 0
+    assert mlp.loc["oracle", "scoring_cost"] == 0 and mlp.loc["oracle", "model_compute"] < 1
+    assert ("magnitude", "mlp_tokens") in df.attrs["skipped"]
+    assert em.capacities == {c: 1.0 for c in LAYER_COMPONENTS} and em.scorer is None  # left as it was
+
+
+def test_summary_efficiency_and_plot(lm_frontier):
+    _, df = lm_frontier
+    s = el.frontier_summary(df)
+    assert len(s) == 4 * 2 and set(s.best_oracle.dropna()) <= {"oracle"}
+    row = s.iloc[0]
+    expected = (np.log(row.random) - np.log(row.learned)) / (np.log(row.random) - np.log(row.oracle))
+    if np.log(row.random) > np.log(row.oracle):
+        assert row.router_efficiency == pytest.approx(expected)
+    fig = el.plot_frontier(df)
+    assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
+    assert {t.get_text() for t in fig.axes[-1].get_legend().get_texts()} == {"learned", "random", "oracle", "magnitude"}
+
+
+def test_vit_frontier_on_a_tiny_model():
+    case = CASES["hf_dinov2"]()
+    em = el.elastify(case.model, el.ElasticConfig(mlp_tokens=1.0, attn_tokens=1.0, n_experts=4))
+    task = el.ViTTask(torch.randn(6, 3, 32, 32))
+    df = el.frontier(em, task, capacities=(0.5,), scorers=("random", "cls_attention", "oracle"), progress=False)
+    assert df.attrs["metric"] == "cosine"  # no probe or head: cosine of the final hidden states
+    assert len(df) == 2 * 3 * 2 and (df[df.capacity == 1.0].cosine > 0.9999).all()
+    assert (df[df.capacity == 0.5].compute < 1).all()
+
+
+def test_frontier_refuses_bad_requests(lm_frontier):
+    em, _ = lm_frontier
+    blocks = torch.randint(0, 101, (2, 8))
+    with pytest.raises(ValueError, match=r"\['visual_tokens'\] not elastic in this model"):
+        el.frontier(em, blocks, components=["visual_tokens"], progress=False)
+    with pytest.raises(ValueError, match="unknown scorer 'best'"):
+        el.frontier(em, blocks, scorers=["best"], progress=False)
+    with pytest.raises(ValueError, match="capacities must be in"):
+        el.frontier(em, blocks, capacities=[1.5], progress=False)
+    with pytest.raises(TypeError, match="token blocks"):
+        el.frontier(em, "some text", progress=False)
+
+
+def test_report_tables_match_the_readme():
+    """README's result tables are exactly what `elastilab report` prints from the committed CSVs."""
+    text = commands.report(ROOT / "benchmarks" / "results")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- report:start -->\n(.*?)<!-- report:end -->", readme, re.S)
+    assert block, "README.md lacks the <!-- report:start --> ... <!-- report:end --> block"
+    assert block.group(1) == text, "README tables are stale: paste the output of `elastilab report`"
+
+
+def test_report_without_results_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no frontier results"):
+        commands.report(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
+    from elastilab.cli import main
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
+    assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
+                 "--scorers", "random,magnitude", "--blocks", "1", "--seq-len", "32", "--split", "all",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["scorer"] for r in out["rows"]} == {"random", "magnitude"} and out["metric"] == "ppl_ratio"
+    assert not list(tmp_path.glob("*.csv"))  # nothing written without --out
+    from PIL import Image
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    assert main(["frontier", "--model", "dinov2-small", "--images", str(images), "--components", "mlp_tokens",
+                 "--capacities", "0.5", "--scorers", "random,oracle", "--out", str(tmp_path / "f")]) == 0
+    df = pd.read_csv(tmp_path / "f" / "frontier.csv")
+    assert set(df.scorer) == {"random", "oracle"} and (tmp_path / "f" / "frontier.png").stat().st_size > 1000
+    assert main(["frontier", "--scorers", "learned", "--blocks", "1"]) == 2  # learned needs routers
+    assert "needs --routers" in capsys.readouterr().err

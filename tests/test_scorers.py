@@ -1,0 +1,126 @@
+"""Every selection method (scorer) through the same tests, on tiny models of each family: capacity 1.0
+is the teacher; at 0.5 exactly the requested share of candidates is computed, the measured FLOPs
+match the analytic count of what was chosen, and an oracle's own work is left out of the total;
+unsupported components are refused clearly."""
+import pytest
+import torch
+
+import elastilab as el
+from elastilab.compute import measure_flops
+from elastilab.config import LAYER_COMPONENTS
+from elastilab.routing import n_kept
+from elastilab.scorers import SCORERS, Scorer, supports
+from model_cases import CASES
+
+FAMILIES = ["llama", "gpt2", "hf_dinov2", "hf_vit_cls"]
+SCORER_NAMES = ["learned", *SCORERS]
+
+
+def elastic(name):
+    case = CASES[name]()
+    with torch.no_grad():
+        ref = case.output(case.model(**case.inputs))
+    em = el.elastify(case.model, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=case.n_experts))
+    return case, em, ref
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    torch.manual_seed(0)
+    return elastic(request.param)
+
+
+@pytest.mark.parametrize("scorer", SCORER_NAMES)
+def test_every_scorer_on_every_component_it_supports(family, scorer):
+    case, em, ref = family
+    supported = [c for c in LAYER_COMPONENTS if supports(scorer, em, c)]
+    assert scorer in ("cls_attention", "attention_received", "magnitude", "fastv") or supported == list(LAYER_COMPONENTS)
+    for comp in supported:
+        with em.scoring(scorer), torch.no_grad():
+            out = case.output(em(**case.inputs))
+            assert (out - ref).abs().max() <= 1e-4, f"{scorer} {comp}: capacity 1.0 must be the teacher"
+            dense = measure_flops(em, **case.inputs)
+            with em.capacity(**{comp: 0.5}):
+                routed = case.output(em(**case.inputs))
+                flops = measure_flops(em, **case.inputs)
+        assert torch.isfinite(routed).all()
+        for b in em.blocks:  # exactly ceil(c * n) candidates per row (protected tokens aside)
+            if comp not in b.aux:
+                continue
+            chosen = b.aux[comp][1]
+            if comp in ("attn_tokens", "mlp_tokens"):
+                P = b._spec().n_protected
+                counts = chosen[:, P:].sum(1)
+                assert (counts == n_kept(0.5, chosen.shape[1] - P)).all(), (scorer, comp)
+            else:
+                assert chosen.shape[-1] == n_kept(0.5, b.routers[comp].proj.out_features)
+        part = "attention" if comp.startswith("attn") else "mlp"
+        assert flops[part] < dense[part]
+        assert flops[part] == pytest.approx(flops["analytic_" + part], rel=0.02)
+        scorer_cls = SCORERS.get(scorer)
+        if scorer_cls is not None and not scorer_cls.counted:  # an oracle's scoring is not compute
+            assert flops["routers"] == 0 and flops["oracle"] > 0 or scorer == "taylor"
+            assert flops["total"] < dense["total"]
+
+
+def test_unsupported_components_are_refused_clearly():
+    case, em, _ = elastic("llama")
+    with pytest.raises(ValueError, match="scorer 'magnitude' does not support mlp_tokens; it supports attn_heads, mlp_experts"):
+        with em.capacity(mlp_tokens=0.5), em.scoring("magnitude"):
+            pass
+    with pytest.raises(ValueError, match="needs a vision transformer with a CLS token"):
+        with em.capacity(attn_tokens=0.5), em.scoring("cls_attention"):
+            pass
+    with pytest.raises(ValueError, match="unknown scorer 'best'; registered: learned, random"):
+        with em.scoring("best"):
+            pass
+    # a capacity changed inside the context is checked when the scorer is called
+    with em.scoring("magnitude"), em.capacity(mlp_tokens=0.5), pytest.raises(ValueError, match="does not support"):
+        em(**case.inputs)
+
+
+def test_threshold_mode_needs_the_learned_routers():
+    case, em, _ = elastic("llama")
+    em.set_mode("threshold")
+    with pytest.raises(ValueError, match="chooses by top-k"):
+        with em.scoring("random"):
+            pass
+
+
+def test_scoring_restores_the_routers_and_takes_a_custom_scorer():
+    case, em, _ = elastic("llama")
+    em.set_capacity(mlp_tokens=0.5)
+    with torch.no_grad():
+        before = case.output(em(**case.inputs))
+
+    class Last(Scorer):  # keep the latest tokens
+        name = "last"
+        components = ("mlp_tokens",)
+
+        def __call__(self, c):
+            return c.rows.float()
+
+    with em.scoring(Last()) as s, torch.no_grad():
+        assert em.scorer is s
+        em(**case.inputs)
+        keep = em.blocks[0].aux["mlp_tokens"][1]
+        T = keep.shape[1]
+        assert keep[:, T - n_kept(0.5, T - 1):].all()  # the last half, plus the protected position 0
+    assert em.scorer is None
+    with torch.no_grad():
+        assert torch.equal(case.output(em(**case.inputs)), before)
+
+
+def test_oracle_beats_random_on_the_dense_contribution():
+    """On one layer, dropping the MLP of the tokens with the smallest update must change the block's
+    output less than dropping random ones (the oracle's definition, measured)."""
+    case, em, _ = elastic("llama")
+    block = em.blocks[1]
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad(), em.capacity(mlp_tokens=1.0):
+        full = block.routed(x, None, None, None)
+    errs = {}
+    for name in ("oracle", "random"):
+        with torch.no_grad(), em.capacity(mlp_tokens=0.5), em.scoring(name):
+            errs[name] = (block.routed(x, None, None, None) - full).norm().item()
+    assert errs["oracle"] < errs["random"]
