@@ -409,6 +409,14 @@ def _check_same_run(folder: Path, saved: dict, now: dict) -> None:
                          "or start a new run from its routers (elastilab train --init-from)")
 
 
+def safe_exp(x: float) -> float:
+    """exp that gives inf instead of raising OverflowError (a broken model's perplexity)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 @torch.no_grad()
 def evaluate(em, blocks: Tensor, batch_size: int = 4) -> dict:
     """Teacher and student perplexity, KL and top-1 agreement on token blocks [N, T]."""
@@ -426,6 +434,6 @@ def evaluate(em, blocks: Tensor, batch_size: int = 4) -> dict:
         kl += kl_loss(s, t).item() * n
         agree += (s.argmax(-1) == t.argmax(-1)).float().sum().item()
         n_tok += n
-    ppl_t, ppl_s = math.exp(nll_t / n_tok), math.exp(nll_s / n_tok)
+    ppl_t, ppl_s = safe_exp(nll_t / n_tok), safe_exp(nll_s / n_tok)
     return {"teacher_ppl": ppl_t, "student_ppl": ppl_s, "ppl_ratio": ppl_s / ppl_t,
             "kl": kl / n_tok, "agreement": agree / n_tok, "tokens": n_tok}

@@ -68,7 +68,10 @@ class ElasticModel(nn.Module):
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
             wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
         if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
-            raise ValueError("no layer was made elastic: every layer is in dense_layers")
+            why = ("every layer is in dense_layers" if len(set(dense)) == n else
+                   "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
+                   "the tokens seen) and no other layer is routed")
+            raise ValueError(f"no layer was made elastic: {why}")
         for p in model.parameters():
             p.requires_grad_(False)
         for i, block in wrapped.items():

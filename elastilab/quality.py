@@ -15,8 +15,6 @@ primary ``quality`` column.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 from .compute import measure_flops
 from .config import LAYER_COMPONENTS
-from .distill import kl_loss
+from .distill import kl_loss, safe_exp
 from .scorers import SCORERS, get_scorer, supports
 
 #: the sub-layer each component saves compute in (its FLOPs are the frontier's x axis)
@@ -64,9 +62,9 @@ class LMTask:
             kl += kl_loss(s, t).item() * n
             agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
             n_tok += n
-        ratio = math.exp((nll_s - nll_t) / n_tok)
-        return {"quality": ratio, "ppl_ratio": ratio, "teacher_ppl": math.exp(nll_t / n_tok),
-                "student_ppl": math.exp(nll_s / n_tok), "kl": kl / n_tok, "agreement": agree / n_tok,
+        ratio = safe_exp((nll_s - nll_t) / n_tok)
+        return {"quality": ratio, "ppl_ratio": ratio, "teacher_ppl": safe_exp(nll_t / n_tok),
+                "student_ppl": safe_exp(nll_s / n_tok), "kl": kl / n_tok, "agreement": agree / n_tok,
                 "tokens": int(n_tok)}
 
 

@@ -332,3 +332,18 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert torch.allclose(preprocess(gray16, 28), preprocess(gray8, 28), atol=1e-6)
     with pytest.raises(TypeError, match="floating-point PIL image"):
         preprocess(Image.fromarray(gray16.astype(np.float32)), 28)
+
+
+def test_no_elastic_layer_says_why():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    one = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="attn_tokens is never routed in layer 0 of a causal model"):
+        el.elastify(one, attn_tokens=0.5)
+    with pytest.raises(ValueError, match="every layer is in dense_layers"):
+        el.elastify(one, el.ElasticConfig(mlp_tokens=0.5, dense_layers=(0,)))
+
+
+def test_a_broken_models_perplexity_is_inf_not_an_overflow():
+    from elastilab.distill import safe_exp
+    assert safe_exp(1e6) == float("inf") and safe_exp(0.0) == 1.0
