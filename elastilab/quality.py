@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .compute import measure_flops
 from .config import LAYER_COMPONENTS
 from .distill import kl_loss, safe_exp
-from .scorers import SCORERS, get_scorer, supports
+from .scorers import SCORERS, supports
 
 #: the sub-layer each component saves compute in (its FLOPs are the frontier's x axis)
 PART = {"attn_tokens": "attention", "attn_heads": "attention", "mlp_tokens": "mlp", "mlp_experts": "mlp",
@@ -163,7 +163,7 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
         rows.append({"scorer": name, "component": comp, "capacity": 1.0, "compute": 1.0, "model_compute": 1.0,
                      "scoring_cost": 0.0, **dense_q})
         for cap in caps:
-            with em.capacity(**{**base, comp: cap}), em.scoring(get_scorer(scorer)):
+            with em.capacity(**{**base, comp: cap}), em.scoring(scorer):
                 q = task.evaluate(em)
                 f = measure_flops(em, *args, **kwargs)
             part = PART[comp]

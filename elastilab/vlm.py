@@ -113,7 +113,7 @@ class ElasticLlava(ElasticModel):
     def scoring(self, scorer="learned"):
         """As ``ElasticModel.scoring``; image tokens are chosen by the router ("learned"), "random"
         or "fastv" (attention received from the text in an early LM layer, ``fastv_layer``)."""
-        name = scorer if isinstance(scorer, str) else getattr(scorer, "name", None)
+        name = scorer if isinstance(scorer, str) else getattr(scorer, "name", "learned")
         selector = {"learned": "router", "random": "random", "fastv": "fastv"}.get(name)
         if selector is None and self.visual_capacity < 1.0:
             raise ValueError(f"scorer {name!r} does not support visual_tokens; it supports learned, random, fastv")

@@ -200,3 +200,42 @@ def test_tiny_llava_is_a_real_llava_whose_elastic_twin_reproduces_it():
         tl.build_inputs(tok, item["question"], [item["image"], item["image"]])
     with pytest.raises(ValueError, match="placeholder"):  # a prompt without an image
         tl.build_inputs(tok, "What digit is this?", [item["image"]], chat=False)
+
+
+def test_image_tokens_through_the_scorer_registry_and_the_frontier():
+    """em.scoring picks the image-token selector (learned, random, fastv) and leaves the LM routers;
+    unsupported scorers are refused; the frontier measures each at the same token budgets."""
+    model, em = make(visual_tokens=1.0, mlp_experts=1.0)
+    em.fastv_layer = 1
+    x = inputs(images_per_row=1)
+    em.set_capacity(visual_tokens=0.6)
+    with torch.no_grad():
+        kept = {}
+        for name in ("learned", "random", "fastv"):
+            with em.scoring(name):
+                kept[name] = em(**x).image_keep
+            assert em.selector == "router" and em.scorer is None  # restored
+    assert all(k.sum(1).tolist() == [3, 3] for k in kept.values())
+    with pytest.raises(ValueError, match="scorer 'oracle' does not support visual_tokens"):
+        with em.scoring("oracle"):
+            pass
+
+    class Task:  # logits of the last position as the "answer": quality = agreement with the teacher
+        metric, higher_is_better = "agreement", True
+
+        def measure_input(self, em):
+            return (), dict(x)
+
+        def evaluate(self, em):
+            with torch.no_grad(), em.routers_disabled():
+                t = em(**x).logits[:, -1].argmax(-1)
+            with torch.no_grad():
+                s = em(**x).logits[:, -1].argmax(-1)
+            a = (s == t).float().mean().item()
+            return {"quality": a, "agreement": a}
+
+    df = el.frontier(em, Task(), components=["visual_tokens"], capacities=(0.6,),
+                     scorers=("learned", "random", "fastv", "oracle"), progress=False)
+    assert set(df.scorer) == {"learned", "random", "fastv"} and ("oracle", "visual_tokens") in df.attrs["skipped"]
+    routed = df[df.capacity < 1]
+    assert (routed.model_compute < 1).all() and (routed.compute == routed.model_compute).all()
