@@ -9,9 +9,10 @@ numbers against the teacher (the same model with routers disabled), with one res
 ``LMTask`` (perplexity ratio, KL, top-1 agreement), ``ViTTask`` (probe agreement, accuracy, feature
 cosine) and ``VLMTask`` (answer accuracy, agreement). Every row of a frontier has the
 same columns: scorer, component, capacity (requested), compute (measured FLOPs of the routed
-sub-layer over dense), model_compute (whole model, routing work included, an oracle's excluded),
-scoring_cost (the selection's own share of the dense model), the task's quality numbers and its
-primary ``quality`` column.
+sub-layer *plus the work of choosing* — a router, or e.g. the gate projection magnitude scores need —
+over the dense sub-layer's), sublayer_compute (the routed sub-layer alone), model_compute (whole model,
+choosing included, an oracle's excluded), scoring_cost (the choosing as a share of the dense model),
+the task's quality numbers and its primary ``quality`` column.
 """
 from __future__ import annotations
 
@@ -160,16 +161,19 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
             skipped.append((name, comp))
             bar.update(len(caps))
             continue
-        rows.append({"scorer": name, "component": comp, "capacity": 1.0, "compute": 1.0, "model_compute": 1.0,
-                     "scoring_cost": 0.0, **dense_q})
+        rows.append({"scorer": name, "component": comp, "capacity": 1.0, "compute": 1.0, "sublayer_compute": 1.0,
+                     "model_compute": 1.0, "scoring_cost": 0.0, **dense_q})
         for cap in caps:
             with em.capacity(**{**base, comp: cap}), em.scoring(scorer):
                 q = task.evaluate(em)
                 f = measure_flops(em, *args, **kwargs)
             part = PART[comp]
+            # the cost of choosing counts against the sub-layer it saves in (a router's Linear, or
+            # e.g. the gate projection magnitude scores need first); an oracle's is not counted
+            choosing = f["routers"] if part != "total" else 0
             rows.append({"scorer": name, "component": comp, "capacity": cap,
-                         "compute": f[part] / dense[part], "model_compute": f["total"] / dense["total"],
-                         "scoring_cost": f["routers"] / dense["total"], **q})
+                         "compute": (f[part] + choosing) / dense[part], "sublayer_compute": f[part] / dense[part],
+                         "model_compute": f["total"] / dense["total"], "scoring_cost": f["routers"] / dense["total"], **q})
             bar.update(1)
     bar.close()
     df = pd.DataFrame(rows)

@@ -34,15 +34,19 @@ def test_lm_frontier_rows_and_measured_compute(lm_frontier):
     dense = df[df.capacity == 1.0]
     assert (dense.ppl_ratio == 1.0).all() and (dense.agreement == 1.0).all()
     routed = df[df.capacity < 1.0]
-    assert (routed.compute < 1.0).all() and (routed.ppl_ratio != 1.0).any()
-    # every method pays the same sub-layer compute at one capacity (mlp slices / tokens: exactly)
+    assert (routed.sublayer_compute < 1.0).all() and (routed.ppl_ratio != 1.0).any()
+    # every method runs the same sub-layer compute at one capacity (mlp slices / tokens: exactly)
     for (comp, cap), g in routed[routed.component.isin(["mlp_tokens", "mlp_experts"])].groupby(["component", "capacity"]):
-        assert g.compute.nunique() == 1, (comp, cap)
+        assert g.sublayer_compute.nunique() == 1, (comp, cap)
     mlp = routed[(routed.component == "mlp_experts") & (routed.capacity == 0.5)].set_index("scorer")
-    assert mlp.loc["learned", "compute"] == pytest.approx(0.5)
-    # magnitude pays for its gate projection; the oracle's scoring is not compute
+    assert mlp.loc["learned", "sublayer_compute"] == pytest.approx(0.5)
+    # the cost of choosing counts: magnitude pays for its gate projection (a third of a SwiGLU MLP),
+    # a router for its Linear; the oracle's scoring is not compute
+    assert mlp.loc["magnitude", "compute"] == pytest.approx(0.5 + 1 / 3, rel=1e-3)
     assert mlp.loc["magnitude", "scoring_cost"] > mlp.loc["learned", "scoring_cost"] > 0
-    assert mlp.loc["oracle", "scoring_cost"] == 0 and mlp.loc["oracle", "model_compute"] < 1
+    assert 0.5 < mlp.loc["learned", "compute"] < 0.52  # Linear(64, 4) next to a 64 x 96 SwiGLU
+    assert mlp.loc["oracle", "scoring_cost"] == 0 and mlp.loc["oracle", "compute"] == 0.5
+    assert mlp.loc["oracle", "model_compute"] < 1
     assert ("magnitude", "mlp_tokens") in df.attrs["skipped"]
     assert em.capacities == {c: 1.0 for c in LAYER_COMPONENTS} and em.scorer is None  # left as it was
 
