@@ -76,7 +76,7 @@ def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(vocab_size=101, n_embd=64, n_layer=3, n_head=4, n_positions=128,
                      bos_token_id=0, eos_token_id=0)
-    return Case(GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 101, (2, 17))},
+    return Case(_randomize_biases(GPT2LMHeadModel(cfg)).eval(), {"input_ids": torch.randint(0, 101, (2, 17))},
                 lambda out: out.logits, distill=_lm_distill)
 
 
@@ -85,6 +85,15 @@ def _vit_distill(em, steps):
     from elastilab.vision import distill_vit
     images = torch.randn(8, 3, 32, 32)
     distill_vit(em, images, steps=steps, batch_size=4, lr=1e-2, progress=False)
+
+
+def _randomize_biases(model):
+    """Random inits start biases at zero; non-zero ones prove an adapter carries every bias."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") and "norm" not in n and "ln_" not in n:
+                p.normal_(0, 0.1)
+    return model
 
 
 def _randomize_layer_scale(model):
@@ -100,7 +109,7 @@ def timm_vit():  # CLS + 2 registers, LayerScale, qkv bias, classification head
     from timm.models.vision_transformer import VisionTransformer
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2,
                               num_classes=5, init_values=1.0, reg_tokens=2)
-    return Case(_randomize_layer_scale(model).eval(), {"x": torch.randn(2, 3, 32, 32)}, lambda out: out,
+    return Case(_randomize_biases(_randomize_layer_scale(model)).eval(), {"x": torch.randn(2, 3, 32, 32)}, lambda out: out,
                 causal=False, distill=_vit_distill)
 
 
@@ -109,7 +118,7 @@ def hf_dinov2():  # LayerScale, last_hidden_state
     from transformers import Dinov2Config, Dinov2Model
     cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                        image_size=32, patch_size=8)
-    return Case(_randomize_layer_scale(Dinov2Model(cfg)).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+    return Case(_randomize_biases(_randomize_layer_scale(Dinov2Model(cfg))).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
                 lambda out: out.last_hidden_state, causal=False, distill=_vit_distill)
 
 
@@ -118,7 +127,7 @@ def hf_vit_cls():  # ViT with its classification head
     from transformers import ViTConfig, ViTForImageClassification
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     image_size=32, patch_size=8, num_labels=5)
-    return Case(ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+    return Case(_randomize_biases(ViTForImageClassification(cfg)).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
                 lambda out: out.logits, causal=False, distill=_vit_distill)
 
 
