@@ -19,7 +19,7 @@ class ElasticBlock(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, adapter, layer_idx: int, components: dict[str, float],
-                 n_experts: int, mode: str, unit_order: Tensor | None = None):
+                 n_experts: int, mode: str, unit_order: Tensor | None = None, attn_tokens_variant: str = "drop"):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
@@ -34,6 +34,8 @@ class ElasticBlock(nn.Module):
         self.capacity = dict(components)
         self.n_experts = n_experts
         self.mode = mode
+        #: "drop": tokens skipped by attn_tokens are not keys/values either; "keep_kv": they are
+        self.attn_tokens_variant = attn_tokens_variant
         self.enabled = True
         self.attn = RoutedAttention(layer_idx)
         self.mlp = RoutedMLP()
@@ -109,10 +111,13 @@ class ElasticBlock(nn.Module):
 
         # attention sub-layer: chosen tokens (all, padded to the longest row) and chosen heads
         h = spec.attn_norm(x)
+        keys = None  # rows offering keys/values when they are not the query rows
         if self._active("attn_tokens"):
             scores, keep = self._token_keep("attn_tokens", h, protected, pos=pos, rope=rope)
             idx, valid = keep_to_index(keep)
             take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+            if self.attn_tokens_variant == "keep_kv":  # every token is a key/value; chosen ones query
+                keys = (h, pos, rope)
             h, pos, gate = take(h), take(pos), straight_through(take(scores))
             rope = None if rope is None else (take(rope[0]), take(rope[1]))
         else:
@@ -131,8 +136,9 @@ class ElasticBlock(nn.Module):
             per_row = torch.zeros(*heads[0].shape[:2], spec.attn.n_heads, dtype=torch.bool,
                                   device=x.device).scatter_(-1, heads[0], True).sum(1)
             counts["head_pairs"] = B * int(per_row.max(0).values.sum())
-        y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads)
-        counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys)
+        y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads, keys)
+        counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys,
+                      kv_rows=B * T if keys is not None else int(valid.sum()))
         if spec.ls1 is not None:
             y = y * spec.ls1
         if idx is None:
@@ -192,7 +198,8 @@ class ElasticBlock(nn.Module):
         key_idx, tok_gate, head_gates = None, probe.get("attn_tokens"), probe.get("attn_heads")
         if self._active("attn_tokens") and not probe:
             scores, keep = self._token_keep("attn_tokens", h, min(T, spec.n_protected))
-            key_idx = keep_to_index(keep)[0]  # top-k: the same count in every row, no padding
+            if self.attn_tokens_variant == "drop":  # else every token stays a key/value (key_idx None)
+                key_idx = keep_to_index(keep)[0]  # top-k: the same count in every row, no padding
             tok_gate = hard_gates(keep, scores)
         if self._active("attn_heads") and not probe:
             hs = self.routers["attn_heads"](h)

@@ -40,7 +40,7 @@ def analytic_block_flops(block) -> dict[str, int]:
     rows, keys = c["attn_rows"], c["keys"]
     q_rows = c.get("head_pairs", rows * a.n_heads)  # (token, head) pairs that are computed
     attn = (2 * q_rows * d * hd * 2                         # q projection and o projection
-            + 2 * rows * d * a.n_kv_heads * hd * 2          # k and v projections
+            + 2 * c.get("kv_rows", rows) * d * a.n_kv_heads * hd * 2  # k and v projections (keep_kv: every row)
             + 2 * q_rows * keys * hd * 2)                   # scores and weighted values
     n_mat = 3 if m.kind == "swiglu" else 2
     units = c["mlp_rows"] * m.width

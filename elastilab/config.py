@@ -10,6 +10,8 @@ PARAM_COMPONENTS = ("attn_heads", "mlp_experts")
 LAYER_COMPONENTS = TOKEN_COMPONENTS + PARAM_COMPONENTS
 COMPONENTS = LAYER_COMPONENTS + ("visual_tokens",)
 MODES = ("topk", "threshold")
+#: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention
+ATTN_TOKENS_VARIANTS = ("drop", "keep_kv")
 PARTITIONS = ("contiguous", "clustered")
 
 
@@ -45,6 +47,12 @@ class ElasticConfig:
     #: "threshold": a token is kept when its score passes a calibrated per-layer threshold
     #: (causal: usable for generation with a KV cache)
     mode: str = "topk"
+    #: ``attn_tokens`` routing: "drop" (Mixture-of-Depths: a skipped token is neither query nor
+    #: key/value in that layer, so later tokens cannot see it there) or "keep_kv" (FlexiDepth: every
+    #: token still offers its key and value, only a skipped token's query side is not computed: its
+    #: q projection, scores, weighted values and o projection). Checkpoints saved before this field
+    #: existed load as "drop"; ``ElasticModel.set_attn_tokens_variant`` changes it live.
+    attn_tokens_variant: str = "drop"
     #: layers left dense (e.g. the first and last); negative indices count from the end
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     #: {component: layers} that keep their routers but always run that component dense, whatever
@@ -64,6 +72,9 @@ class ElasticConfig:
             raise ValueError(f"expert_partition must be one of {PARTITIONS}, got {self.expert_partition!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.attn_tokens_variant not in ATTN_TOKENS_VARIANTS:
+            raise ValueError(f"attn_tokens_variant must be one of {ATTN_TOKENS_VARIANTS}, "
+                             f"got {self.attn_tokens_variant!r}")
         self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
 

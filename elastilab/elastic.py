@@ -66,7 +66,8 @@ class ElasticModel(nn.Module):
             order = None
             if "mlp_experts" in comps and config.expert_partition == "clustered":
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
-            wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order)
+            wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order,
+                                      attn_tokens_variant=config.attn_tokens_variant)
         if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
             why = ("every layer is in dense_layers" if len(set(dense)) == n else
                    "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
@@ -162,6 +163,16 @@ class ElasticModel(nn.Module):
         self.elastic_config.mode = mode
         for b in self.blocks:
             b.mode = mode
+        return self
+
+    def set_attn_tokens_variant(self, variant: str) -> "ElasticModel":
+        """Live switch of what a token skipped by ``attn_tokens`` leaves out of attention: "drop"
+        (query, key and value) or "keep_kv" (only its query side; every token stays a key/value).
+        The same routers choose in both; ``ElasticConfig.attn_tokens_variant`` documents them."""
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "attn_tokens_variant": variant})  # validates
+        self.elastic_config.attn_tokens_variant = variant
+        for b in self.blocks:
+            b.attn_tokens_variant = variant
         return self
 
     def set_backend(self, backend: str) -> "ElasticModel":

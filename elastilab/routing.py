@@ -79,8 +79,10 @@ def choose_slots(scores: Tensor, capacity: float) -> tuple[Tensor, Tensor]:
 class RoutedAttention(nn.Module):
     """Attention over a subset of tokens, optionally with a subset of query heads per token.
 
-    Only the chosen tokens are projected and enter attention (as queries, keys and values), and a
-    token computes only its chosen heads (q projection, scores, values and its slice of o_proj).
+    Only the chosen tokens are projected and enter attention (as queries, keys and values; with
+    ``keys`` given, as queries only, the ``keys`` rows offering keys and values: the "keep_kv"
+    variant of ``ElasticConfig.attn_tokens_variant``), and a token computes only its chosen heads
+    (q projection, scores, values and its slice of o_proj).
     With a KV cache, the original positions of the cached keys are remembered so that causal masks
     stay right when every layer caches a different subset of tokens.
     """
@@ -98,17 +100,22 @@ class RoutedAttention(nn.Module):
 
     def forward(self, w: AttnWeights, h: Tensor, pos: Tensor, valid: Tensor, rope=None,
                 pad_mask: Tensor | None = None, cache=None,
-                heads: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                heads: tuple[Tensor, Tensor] | None = None,
+                keys: tuple[Tensor, Tensor, tuple | None] | None = None) -> Tensor:
         """h [B, K, d] chosen rows; pos [B, K] their original positions; valid [B, K] (False = padding);
         rope: (cos, sin) gathered to [B, K, hd]; pad_mask [B, K, S_full] bool from the model's mask;
-        heads: (ids [B, K, kh], gates [B, K, kh]). Returns [B, K, d]."""
+        heads: (ids [B, K, kh], gates [B, K, kh]); keys: (h_kv [B, S, d], pos_kv [B, S], rope_kv
+        [B, S, hd] or None), the rows whose keys and values are computed and cached (all valid),
+        when they are not the chosen rows themselves. Returns [B, K, d]."""
         B, K, _ = h.shape
         hd = w.head_dim
-        k = F.linear(h, w.w_k, w.b_k).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
-        v = F.linear(h, w.w_v, w.b_v).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
-        if rope is not None:
-            k = w.rope(k, *rope)
-        kpos = torch.where(valid, pos, torch.full_like(pos, _FAR))
+        hk, rk = (h, rope) if keys is None else (keys[0], keys[2])
+        S = hk.shape[1]
+        k = F.linear(hk, w.w_k, w.b_k).view(B, S, w.n_kv_heads, hd).transpose(1, 2)
+        v = F.linear(hk, w.w_v, w.b_v).view(B, S, w.n_kv_heads, hd).transpose(1, 2)
+        if rk is not None:
+            k = w.rope(k, *rk)
+        kpos = torch.where(valid, pos, torch.full_like(pos, _FAR)) if keys is None else keys[1]
         if cache is not None:
             if cache.get_seq_length(self.layer_idx) == 0:
                 self._kpos = None
@@ -124,13 +131,13 @@ class RoutedAttention(nn.Module):
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if allowed is None else allowed[:, None],
                 scale=w.scaling, enable_gqa=w.n_heads != w.n_kv_heads)
-            return F.linear(o.transpose(1, 2).reshape(B, K, -1), w.w_o, w.b_o)
+            return F.linear(o.transpose(1, 2).reshape(B, K, w.n_heads * hd), w.w_o, w.b_o)  # K may be 0
         return self.head_attention(w, h, k, v, allowed, rope, heads)
 
     @staticmethod
     def _allowed(w, pos, valid, kpos, pad_mask):
-        if not w.causal and pad_mask is None and bool(valid.all()) and kpos.shape[1] == pos.shape[1]:
-            return None  # plain full attention: let sdpa take its fastest path
+        if not w.causal and pad_mask is None and bool((kpos < _FAR).all()):
+            return None  # plain full attention (padding queries, if any, are discarded): sdpa's fastest path
         allowed = (kpos < _FAR)[:, None, :].expand(-1, pos.shape[1], -1)
         if w.causal:
             allowed = allowed & (kpos[:, None, :] <= pos[:, :, None])
@@ -144,10 +151,10 @@ class RoutedAttention(nn.Module):
 def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: Tensor | None,
                         head_gates: Tensor | None) -> Tensor:
     """Training estimator of routed attention: every token queries, but only the chosen tokens
-    (key_idx [B, K]) are keys and values, so chosen tokens get exactly their routed output while
-    skipped ones get the output they *would* have had; all heads are computed and scaled by
-    head_gates [B, T, H] (1/0 in value). Dense cost, training only: it gives the routers a
-    gradient for the tokens and heads they did not choose."""
+    (key_idx [B, K]; None: every token, as in the "keep_kv" variant) are keys and values, so chosen
+    tokens get exactly their routed output while skipped ones get the output they *would* have had;
+    all heads are computed and scaled by head_gates [B, T, H] (1/0 in value). Dense cost, training
+    only: it gives the routers a gradient for the tokens and heads they did not choose."""
     B, T, _ = h.shape
     hd = w.head_dim
     hk, kpos, rk = h, pos, rope
