@@ -174,9 +174,12 @@ def frontier_tables(results: Path) -> str:
                 "| component | capacity | measured compute | random | learned | best training-free | "
                 "best oracle | router efficiency |", "|---|---|---|---|---|---|---|---|"]
         for r in summary.itertuples():
-            free = _cell(r.training_free, None if pd.isna(r.training_free) else r.best_training_free)
+            free = _cell(r.training_free, None if pd.isna(r.training_free) else
+                         f"{r.best_training_free}, compute {r.training_free_compute:.2f}")
             orc = _cell(r.oracle, None if pd.isna(r.oracle) else r.best_oracle)
-            eff = "–" if pd.isna(r.router_efficiency) else f"{r.router_efficiency:.2f}"
+            eff = r.router_efficiency
+            # outside [0, 1] the oracle is no ceiling there (a proxy that the learned router beats)
+            eff = "–" if pd.isna(eff) else "> 1" if eff > 1 else "< 0" if eff < 0 else f"{eff:.2f}"
             out.append(f"| {r.component} | {r.capacity:g} | {r.compute:.3f} | {_cell(r.random)} | "
                        f"{_cell(r.learned)} | {free} | {orc} | {eff} |")
         out.append("")

@@ -191,11 +191,14 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_bett
     out = []
     for (comp, cap), g in df[df.capacity < 1].groupby(["component", "capacity"], sort=False):
         by = dict(zip(g.scorer, g[metric]))
-        row = {"component": comp, "capacity": cap,
-               "compute": float(g.compute.mean()), "random": by.get("random", np.nan), "learned": by.get("learned", np.nan)}
+        compute = dict(zip(g.scorer, g.compute))
+        row = {"component": comp, "capacity": cap,  # compute: the learned router's (random's without one)
+               "compute": compute.get("learned", compute.get("random", float(g.compute.min()))),
+               "random": by.get("random", np.nan), "learned": by.get("learned", np.nan)}
         free = {k: v for k, v in by.items() if k in TRAINING_FREE}
         best = max(free, key=lambda k: val(free[k])) if free else None
-        row.update(best_training_free=best, training_free=free[best] if best else np.nan)
+        row.update(best_training_free=best, training_free=free[best] if best else np.nan,
+                   training_free_compute=compute[best] if best else np.nan)
         orc = {k: v for k, v in by.items() if k in ORACLES}
         best = max(orc, key=lambda k: val(orc[k])) if orc else None
         row.update(best_oracle=best, oracle=orc[best] if best else np.nan)
