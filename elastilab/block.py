@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .routers import Router
-from .scorers import Candidates, Scoring
+from .scorers import Candidates, Scoring, merge_rows, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
                       hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)
 
@@ -61,6 +61,11 @@ class ElasticBlock(nn.Module):
             return self.routers[comp](h)
         return self.scoring(Candidates(self, comp, h, rows, **where))
 
+    def _merged(self) -> Tensor | None:
+        """After a merging scorer (ToMe) chose: the token each token merges into [B, T], else None."""
+        scorer = self.scoring.scorer
+        return scorer.partner if getattr(scorer, "merges", False) else None
+
     def _token_keep(self, comp: str, h: Tensor, n_protected: int, **where) -> tuple[Tensor, Tensor]:
         B, T = h.shape[:2]
         rows = torch.arange(B * T, device=h.device).view(B, T)
@@ -111,9 +116,11 @@ class ElasticBlock(nn.Module):
 
         # attention sub-layer: chosen tokens (all, padded to the longest row) and chosen heads
         h = spec.attn_norm(x)
-        keys = None  # rows offering keys/values when they are not the query rows
+        keys = merged = None  # rows offering keys/values when they are not the query rows; ToMe groups
         if self._active("attn_tokens"):
             scores, keep = self._token_keep("attn_tokens", h, protected, pos=pos, rope=rope)
+            if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
+                h, attn_keep = merge_rows(h, merged), keep
             idx, valid = keep_to_index(keep)
             take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
             if self.attn_tokens_variant == "keep_kv":  # every token is a key/value; chosen ones query
@@ -143,6 +150,8 @@ class ElasticBlock(nn.Module):
             y = y * spec.ls1
         if idx is None:
             x = x + y
+        elif merged is not None:  # every token receives its group's output
+            x = x + unmerge(y, attn_keep, merged)
         else:
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[valid]
             x = scatter_add_rows(x.reshape(B * T, d), flat, (y * gate[..., None])[valid]).view(B, T, d)
@@ -151,9 +160,12 @@ class ElasticBlock(nn.Module):
         x = x.reshape(B * T, d)
         h_all = spec.mlp_norm(x)
         h, rows, gate = h_all, None, None
+        merged = None
         if self._active("mlp_tokens"):
             scores, keep = self._token_keep("mlp_tokens", h_all.view(B, T, d), protected)
             rows = keep.reshape(-1).nonzero().squeeze(1)
+            if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
+                h_all = merge_rows(h_all.view(B, T, d), merged).view(B * T, d)
             h, gate = h_all[rows], straight_through(scores.reshape(-1)[rows])
         experts = None
         if self._active("mlp_experts"):
@@ -163,13 +175,16 @@ class ElasticBlock(nn.Module):
             counts["expert_pairs"] = experts[0].numel()
         counts["mlp_rows"] = h.shape[0]
         self.counts = counts
-        if rows is not None and experts is None and spec.ls2 is None:
+        if rows is not None and experts is None and spec.ls2 is None and merged is None:
             x = self.mlp(spec.mlp, h_all, residual=(x, rows, gate))  # gather, MLP, residual add: fused
         else:
             y = self.mlp(spec.mlp, h, experts, self.n_experts)
             if spec.ls2 is not None:
                 y = y * spec.ls2
-            x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
+            if merged is not None:  # every token receives its group's output
+                x = x + unmerge(y.view(B, -1, d), keep, merged).reshape(B * T, d)
+            else:
+                x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
         return x.view(B, T, d)
 
     def estimate(self, x: Tensor, rope) -> Tensor:

@@ -19,6 +19,7 @@ magnitude            attn_heads, mlp_experts          norm of each head's query 
 attention_received   attn_tokens, mlp_tokens          attention each token receives in the layer (H2O)
 cls_attention        attn_tokens, mlp_tokens (ViTs)   attention the CLS token pays each token
 fastv                visual_tokens (VLMs)             attention image tokens receive from the text (FastV)
+tome                 attn_tokens, mlp_tokens (ViTs)   merges similar patches instead of dropping (ToMe)
 ==================== ================================ ==================================================
 
 Counted scorers (``counted = True``) are real methods: their scoring work is part of the measured
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LAYER_COMPONENTS, PARAM_COMPONENTS, TOKEN_COMPONENTS
+from .routing import n_kept
 from .spec import ACTIVATIONS, mlp_hidden
 
 
@@ -362,3 +364,61 @@ class FastV(Scorer):
     def __call__(self, c):
         raise RuntimeError("FastV chooses image tokens inside ElasticLlava, not per block")
 
+
+
+@register
+class ToMe(Scorer):
+    """Token merging for ViTs (ToMe, Bolya et al. 2023), one bipartite step per layer and component:
+    patches alternate into sets A and B, each A patch finds its most similar B patch (cosine of the
+    normalised hidden states), and the most similar pairs are merged until ceil(c * N) tokens are
+    left. The sub-layer runs on the merged tokens (the mean of their members) and every member
+    receives its merged token's output, so nothing is dropped (ToMe-SD's unmerge). Protected tokens
+    (CLS, registers) are never merged. Capacity >= 0.5 (one step merges at most half the tokens).
+    The matching costs counted scoring work; averaging and copying are element-wise."""
+
+    name = "tome"
+    components = TOKEN_COMPONENTS
+    merges = True
+
+    def check(self, em, component):
+        super().check(em, component)
+        if em.adapter.causal:
+            raise ValueError("scorer 'tome' merges the tokens of vision transformers (non-causal); "
+                             f"{type(em.model).__name__} is causal")
+
+    def __call__(self, c):
+        h, block = c.h, c.block
+        B, T, _ = h.shape
+        P = min(T, block._spec().n_protected)
+        free = T - P
+        r = free - n_kept(block.capacity[c.component], free)
+        a_idx = torch.arange(P, T, 2, device=h.device)
+        b_idx = torch.arange(P + 1, T, 2, device=h.device)
+        if r > len(a_idx):
+            raise ValueError(f"scorer 'tome' merges at most half of the {free} tokens of a layer in one step; "
+                             f"capacity {block.capacity[c.component]} needs {r} merges (use a capacity >= 0.5)")
+        metric = F.normalize(h.float(), dim=-1)
+        best, partner_b = (metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)).max(-1)  # [B, |A|]
+        merged = best.argsort(-1, descending=True)[:, :r]                                # A positions
+        self.partner = torch.arange(T, device=h.device).repeat(B, 1)
+        self.partner.scatter_(1, a_idx[merged], b_idx[partner_b.gather(1, merged)])
+        scores = torch.ones(B, T, device=h.device, dtype=h.dtype)
+        return scores.scatter_(1, a_idx[merged], 0.0)  # top-k keeps exactly the unmerged tokens
+
+
+def merge_rows(h: Tensor, partner: Tensor) -> Tensor:
+    """h [B, T, d] with each token that others merge into replaced by the mean of its group
+    (partner [B, T]: the token each one merges into, itself when it stays)."""
+    B, T, d = h.shape
+    flat = (partner + T * torch.arange(B, device=h.device)[:, None]).reshape(-1)
+    total = torch.zeros(B * T, d, dtype=h.dtype, device=h.device).index_add(0, flat, h.reshape(-1, d))
+    count = torch.zeros(B * T, dtype=h.dtype, device=h.device).index_add(0, flat, torch.ones_like(flat, dtype=h.dtype))
+    return (total / count.clamp(min=1)[:, None]).view(B, T, d)
+
+
+def unmerge(y: Tensor, keep: Tensor, partner: Tensor) -> Tensor:
+    """Outputs y [B, K, d] of the kept tokens (in order) -> [B, T, d]: every token gets the output of
+    the token it merged into."""
+    slot = keep.long().cumsum(1) - 1                  # place of each kept token among the kept
+    src = slot.gather(1, partner)
+    return torch.gather(y, 1, src[..., None].expand(-1, -1, y.shape[-1]))

@@ -34,7 +34,7 @@ def family(request):
 def test_every_scorer_on_every_component_it_supports(family, scorer):
     case, em, ref = family
     supported = [c for c in LAYER_COMPONENTS if supports(scorer, em, c)]
-    assert scorer in ("cls_attention", "attention_received", "magnitude", "fastv") or supported == list(LAYER_COMPONENTS)
+    assert scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome") or supported == list(LAYER_COMPONENTS)
     for comp in supported:
         with em.scoring(scorer), torch.no_grad():
             out = case.output(em(**case.inputs))
@@ -124,3 +124,29 @@ def test_oracle_beats_random_on_the_dense_contribution():
         with torch.no_grad(), em.capacity(mlp_tokens=0.5), em.scoring(name):
             errs[name] = (block.routed(x, None, None, None) - full).norm().item()
     assert errs["oracle"] < errs["random"]
+
+
+def test_tome_merges_instead_of_dropping():
+    """ToMe: nothing is dropped — a merged patch receives exactly its group's MLP output — the sub-layer
+    runs on ceil(c * N) tokens, and one bipartite step refuses to merge more than half."""
+    from elastilab.routing import estimator_attention
+    case, em, _ = elastic("hf_dinov2")
+    block = em.blocks[0]
+    x = torch.randn(2, 17, 64)  # CLS + 16 patches
+    with torch.no_grad(), em.capacity(mlp_tokens=0.5), em.scoring("tome") as tome:
+        out = block.routed(x, None, None, None)
+        partner = tome.partner
+        assert block.counts["mlp_rows"] == 2 * (1 + 8)
+        spec = block._spec()  # the attention sub-layer runs dense: recompute it to isolate the MLP's update
+        after_attn = x + estimator_attention(spec.attn, spec.attn_norm(x), torch.arange(17).expand(2, 17),
+                                             None, None, None) * spec.ls1
+    mlp_update = out - after_attn
+    moved = partner != torch.arange(17)
+    assert moved.sum(1).tolist() == [8, 8] and not moved[:, 0].any()  # 8 merges per image; CLS never
+    for b, t in moved.nonzero().tolist():
+        p = int(partner[b, t])
+        assert not moved[b, p]  # merged into a token that stays
+        torch.testing.assert_close(mlp_update[b, t], mlp_update[b, p])  # the group's output, shared
+    assert (mlp_update.abs().sum(-1) > 1e-3).all()  # every token got an MLP update: merged, not skipped
+    with em.capacity(mlp_tokens=0.25), em.scoring("tome"), pytest.raises(ValueError, match="at most half"):
+        em(**case.inputs)
