@@ -225,25 +225,28 @@ def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute
         axes = axes[0]
     for ax, comp in zip(axes, comps):
         g = df[df.component == comp]
+        if not hib and metric == "ppl_ratio":
+            ax.set_yscale("log")
         for name, s in g.groupby("scorer", sort=False):
-            s = s.sort_values(x)
+            s = s.sort_values("capacity")  # a frontier is traced by the capacity knob
             color, marker, ls = STYLE.get(name, ("k", ".", "-"))
             ax.plot(s[x], s[metric], color=color, marker=marker, ls=ls, ms=4, label=name)
         orc = g[g.scorer.isin(ORACLES)]
-        if len(orc):
-            best = orc.groupby(x)[metric].max() if hib else orc.groupby(x)[metric].min()
+        if len(orc):  # shade what lies beyond the best oracle: no selector by the same units gets there
+            best = (orc.groupby(x)[metric].max() if hib else orc.groupby(x)[metric].min()).sort_index()
             lim = ax.get_ylim()
-            edge = lim[1] if hib else lim[0]
-            ax.fill_between(best.index, best.values, edge, color="C3", alpha=0.08, lw=0)
+            ax.fill_between(best.index, best.values, lim[1] if hib else lim[0], color="C3", alpha=0.08, lw=0)
             ax.set_ylim(lim)
-        if not hib and metric == "ppl_ratio":
-            ax.set_yscale("log")
         ax.set_title(comp, fontsize=9)
         ax.set_xlabel(f"measured {x.replace('_', ' ')} (fraction of dense)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric.replace("_", " "), fontsize=8)
-    axes[-1].legend(fontsize=7, loc="best")
+    handles = {}
+    for ax in axes:  # one legend for every scorer of every panel
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[0].figure.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
     if title:
         axes[0].figure.suptitle(title, fontsize=10)
     return axes[0].figure
