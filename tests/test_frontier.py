@@ -61,7 +61,7 @@ def test_summary_efficiency_and_plot(lm_frontier):
         assert row.router_efficiency == pytest.approx(expected)
     fig = el.plot_frontier(df)
     assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
-    assert {t.get_text() for t in fig.axes[-1].get_legend().get_texts()} == {"learned", "random", "oracle", "magnitude"}
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {"learned", "random", "oracle", "magnitude"}
 
 
 def test_vit_frontier_on_a_tiny_model():
