@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .routers import Router
-from .scorers import Candidates, Scoring, merge_rows, unmerge
+from .scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
                       hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)
 
@@ -36,6 +36,7 @@ class ElasticBlock(nn.Module):
         self.mode = mode
         #: "drop": tokens skipped by attn_tokens are not keys/values either; "keep_kv": they are
         self.attn_tokens_variant = attn_tokens_variant
+        self.skipped_tokens = "drop"  # or "merge" (ElasticConfig.skipped_tokens)
         self.enabled = True
         self.attn = RoutedAttention(layer_idx)
         self.mlp = RoutedMLP()
@@ -65,6 +66,10 @@ class ElasticBlock(nn.Module):
         """After a merging scorer (ToMe) chose: the token each token merges into [B, T], else None."""
         scorer = self.scoring.scorer
         return scorer.partner if getattr(scorer, "merges", False) else None
+
+    def _receives(self, h: Tensor, keep: Tensor) -> Tensor | None:
+        """With skipped_tokens="merge": the kept token whose output each token receives [B, T]."""
+        return nearest_kept(h, keep) if self.skipped_tokens == "merge" else None
 
     def _token_keep(self, comp: str, h: Tensor, n_protected: int, **where) -> tuple[Tensor, Tensor]:
         B, T = h.shape[:2]
@@ -121,6 +126,8 @@ class ElasticBlock(nn.Module):
             scores, keep = self._token_keep("attn_tokens", h, protected, pos=pos, rope=rope)
             if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
                 h, attn_keep = merge_rows(h, merged), keep
+            elif (merged := self._receives(h, keep)) is not None:
+                attn_keep = keep
             idx, valid = keep_to_index(keep)
             take = lambda t: torch.gather(t, 1, idx.view(B, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
             if self.attn_tokens_variant == "keep_kv":  # every token is a key/value; chosen ones query
@@ -151,7 +158,7 @@ class ElasticBlock(nn.Module):
         if idx is None:
             x = x + y
         elif merged is not None:  # every token receives its group's output
-            x = x + unmerge(y, attn_keep, merged)
+            x = x + unmerge(y[valid], attn_keep, merged).view(B, T, d)
         else:
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[valid]
             x = scatter_add_rows(x.reshape(B * T, d), flat, (y * gate[..., None])[valid]).view(B, T, d)
@@ -166,6 +173,8 @@ class ElasticBlock(nn.Module):
             rows = keep.reshape(-1).nonzero().squeeze(1)
             if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
                 h_all = merge_rows(h_all.view(B, T, d), merged).view(B * T, d)
+            else:
+                merged = self._receives(h_all.view(B, T, d), keep)
             h, gate = h_all[rows], straight_through(scores.reshape(-1)[rows])
         experts = None
         if self._active("mlp_experts"):
@@ -182,7 +191,7 @@ class ElasticBlock(nn.Module):
             if spec.ls2 is not None:
                 y = y * spec.ls2
             if merged is not None:  # every token receives its group's output
-                x = x + unmerge(y.view(B, -1, d), keep, merged).reshape(B * T, d)
+                x = x + unmerge(y, keep, merged)
             else:
                 x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
         return x.view(B, T, d)
@@ -197,6 +206,9 @@ class ElasticBlock(nn.Module):
         With ``self.probe`` set (a dict), nothing is chosen: every candidate is computed with a gate
         of exactly 1, a leaf stored in the dict, whose gradient is a first-order (Taylor) estimate of
         what removing that candidate would change (``scorers.Taylor``)."""
+        if self.skipped_tokens != "drop":
+            raise ValueError("routers train with skipped_tokens='drop'; set it to 'merge' after training "
+                             "(ElasticModel.set_skipped_tokens)")
         spec = self._spec()
         B, T, d = x.shape
         self.aux = {}

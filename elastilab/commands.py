@@ -104,7 +104,8 @@ def build(args):
             images, labels = read_images(args.images, args.n_images), None
         else:
             images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
-        return _elastic(model, args, comps), fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps
+        em = _elastic(model, args, comps).set_skipped_tokens(args.skipped_tokens)
+        return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps
     from . import vlm
     from .zoo import tiny_llava
     model, tok = tiny_llava.load()
@@ -253,6 +254,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--per-class", type=_positive, default=6, help="tiny-llava: digit questions per class")
     f.add_argument("--faces", type=_positive, default=20, help="tiny-llava: face questions per answer")
     f.add_argument("--n-experts", type=_positive, default=8, help="MLP slices when no routers are given")
+    f.add_argument("--skipped-tokens", choices=("drop", "merge"), default="drop",
+                   help="vision models: what a skipped token receives (nothing, or its nearest kept token's output)")
     f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(func=_run_frontier)

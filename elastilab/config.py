@@ -12,6 +12,7 @@ COMPONENTS = LAYER_COMPONENTS + ("visual_tokens",)
 MODES = ("topk", "threshold")
 #: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention
 ATTN_TOKENS_VARIANTS = ("drop", "keep_kv")
+SKIPPED_TOKENS = ("drop", "merge")
 PARTITIONS = ("contiguous", "clustered")
 
 
@@ -53,6 +54,12 @@ class ElasticConfig:
     #: q projection, scores, weighted values and o projection). Checkpoints saved before this field
     #: existed load as "drop"; ``ElasticModel.set_attn_tokens_variant`` changes it live.
     attn_tokens_variant: str = "drop"
+    #: what a token skipped by attn_tokens / mlp_tokens receives: "drop" (nothing: its residual stream
+    #: passes unchanged) or "merge" (the sub-layer output of its most similar kept token, by cosine of
+    #: the normalised inputs; vision transformers only, since a causal model would need a kept token
+    #: from its own past within each chunk). Inference only: routers train with "drop".
+    #: ``ElasticModel.set_skipped_tokens`` changes it live.
+    skipped_tokens: str = "drop"
     #: layers left dense (e.g. the first and last); negative indices count from the end
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     #: {component: layers} that keep their routers but always run that component dense, whatever
@@ -75,6 +82,8 @@ class ElasticConfig:
         if self.attn_tokens_variant not in ATTN_TOKENS_VARIANTS:
             raise ValueError(f"attn_tokens_variant must be one of {ATTN_TOKENS_VARIANTS}, "
                              f"got {self.attn_tokens_variant!r}")
+        if self.skipped_tokens not in SKIPPED_TOKENS:
+            raise ValueError(f"skipped_tokens must be one of {SKIPPED_TOKENS}, got {self.skipped_tokens!r}")
         self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
 

@@ -326,8 +326,9 @@ def _run_identity(em, data, cfg: DistillConfig) -> dict:
     capacities, data, and every setting that shapes the trajectory."""
     from .elastic import fingerprint
     elastic = {k: v for k, v in em.elastic_config.to_dict().items() if k != "mode"}  # training is top-k
-    if elastic.get("attn_tokens_variant") == "drop":  # the default: runs saved before the field resume
-        del elastic["attn_tokens_variant"]
+    for key in ("attn_tokens_variant", "skipped_tokens"):  # defaults: runs saved before the fields resume
+        if elastic.get(key) == "drop":
+            del elastic[key]
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     identity = {"fingerprint": fingerprint(em), "elastic_config": elastic, "distill": settings,
                 "data": {"n": len(data)}}

@@ -55,6 +55,9 @@ class ElasticModel(nn.Module):
         dense = layer_indices(config.dense_layers, n, "dense_layers")
         for comp, kept in config.keep_dense.items():
             layer_indices(kept, n, f"keep_dense[{comp!r}]")
+        if config.skipped_tokens == "merge" and self.adapter.causal:
+            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
+                             "a kept token from each skipped token's own past in every chunk")
         wrapped = {}  # built first: the caller's model is touched only once every block was made
         for i in range(n):
             comps = {c: getattr(config, c) for c in layer_comps}
@@ -68,6 +71,7 @@ class ElasticModel(nn.Module):
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
             wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order,
                                       attn_tokens_variant=config.attn_tokens_variant)
+            wrapped[i].skipped_tokens = config.skipped_tokens
         if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
             why = ("every layer is in dense_layers" if len(set(dense)) == n else
                    "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
@@ -163,6 +167,17 @@ class ElasticModel(nn.Module):
         self.elastic_config.mode = mode
         for b in self.blocks:
             b.mode = mode
+        return self
+
+    def set_skipped_tokens(self, how: str) -> "ElasticModel":
+        """"drop" or "merge": what a token skipped by token routing receives (ElasticConfig.skipped_tokens)."""
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "skipped_tokens": how})  # validates
+        if how == "merge" and self.adapter.causal:
+            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
+                             "a kept token from each skipped token's own past in every chunk")
+        self.elastic_config.skipped_tokens = how
+        for b in self.blocks:
+            b.skipped_tokens = how
         return self
 
     def set_attn_tokens_variant(self, variant: str) -> "ElasticModel":

@@ -417,8 +417,16 @@ def merge_rows(h: Tensor, partner: Tensor) -> Tensor:
 
 
 def unmerge(y: Tensor, keep: Tensor, partner: Tensor) -> Tensor:
-    """Outputs y [B, K, d] of the kept tokens (in order) -> [B, T, d]: every token gets the output of
-    the token it merged into."""
-    slot = keep.long().cumsum(1) - 1                  # place of each kept token among the kept
-    src = slot.gather(1, partner)
-    return torch.gather(y, 1, src[..., None].expand(-1, -1, y.shape[-1]))
+    """Outputs y [n, d] of the kept tokens (keep [B, T], in row-major order) -> [B * T, d]: every
+    token gets the output of the token it merged into (partner [B, T])."""
+    B, T = keep.shape
+    slot = keep.reshape(-1).long().cumsum(0) - 1  # place of each kept token among the kept
+    return y[slot[(partner + T * torch.arange(B, device=keep.device)[:, None]).reshape(-1)]]
+
+
+def nearest_kept(h: Tensor, keep: Tensor) -> Tensor:
+    """For every token of h [B, T, d], the kept token (keep [B, T]) with the most similar input
+    (cosine); a kept token is its own. Used when skipped tokens receive a kept token's output."""
+    m = F.normalize(h.float(), dim=-1)
+    sim = (m @ m.transpose(1, 2)).masked_fill(~keep[:, None, :], float("-inf"))
+    return torch.where(keep, torch.arange(h.shape[1], device=h.device), sim.argmax(-1))

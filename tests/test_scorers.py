@@ -150,3 +150,36 @@ def test_tome_merges_instead_of_dropping():
     assert (mlp_update.abs().sum(-1) > 1e-3).all()  # every token got an MLP update: merged, not skipped
     with em.capacity(mlp_tokens=0.25), em.scoring("tome"), pytest.raises(ValueError, match="at most half"):
         em(**case.inputs)
+
+
+def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_output():
+    """skipped_tokens="merge" (ViTs): the same routers choose, the same rows are computed, and a skipped
+    token receives the MLP output of its most similar kept token instead of nothing; refused for causal
+    models and for training; switching back to "drop" restores the drop path exactly."""
+    from elastilab.routing import estimator_attention
+    from elastilab.scorers import nearest_kept
+    case, em, _ = elastic("hf_dinov2")
+    block = em.blocks[0]
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad(), em.capacity(mlp_tokens=0.5):
+        dropped = block.routed(x, None, None, None)
+        em.set_skipped_tokens("merge")
+        merged = block.routed(x, None, None, None)
+        assert block.counts["mlp_rows"] == 2 * (1 + 8)  # the same work
+        keep = block.aux["mlp_tokens"][1]
+        spec = block._spec()
+        after_attn = x + estimator_attention(spec.attn, spec.attn_norm(x), torch.arange(17).expand(2, 17),
+                                             None, None, None) * spec.ls1
+        em.set_skipped_tokens("drop")
+        assert torch.equal(block.routed(x, None, None, None), dropped)
+    partner = nearest_kept(spec.mlp_norm(after_attn), keep)
+    update = merged - after_attn
+    for b, t in (~keep).nonzero().tolist():
+        torch.testing.assert_close(update[b, t], update[b, int(partner[b, t])])
+        torch.testing.assert_close(dropped[b, t], after_attn[b, t])  # "drop": nothing at all
+    with pytest.raises(ValueError, match="for vision transformers"):
+        elastic("llama")[1].set_skipped_tokens("merge")
+    em.set_skipped_tokens("merge")
+    with em.capacity(mlp_tokens=0.5), em.training_estimator(), pytest.raises(ValueError, match="train with"):
+        em(**case.inputs)
+    em.set_skipped_tokens("drop")
