@@ -41,6 +41,7 @@ class ElasticBlock(nn.Module):
         self.attn = RoutedAttention(layer_idx)
         self.mlp = RoutedMLP()
         self.scoring = Scoring()  # another selection method than the routers (ElasticModel.scoring)
+        self._permuted = None  # (weights' identity, the permuted MLPWeights) of clustered experts
         if unit_order is not None:  # clustered experts: the MLP with its hidden units reordered
             self.register_buffer("unit_order", unit_order, persistent=False)
         else:
@@ -102,8 +103,11 @@ class ElasticBlock(nn.Module):
 
     def _spec(self):
         spec = self.adapter.block_spec(self.base_layer, self.layer_idx)
-        if self.unit_order is not None:
-            spec.mlp = spec.mlp.permuted(self.unit_order)
+        if self.unit_order is not None:  # permuted once; again only if the base weights moved or changed
+            key = tuple((t.data_ptr(), t._version, t.device) for t in (spec.mlp.w_in, spec.mlp.w_out))
+            if self._permuted is None or self._permuted[0] != key:
+                self._permuted = (key, spec.mlp.permuted(self.unit_order))
+            spec.mlp = self._permuted[1]
         return spec
 
     def routed(self, x: Tensor, mask: Tensor | None, cache, rope) -> Tensor:

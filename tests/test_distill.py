@@ -36,7 +36,9 @@ def test_distillation_lowers_kl_and_logs_a_dataframe(tmp_path):
     assert after["kl"] < before["kl"]
     assert (tmp_path / "ck" / "routers.safetensors").exists()
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temp files left
-    assert el.load_routers(case.model.__class__(case.model.config), tmp_path / "ck", strict_fingerprint=False)
+    loaded = el.load_routers(case.model.__class__(case.model.config), tmp_path / "ck", strict_fingerprint=False)
+    for k, v in em.router_state().items():  # the checkpoint holds the trained routers (and NaN quantile
+        torch.testing.assert_close(loaded.router_state()[k], v.cpu(), rtol=0, atol=0, equal_nan=True)  # tables)
 
 
 def test_capacity_sampling_covers_the_range_and_restores_capacities():

@@ -79,6 +79,28 @@ def test_clustered_experts_are_a_permutation_and_stay_exact():
         assert (case.output(em(**case.inputs)) - ref).abs().max() < 1e-4
 
 
+def test_clustered_experts_route_their_clusters_and_permute_once():
+    """Below capacity 1.0 the routed path runs the chosen *clusters*: its value equals the training
+    estimator's, which masks the permuted hidden units of the unchosen clusters in the dense MLP; the
+    permuted weights are built once, not on every forward."""
+    case = CASES["llama"]()
+    em = el.elastify(case.model, el.ElasticConfig(mlp_experts=0.5, n_experts=4, expert_partition="clustered"))
+    with torch.no_grad():
+        routed = case.output(em(**case.inputs))
+        with em.capacity(mlp_experts=1.0):
+            dense = case.output(em(**case.inputs))
+    with em.training_estimator():
+        estimated = case.output(em(**case.inputs, use_cache=False)).detach()
+    torch.testing.assert_close(routed, estimated, atol=1e-5, rtol=1e-5)
+    assert (routed - dense).abs().max() > 1e-3  # the expert path really ran
+    block = em.blocks[0]
+    first = block._spec().mlp.w_in
+    assert block._spec().mlp.w_in is first  # cached
+    with torch.no_grad():
+        block.base_layer.mlp.up_proj.weight.mul_(2.0)  # base weights changed: permuted again
+    assert block._spec().mlp.w_in is not first
+
+
 # ------------------------------------------------------------------ issue 9: bad input on the command line
 # Each row: (argv, expected message on stderr). All end with exit code 2 and no traceback. The text
 # commands run on a tiny random Llama ("tiny-lm", 9 heads, 8 experts) with a character tokenizer.
