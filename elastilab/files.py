@@ -1,11 +1,15 @@
 """Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, cache or result."""
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-#: written into every folder ``atomic_folder`` creates: only such folders are ever replaced
+#: written into every folder ``atomic_folder`` creates, listing the entries the library wrote there:
+#: a folder is replaced only if it holds nothing else (a file a user added keeps the whole folder)
 MARKER = ".elastilab-cache"
+_MARKER_HEADER = "made by elastilab; replaced whole when rebuilt. Entries it wrote:"
+_RANDOM = "[a-z0-9_]{8}"  # the random part of tempfile's names (mkstemp / mkdtemp)
 
 
 def _umask() -> int:
@@ -61,7 +65,8 @@ def atomic_folder(path: str | Path, fill) -> Path:
     old = None
     try:
         fill(tmp)
-        (tmp / MARKER).write_text("made by elastilab; this folder is replaced whole when rebuilt\n")
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text("\n".join([_MARKER_HEADER, *written]) + "\n")
         publish_files(tmp)
         if path.exists():  # an older or half-written folder of ours: move it aside, swap, delete
             if not _replaceable(path):  # (checked again: it may have changed while fill ran)
@@ -75,7 +80,7 @@ def atomic_folder(path: str | Path, fill) -> Path:
             os.replace(old / path.name, path)
         raise
     finally:
-        if old is not None:
+        if old is not None:  # our mkdtemp folder, holding only the replaced folder (checked as ours)
             shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -84,15 +89,23 @@ def check_replaceable(path: str | Path) -> None:
     """Raise unless ``atomic_folder`` may replace ``path``: call it before expensive work."""
     path = Path(path)
     if path.exists() and not _replaceable(path):
+        foreign = sorted(_foreign(path))[:5] if path.is_dir() else []
         raise FileExistsError(
-            f"{path} exists and was not created by elastilab (it has no {MARKER} file), so it is not "
-            f"replaced; move or delete it yourself, or point ELASTILAB_CACHE to another folder")
+            f"{path} exists and holds files elastilab did not write ({', '.join(foreign) or 'it is not a folder'}; "
+            f"only a folder whose {MARKER} lists all its entries is replaced), so it is not replaced; move "
+            f"or delete it yourself, or point ELASTILAB_CACHE to another folder")
+
+
+def _foreign(path: Path) -> set[str]:
+    """Entries of ``path`` that its marker does not list (all of them without a marker)."""
+    marker = path / MARKER
+    lines = marker.read_text().splitlines() if marker.is_file() else []
+    ours = set(lines[1:]) if lines[:1] == [_MARKER_HEADER] else set()
+    return {p.name for p in path.iterdir()} - ours - {MARKER}
 
 
 def _replaceable(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    return (path / MARKER).is_file() or not any(path.iterdir())
+    return path.is_dir() and not _foreign(path)
 
 
 def atomic_files(folder: str | Path, writers: dict, tag: str) -> Path:
@@ -106,11 +119,8 @@ def atomic_files(folder: str | Path, writers: dict, tag: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pending = folder / f".{tag}.pending"
-    _finish(pending)
-    # temporaries of killed runs, of our own naming (and atomic_write's, which earlier saves used)
-    stale = {*folder.glob(f".{tag}.*.tmp"), *(t for n in writers for t in folder.glob(f".{n}.*.tmp"))}
-    for t in stale:
-        shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+    _finish(pending, writers)
+    _remove_stale(folder, writers, tag)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{tag}.", suffix=".tmp"))
     try:
         for name, write in writers.items():
@@ -120,8 +130,23 @@ def atomic_files(folder: str | Path, writers: dict, tag: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _finish(pending)
+    _finish(pending, writers)
     return folder
+
+
+def _remove_stale(folder: Path, names, tag: str) -> None:
+    """Temporaries that killed saves left: our mkdtemp folders ``.<tag>.XXXXXXXX.tmp`` holding nothing
+    but the unit's files, and atomic_write's ``.<name>.XXXXXXXX.tmp`` files of the unit's names (which
+    earlier saves used). Names are matched exactly; anything else in ``folder`` is left alone."""
+    ours = re.compile(rf"\.(?:{re.escape(tag)}|{'|'.join(map(re.escape, names))})\.{_RANDOM}\.tmp")
+    for t in folder.iterdir():
+        if not ours.fullmatch(t.name):
+            continue
+        if t.is_dir() and not t.is_symlink():
+            if {p.name for p in t.iterdir()} <= set(names):
+                shutil.rmtree(t, ignore_errors=True)
+        elif t.is_file():
+            t.unlink(missing_ok=True)
 
 
 def current_files(folder: str | Path, names, tag: str) -> dict[str, Path]:
@@ -132,9 +157,11 @@ def current_files(folder: str | Path, names, tag: str) -> dict[str, Path]:
     return {n: pending / n if (pending / n).is_file() else folder / n for n in names}
 
 
-def _finish(pending: Path) -> None:
-    """Move the committed files of ``pending`` into its folder."""
+def _finish(pending: Path, names) -> None:
+    """Move the committed files of ``pending`` (the unit's ``names`` only) into its folder."""
     if pending.is_dir():
-        for f in pending.iterdir():
-            os.replace(f, pending.parent / f.name)
-        pending.rmdir()
+        for name in names:
+            if (pending / name).is_file():
+                os.replace(pending / name, pending.parent / name)
+        if not any(pending.iterdir()):
+            pending.rmdir()

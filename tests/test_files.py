@@ -37,7 +37,7 @@ def test_a_folder_not_made_here_is_never_replaced(tmp_path):
     target = tmp_path / "smollm2-135m"
     target.mkdir()
     (target / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="smollm2-135m exists and was not created by elastilab"):
+    with pytest.raises(FileExistsError, match="smollm2-135m exists and holds files elastilab did not write \\(notes.txt"):
         atomic_folder(target, lambda tmp: (tmp / "a").write_text("1"))
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]
@@ -46,6 +46,18 @@ def test_a_folder_not_made_here_is_never_replaced(tmp_path):
     assert (target / MARKER).is_file()  # ours now: it may be replaced
     atomic_folder(target, lambda tmp: (tmp / "b").write_text("2"))
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "b"]
+
+
+def test_a_users_file_inside_our_folder_keeps_the_whole_folder(tmp_path):
+    """The marker lists what the library wrote: a file a user adds to a folder of ours is never
+    deleted with it (the rebuild is refused, naming the file)."""
+    target = tmp_path / "cache"
+    atomic_folder(target, lambda tmp: (tmp / "model.safetensors").write_text("1"))
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"holds files elastilab did not write \(notes.txt"):
+        atomic_folder(target, lambda tmp: (tmp / "model.safetensors").write_text("2"))
+    assert (target / "notes.txt").read_text() == "precious" and (target / "model.safetensors").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folder left either
 
 
 def test_written_files_follow_the_users_umask(tmp_path):

@@ -45,7 +45,7 @@ def test_a_users_folder_in_the_cache_is_never_deleted(tmp_path, monkeypatch, nam
     monkeypatch.setenv("ELASTILAB_CACHE", str(tmp_path))
     (tmp_path / name).mkdir()
     (tmp_path / name / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match=f"{name} exists and was not created by elastilab"):
+    with pytest.raises(FileExistsError, match=f"{name} exists and holds files elastilab did not write"):
         el.zoo.load(name)
     assert (tmp_path / name / "notes.txt").read_text() == "precious"
 
@@ -187,13 +187,13 @@ def test_a_save_killed_after_its_commit_point_reads_as_the_new_pair(tmp_path, mo
     calls = []
     finish = elastilab.files._finish
 
-    def killed_after_one_file(pending):
+    def killed_after_one_file(pending, names):
         calls.append(pending)
         if len(calls) == 2 and pending.is_dir():  # the second call moves the committed files in
             f = sorted(pending.iterdir())[0]
             os.replace(f, pending.parent / f.name)
             raise KeyboardInterrupt
-        finish(pending)
+        finish(pending, names)
 
     monkeypatch.setattr(elastilab.files, "_finish", killed_after_one_file)
     with pytest.raises(KeyboardInterrupt):
@@ -209,12 +209,21 @@ def test_a_save_killed_after_its_commit_point_reads_as_the_new_pair(tmp_path, mo
 
 def test_stale_temporaries_of_killed_runs_are_removed_on_the_next_save(tmp_path):
     model, _, path = saved_routers(tmp_path)
-    (path / ".routers.safetensors.abc123.tmp").write_bytes(b"half")
-    (path / ".routers.json.def456.tmp").write_text("{")
-    (path / ".routers.ghi789.tmp").mkdir()
+    (path / ".routers.safetensors.abc123_x.tmp").write_bytes(b"half")  # tempfile's 8 random characters
+    (path / ".routers.json.def456yz.tmp").write_text("{")
+    (path / ".routers.ghi789ab.tmp").mkdir()
+    (path / ".routers.ghi789ab.tmp" / "routers.json").write_text("{")
     (path / "log.csv").write_text("step\n")  # not ours: kept
+    # look-alikes a user could own: another name, another length, a folder holding other files
+    (path / ".routers.my-notes.tmp").write_text("mine")
+    (path / ".routers.json.abc.tmp").write_text("mine")
+    (path / ".routers.zzzzzzzz.tmp").mkdir()
+    (path / ".routers.zzzzzzzz.tmp" / "notes.txt").write_text("mine")
     el.load_routers(model, path).save_routers(path)
-    assert sorted(p.name for p in path.iterdir()) == ["log.csv", "routers.json", "routers.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".routers.json.abc.tmp", ".routers.my-notes.tmp", ".routers.zzzzzzzz.tmp", "log.csv", "routers.json",
+        "routers.safetensors"]
+    assert (path / ".routers.zzzzzzzz.tmp" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- 12. no pickles from the cache

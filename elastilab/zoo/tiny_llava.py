@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import MARKER, atomic_folder, atomic_write, check_replaceable
+from ..files import atomic_folder, atomic_write, check_replaceable
 
 NAME = "tiny-llava"
 SHIP_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny-llava"
@@ -174,8 +174,6 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     cache = cache_dir(NAME)
     stamp = cache / "projector.sha256"
     if not (stamp.is_file() and stamp.read_text() == digest):
-        if stamp.is_file() and not (cache / MARKER).exists():
-            (cache / MARKER).touch()  # assembled by a version before the marker (only we write the stamp)
         check_replaceable(cache)  # before assembling: never replace a folder that is not ours
         model, tok = assemble(load_file(str(src)))
         atomic_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp),
