@@ -19,7 +19,8 @@ class ElasticBlock(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, adapter, layer_idx: int, components: dict[str, float],
-                 n_experts: int, mode: str, unit_order: Tensor | None = None, attn_tokens_variant: str = "drop"):
+                 n_experts: int, mode: str, unit_order: Tensor | None = None, attn_tokens_variant: str = "drop",
+                 skipped_tokens: str = "drop"):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
@@ -36,7 +37,7 @@ class ElasticBlock(nn.Module):
         self.mode = mode
         #: "drop": tokens skipped by attn_tokens are not keys/values either; "keep_kv": they are
         self.attn_tokens_variant = attn_tokens_variant
-        self.skipped_tokens = "drop"  # or "merge" (ElasticConfig.skipped_tokens)
+        self.skipped_tokens = skipped_tokens  # "drop" or "merge" (ElasticConfig.skipped_tokens)
         self.enabled = True
         self.attn = RoutedAttention(layer_idx)
         self.mlp = RoutedMLP()

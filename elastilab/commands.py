@@ -40,12 +40,6 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def modality(args) -> str:
     if args.model in VLM_MODELS:
         return "vision-language"
@@ -231,6 +225,7 @@ def cmd_report(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from .cli import _int_at_least, _positive_int as _positive  # the same argument types as train / eval
     f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("--model", default="smollm2-135m",
@@ -245,7 +240,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--scorers", type=_names, default=None,
                    help="comma-separated (learned, random, oracle, taylor, magnitude, attention_received, "
                         "cls_attention, fastv); default: all, 'learned' only with --routers")
-    f.add_argument("--seq-len", type=_positive, default=128, help="tokens per block (text)")
+    f.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per block (text)")
     f.add_argument("--blocks", type=_positive, default=8, help="held-out blocks of text")
     f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
                    help="part of the text: eval = the last 10%%, train = the first 90%%")

@@ -421,14 +421,14 @@ def safe_exp(x: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(em, blocks: Tensor, batch_size: int = 4) -> dict:
-    """Teacher and student perplexity, KL and top-1 agreement on token blocks [N, T]."""
+def evaluate(em, blocks: Tensor, batch_size: int = 4, teacher: list[Tensor] | None = None) -> dict:
+    """Teacher and student perplexity, KL and top-1 agreement on token blocks [N, T]. ``teacher``:
+    the teacher's logits per batch (``teacher_logits``), to reuse them over many evaluations."""
     nll_t = nll_s = kl = agree = 0.0
     n_tok = 0
-    for ids in blocks.split(batch_size):
+    for i, ids in enumerate(blocks.split(batch_size)):
         ids = ids.to(em.device)
-        with em.routers_disabled():
-            t = em(ids).logits[:, :-1].float()
+        t = teacher[i] if teacher is not None else teacher_logits(em, ids, len(ids))[0]
         s = em(ids).logits[:, :-1].float()
         target = ids[:, 1:]
         n = target.numel()
@@ -437,6 +437,13 @@ def evaluate(em, blocks: Tensor, batch_size: int = 4) -> dict:
         kl += kl_loss(s, t).item() * n
         agree += (s.argmax(-1) == t.argmax(-1)).float().sum().item()
         n_tok += n
-    ppl_t, ppl_s = safe_exp(nll_t / n_tok), safe_exp(nll_s / n_tok)
-    return {"teacher_ppl": ppl_t, "student_ppl": ppl_s, "ppl_ratio": ppl_s / ppl_t,
+    return {"teacher_ppl": safe_exp(nll_t / n_tok), "student_ppl": safe_exp(nll_s / n_tok),
+            "ppl_ratio": safe_exp((nll_s - nll_t) / n_tok),  # finite even where both perplexities overflow
             "kl": kl / n_tok, "agreement": agree / n_tok, "tokens": n_tok}
+
+
+@torch.no_grad()
+def teacher_logits(em, blocks: Tensor, batch_size: int = 4) -> list[Tensor]:
+    """The frozen model's next-token logits [b, T-1, V] for each batch of token blocks."""
+    with em.routers_disabled():
+        return [em(ids.to(em.device)).logits[:, :-1].float() for ids in blocks.split(batch_size)]

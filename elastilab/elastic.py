@@ -70,8 +70,8 @@ class ElasticModel(nn.Module):
             if "mlp_experts" in comps and config.expert_partition == "clustered":
                 order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
             wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order,
-                                      attn_tokens_variant=config.attn_tokens_variant)
-            wrapped[i].skipped_tokens = config.skipped_tokens
+                                      attn_tokens_variant=config.attn_tokens_variant,
+                                      skipped_tokens=config.skipped_tokens)
         if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
             why = ("every layer is in dense_layers" if len(set(dense)) == n else
                    "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "

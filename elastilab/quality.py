@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .compute import measure_flops
 from .config import LAYER_COMPONENTS
-from .distill import kl_loss, safe_exp
+from .distill import evaluate, teacher_logits
 from .scorers import SCORERS, supports
 
 #: the sub-layer each component saves compute in (its FLOPs are the frontier's x axis)
@@ -34,39 +33,25 @@ TRAINING_FREE = tuple(n for n, s in SCORERS.items() if s.counted and n != "rando
 
 
 class LMTask:
-    """Causal LM quality on held-out token blocks [N, T]; the teacher's logits are computed once."""
+    """Causal LM quality on held-out token blocks [N, T] (``distill.evaluate``); the teacher's logits
+    are computed once and reused for every point of a frontier."""
 
     metric, higher_is_better = "ppl_ratio", False
 
     def __init__(self, blocks: torch.Tensor, batch_size: int = 4):
         if not torch.is_tensor(blocks) or blocks.dim() != 2 or blocks.dtype != torch.long or len(blocks) == 0:
             raise ValueError("LMTask takes token blocks: a non-empty LongTensor [n_blocks, seq_len]")
-        self.batches = list(blocks.split(batch_size))
+        self.blocks, self.batch_size = blocks, batch_size
         self.teacher: list | None = None
 
     def measure_input(self, em):
-        return (self.batches[0][:1],), {}
+        return (self.blocks[:1],), {}
 
-    @torch.no_grad()
     def evaluate(self, em) -> dict:
         if self.teacher is None:
-            with em.routers_disabled():
-                self.teacher = [em(ids.to(em.device)).logits[:, :-1].float() for ids in self.batches]
-        nll_t = nll_s = kl = agree = n_tok = 0.0
-        for ids, t in zip(self.batches, self.teacher):
-            ids = ids.to(em.device)
-            s = em(ids).logits[:, :-1].float()
-            target = ids[:, 1:].reshape(-1)
-            n = target.numel()
-            nll_t += F.cross_entropy(t.flatten(0, 1), target, reduction="sum").item()
-            nll_s += F.cross_entropy(s.flatten(0, 1), target, reduction="sum").item()
-            kl += kl_loss(s, t).item() * n
-            agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
-            n_tok += n
-        ratio = safe_exp((nll_s - nll_t) / n_tok)
-        return {"quality": ratio, "ppl_ratio": ratio, "teacher_ppl": safe_exp(nll_t / n_tok),
-                "student_ppl": safe_exp(nll_s / n_tok), "kl": kl / n_tok, "agreement": agree / n_tok,
-                "tokens": int(n_tok)}
+            self.teacher = teacher_logits(em, self.blocks, self.batch_size)
+        r = evaluate(em, self.blocks, self.batch_size, teacher=self.teacher)
+        return {"quality": r["ppl_ratio"], **r}
 
 
 class ViTTask:

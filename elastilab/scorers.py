@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .config import LAYER_COMPONENTS, PARAM_COMPONENTS, TOKEN_COMPONENTS
 from .routing import n_kept
-from .spec import ACTIVATIONS, mlp_hidden
+from .spec import mlp_gate, mlp_hidden
 
 
 @dataclass
@@ -143,15 +143,19 @@ class Random(Scorer):
         return s.squeeze(-1) if n == 1 else s
 
 
+def _project(a, h: Tensor, part: str, rope=None) -> Tensor:
+    """Rows h [B, K, d] through the q, k or v projection, split into heads [B, n, K, hd] (rotated
+    when rope is given)."""
+    w, b, n = {"q": (a.w_q, a.b_q, a.n_heads), "k": (a.w_k, a.b_k, a.n_kv_heads), "v": (a.w_v, a.b_v, a.n_kv_heads)}[part]
+    x = F.linear(h, w, b).view(*h.shape[:2], n, a.head_dim).transpose(1, 2)
+    return x if rope is None else a.rope(x, *rope)
+
+
 def _heads(a, h: Tensor, pos: Tensor, rope, valid: Tensor | None) -> Tensor:
     """Per-head attention outputs o [B, H, K, hd] of rows h [B, K, d] attending to each other
     (causal by position when the model is causal; padding rows are never keys)."""
-    B, K, _ = h.shape
-    q = F.linear(h, a.w_q, a.b_q).view(B, K, a.n_heads, a.head_dim).transpose(1, 2)
-    k = F.linear(h, a.w_k, a.b_k).view(B, K, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    v = F.linear(h, a.w_v, a.b_v).view(B, K, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    if rope is not None:
-        q, k = a.rope(q, *rope), a.rope(k, *rope)
+    K = h.shape[1]
+    q, k, v = _project(a, h, "q", rope), _project(a, h, "k", rope), _project(a, h, "v")
     mask = None
     if a.causal:
         mask = pos[:, None, :] <= pos[:, :, None]
@@ -289,11 +293,8 @@ class Magnitude(Scorer):
             a = spec.attn
             q = F.linear(c.h, a.w_q, a.b_q)
             return q.view(*q.shape[:-1], a.n_heads, a.head_dim).norm(dim=-1)
-        m = spec.mlp
-        gate = F.linear(c.h, m.w_gate) if m.kind == "swiglu" else F.linear(c.h, m.w_in, m.b_in)
-        act = ACTIVATIONS[m.act](gate)
-        E = c.n_out()
-        return act.view(*act.shape[:-1], E, m.width // E).norm(dim=-1)
+        gate, E = mlp_gate(spec.mlp, c.h), c.n_out()
+        return gate.view(*gate.shape[:-1], E, spec.mlp.width // E).norm(dim=-1)
 
 
 @register
@@ -306,14 +307,8 @@ class AttentionReceived(Scorer):
     components = TOKEN_COMPONENTS
 
     def __call__(self, c):
-        a = c.spec.attn
-        h = c.h
-        B, T, _ = h.shape
-        pos = _positions(c)
-        q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if c.rope is not None:
-            q, k = a.rope(q, *c.rope), a.rope(k, *c.rope)
+        a, pos = c.spec.attn, _positions(c)
+        q, k = _project(a, c.h, "q", c.rope), _project(a, c.h, "k", c.rope)
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
         s = (q @ k.transpose(-1, -2)) * a.scaling                          # [B, H, T(q), T(k)]
         if a.causal:
@@ -339,10 +334,8 @@ class ClsAttention(Scorer):
 
     def __call__(self, c):
         a = c.spec.attn
-        h = c.h
-        B, T, _ = h.shape
-        q = F.linear(h[:, :1], a.w_q, a.b_q).view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
-        k = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = _project(a, c.h[:, :1], "q")
+        k = _project(a, c.h, "k").repeat_interleave(a.n_heads // a.n_kv_heads, 1)
         att = torch.softmax((q @ k.transpose(-1, -2)) * a.scaling, dim=-1)  # [B, H, 1, T]
         return att.mean(1)[:, 0].clamp_min(1e-12).log()
 

@@ -102,14 +102,20 @@ class BlockSpec:
     extra: dict = field(default_factory=dict)
 
 
+def mlp_gate(w: MLPWeights, h: Tensor) -> Tensor:
+    """The activated gate [..., F]: act(w_gate h + b_gate) of a SwiGLU MLP, act(w_in h + b_in) of a
+    GELU one (whose hidden units it is)."""
+    if w.kind == "swiglu":
+        return ACTIVATIONS[w.act](F.linear(h, w.w_gate, w.b_gate))
+    if w.kind == "gelu":
+        return ACTIVATIONS[w.act](F.linear(h, w.w_in, w.b_in))
+    raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
+
+
 def mlp_hidden(w: MLPWeights, h: Tensor) -> Tensor:
     """The hidden-unit activations [..., F] of the MLP on rows h [..., d] (before ``w_out``)."""
-    act = ACTIVATIONS[w.act]
-    if w.kind == "swiglu":
-        return act(F.linear(h, w.w_gate, w.b_gate)) * F.linear(h, w.w_in, w.b_in)
-    if w.kind == "gelu":
-        return act(F.linear(h, w.w_in, w.b_in))
-    raise ValueError(f"unknown MLP kind {w.kind!r}; allowed: swiglu, gelu")
+    gate = mlp_gate(w, h)
+    return gate * F.linear(h, w.w_in, w.b_in) if w.kind == "swiglu" else gate
 
 
 def mlp_forward(w: MLPWeights, h: Tensor, add_bias_out: bool = True) -> Tensor:

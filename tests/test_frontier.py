@@ -55,10 +55,11 @@ def test_summary_efficiency_and_plot(lm_frontier):
     _, df = lm_frontier
     s = el.frontier_summary(df)
     assert len(s) == 4 * 2 and set(s.best_oracle.dropna()) <= {"oracle"}
-    row = s.iloc[0]
-    expected = (np.log(row.random) - np.log(row.learned)) / (np.log(row.random) - np.log(row.oracle))
-    if np.log(row.random) > np.log(row.oracle):
-        assert row.router_efficiency == pytest.approx(expected)
+    gap = np.log(s.random) - np.log(s.oracle)
+    assert (gap > 0).any()  # on this tiny model too, the oracle beats random somewhere
+    expected = (np.log(s.random) - np.log(s.learned)) / gap
+    assert np.allclose(s.router_efficiency[gap > 0], expected[gap > 0])
+    assert s.router_efficiency[gap <= 0].isna().all()  # no ceiling, no efficiency
     fig = el.plot_frontier(df)
     assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
     assert {t.get_text() for t in fig.legends[0].get_texts()} == {"learned", "random", "oracle", "magnitude"}

@@ -59,8 +59,10 @@ def test_every_scorer_on_every_component_it_supports(family, scorer):
         assert flops[part] == pytest.approx(flops["analytic_" + part], rel=0.02)
         scorer_cls = SCORERS.get(scorer)
         if scorer_cls is not None and not scorer_cls.counted:  # an oracle's scoring is not compute
-            assert flops["routers"] == 0 and flops["oracle"] > 0 or scorer == "taylor"
-            assert flops["total"] < dense["total"]
+            assert flops["routers"] == 0 and flops["total"] < dense["total"]
+            # the norm oracle scores inside the block (measured, then set aside); Taylor's forward +
+            # backward runs before the counter (compute.measure_flops), so nothing of it is seen
+            assert flops["oracle"] > 0 if scorer == "oracle" else flops["oracle"] == 0
 
 
 def test_unsupported_components_are_refused_clearly():
