@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _kernels_path  # noqa: E402  (elastilab.kernels without an install)
-
-ROOT = _kernels_path.ROOT
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # elastilab from this checkout, installed or not
 OUT = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
 T0 = time.time()
 
@@ -31,8 +29,7 @@ def say(*a):
 
 def kernel_tests() -> int:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "benchmarks._kernels_path", "-p", "no:cacheprovider",
-           "tests/test_kernels.py", "tests/test_torch_paths.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_torch_paths.py"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     say("kernel tests (interpreter):", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:])
     return res.returncode
@@ -96,13 +93,14 @@ def main(dry: bool = False) -> int:
         OUT = Path("/tmp/gpu_check_dry_run")
     import torch
 
+    import elastilab
     from elastilab import bench
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; this script is for a GPU machine (try --dry-run)", file=sys.stderr)
         return 2
     dev, model, dims = ("cpu", "tiny", "tiny") if dry else ("cuda", "random-1b", "random-1b")
     OUT.mkdir(parents=True, exist_ok=True)
-    info = {**bench.machine(), "kernels": _kernels_path.ensure(), "command": "python benchmarks/gpu_check.py"}
+    info = {**bench.machine(), "elastilab": str(Path(elastilab.__file__).parent), "command": "python benchmarks/gpu_check.py"}
     say("machine:", info)
     status = kernel_tests()
 

@@ -9,10 +9,11 @@ from . import data, zoo
 from .config import COMPONENTS, ElasticConfig
 from .distill import DistillConfig, distill, evaluate
 from .elastic import ElasticModel, elastify, fingerprint, load_routers
+from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
 from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
 from . import scorers
 
-__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "elastify", "load_routers", "fingerprint",
+__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
            "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask"]
 __version__ = "0.1.0"

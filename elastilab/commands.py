@@ -85,7 +85,7 @@ def build(args):
         blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
         return _elastic(model, args, comps), fr.LMTask(blocks), comps
     if kind == "vision":
-        from . import vision
+        from .tasks import vit as vision
         from .zoo import dinov2
         if args.text is not None:
             raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
@@ -100,7 +100,7 @@ def build(args):
             images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
         em = _elastic(model, args, comps).set_skipped_tokens(args.skipped_tokens)
         return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps
-    from . import vlm
+    from .tasks import vlm
     from .zoo import tiny_llava
     model, tok = tiny_llava.load()
     items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# data/ sits at the repository root next to the package (the package is installed editable).
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# data/ (and benchmarks/) sit at the repository root next to the package (the package is installed editable).
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
 # Bundled scikit-image photos tried in this order; ones that need network (pooch) are skipped.
 PHOTO_NAMES = ["astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
                "immunohistochemistry", "moon", "page", "retina", "rocket", "text"]

@@ -146,7 +146,7 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
 
     data: LongTensor [N, seq_len] of token blocks, or a text (then pass ``tokenizer``).
     loss_fn(em, wrapped, batch, cfg) -> (loss, metrics dict with "kl" and "agreement"): the
-    distillation loss of one batch (default ``lm_loss``; ``elastilab.vision.vit_loss`` for ViTs,
+    distillation loss of one batch (default ``lm_loss``; ``elastilab.tasks.vit.ViTLoss`` for ViTs,
     whose data is then any tensor or Dataset the loss understands). Router aux losses are added here.
 
     Reproducible: the same seed and data give the same routers. The routers' *initial* weights come

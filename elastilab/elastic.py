@@ -323,7 +323,7 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
         raise TypeError("pass either an ElasticConfig or capacities as keywords, not both")
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
-    return getattr(find_adapter(model), "elastic_class", ElasticModel)(model, config)  # e.g. vlm.ElasticLlava
+    return getattr(find_adapter(model), "elastic_class", ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

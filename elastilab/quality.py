@@ -68,12 +68,12 @@ class ViTTask:
         self.metric = "agreement"
 
     def measure_input(self, em):
-        from .vision import _call_kwargs
+        from .tasks.vit import _call_kwargs
         return _call_kwargs(em, self.pixels[:4])
 
     @torch.no_grad()
     def evaluate(self, em) -> dict:
-        from .vision import evaluate_vit, teacher_outputs
+        from .tasks.vit import evaluate_vit, teacher_outputs
         if self.teacher is None:
             self.teacher = teacher_outputs(em, self.pixels, self.probe, self.batch_size)
             if not self.teacher[1].numel():
@@ -86,7 +86,7 @@ class ViTTask:
 class VLMTask:
     """Visual-language quality on held-out questions: accuracy of the greedy answer's first token
     (digits and faces of tiny-llava), agreement and KL with the teacher. ``items`` and the projected
-    ``image_features`` as ``elastilab.vlm.tiny_llava_data`` returns them."""
+    ``image_features`` as ``elastilab.tasks.vlm.tiny_llava_data`` returns them."""
 
     metric, higher_is_better = "acc", True
 
@@ -103,7 +103,7 @@ class VLMTask:
         return (), dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], image_features=self.features[:1])
 
     def evaluate(self, em) -> dict:
-        from .vlm import evaluate
+        from .tasks.vlm import evaluate
         r = evaluate(em, self.tokenizer, self.items, self.features, self.batch_size, measure=False)
         return {"quality": r["acc"], **r}
 
@@ -253,3 +253,161 @@ def max_saving(df: pd.DataFrame, tolerance: float, metric: str | None = None, x:
                      "at_capacity": None if best is None else float(best.capacity),
                      metric: None if best is None else float(best[metric])})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- generation
+def _prompt_list(prompts) -> list[torch.Tensor]:
+    """Prompts as 1-D LongTensors of token ids: from a LongTensor [N, L] or a sequence of id lists/tensors."""
+    if torch.is_tensor(prompts):
+        if prompts.dim() != 2 or prompts.dtype != torch.long:
+            raise ValueError(f"prompts must be token ids: a LongTensor [n_prompts, prompt_len] or a list of id "
+                             f"sequences, got a {prompts.dtype} tensor of shape {tuple(prompts.shape)}")
+        prompts = list(prompts)
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise TypeError("prompts must be token ids (a LongTensor [n_prompts, prompt_len] or a list of id "
+                        f"sequences), not {type(prompts).__name__}; tokenize text first")
+    out = []
+    for i, p in enumerate(prompts):
+        t = p if torch.is_tensor(p) else torch.as_tensor(p)
+        if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got {p!r:.80}")
+        out.append(t.long())
+    if not out:
+        raise ValueError("no prompts: give at least one prompt of token ids")
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(em, prompts, max_new_tokens: int = 32, batch_size: int = 16) -> list[torch.Tensor]:
+    """The greedy (``do_sample=False``) continuations ``em.generate`` produces with its KV cache, one
+    LongTensor [max_new_tokens] per prompt. End-of-sequence does not stop generation (``eos_token_id=None``):
+    every continuation has exactly ``max_new_tokens`` tokens, so teacher and elastic model compare one to
+    one. Prompts of equal length are generated together, ``batch_size`` at a time (no padding). Call it
+    inside ``em.routers_disabled()`` for the teacher's."""
+    prompts = _prompt_list(prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    cfg = getattr(em.model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    for i, p in enumerate(prompts):
+        if int(p.min()) < 0 or (vocab is not None and int(p.max()) >= vocab):
+            raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {vocab}): "
+                             f"{int(p.min())}..{int(p.max())}")
+    gen = getattr(em.model, "generation_config", None)
+    pad = next((v for v in (getattr(gen, "pad_token_id", None), getattr(gen, "eos_token_id", None), 0)
+                if isinstance(v, int)), 0)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for chunk in _equal_length_chunks(prompts, batch_size):
+        ids = torch.stack([prompts[i] for i in chunk]).to(em.device)
+        gen_ids = em.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=pad)
+        new = gen_ids[:, ids.shape[1]:].cpu()
+        if new.shape[1] != max_new_tokens:  # would make the counts meaningless: say so
+            raise RuntimeError(f"generate returned {new.shape[1]} new tokens where {max_new_tokens} were asked")
+        for i, row in zip(chunk, new):
+            out[i] = row
+    return out
+
+
+def _equal_length_chunks(prompts: list, batch_size: int) -> list[list[int]]:
+    """Indices of the prompts in batches of at most batch_size prompts of one length (no padding)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+@torch.no_grad()
+def generation_agreement(em, prompts, max_new_tokens: int = 32, batch_size: int = 16, teacher=None,
+                         teacher_forced: bool = True) -> dict:
+    """How long greedy generation of the elastic model stays on the teacher's path.
+
+    For each prompt (token ids): the teacher's greedy continuation (routers disabled), the elastic
+    model's greedy continuation (both through ``em.generate`` with the KV cache, ``max_new_tokens``
+    each, end-of-sequence does not stop them) and the number of leading new tokens that match,
+    counting up to the first mismatch. Returns ``matched`` (per prompt), ``median_matched``,
+    ``mean_matched``, ``all_matched`` (share of prompts whose whole continuation matches), and with
+    ``teacher_forced`` the top-1 agreement of the elastic model along the teacher's continuation (one
+    forward over prompt + continuation; each position predicts from the teacher's tokens, so it does
+    not compound). ``teacher`` (the ``"teacher"`` entry of an earlier result for the same prompts)
+    skips generating the teacher again.
+
+    Decoding runs one token per step, so token routing (``attn_tokens``, ``mlp_tokens``) needs
+    ``mode="threshold"`` with calibrated routers: top-k of a single token keeps it, so ``topk`` mode
+    would run every decoding step dense (and choose the prompt's tokens by looking at its future).
+    Head and expert routing (``attn_heads``, ``mlp_experts``) choose per token: either mode.
+    """
+    from .config import TOKEN_COMPONENTS
+    prompts = _prompt_list(prompts)
+    blocks = em.blocks
+    active = sorted({c for b in blocks for c, r in b.routers.items() if b.capacity[c] < 1.0})
+    tokens = [c for c in active if c in TOKEN_COMPONENTS]
+    if tokens and em.elastic_config.mode != "threshold":
+        raise ValueError(f"{', '.join(tokens)} below capacity 1.0 in mode {em.elastic_config.mode!r}: generation "
+                         "decodes one token per step, and top-k over one token always keeps it (every step would "
+                         "run dense); use em.set_mode('threshold') with calibrated routers (em.calibrate)")
+    if tokens:
+        missing = sorted({c for b in blocks for c, r in b.routers.items()
+                          if c in TOKEN_COMPONENTS and b.capacity[c] < 1.0 and not r.calibrated})
+        if missing:
+            raise ValueError(f"threshold mode needs calibrated token routers, and the {', '.join(missing)} routers "
+                             "are not; call em.calibrate(token_blocks) first")
+    if teacher is None:
+        with em.routers_disabled():
+            teacher = greedy_continuations(em, prompts, max_new_tokens, batch_size)
+    else:
+        teacher = [t if torch.is_tensor(t) else torch.as_tensor(t) for t in teacher]
+        if len(teacher) != len(prompts) or any(t.shape != (max_new_tokens,) for t in teacher):
+            raise ValueError(f"teacher must hold {len(prompts)} continuations of {max_new_tokens} tokens (the "
+                             "'teacher' entry of generation_agreement for the same prompts and max_new_tokens)")
+    student = greedy_continuations(em, prompts, max_new_tokens, batch_size)
+    matched = []
+    for t, s in zip(teacher, student):
+        differ = (t != s).nonzero()
+        matched.append(int(differ[0, 0]) if len(differ) else max_new_tokens)
+    m = np.asarray(matched, dtype=float)
+    result = {"prompts": len(prompts), "new_tokens": max_new_tokens, "matched": matched,
+              "median_matched": float(np.median(m)), "mean_matched": float(m.mean()),
+              "min_matched": int(m.min()), "all_matched": float((m == max_new_tokens).mean())}
+    if teacher_forced:
+        hits = 0
+        for chunk in _equal_length_chunks(prompts, batch_size):
+            seq = torch.stack([torch.cat([prompts[i], teacher[i]]) for i in chunk])[:, :-1].to(em.device)
+            logits = em(seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+            top1 = logits[:, len(prompts[chunk[0]]) - 1:].argmax(-1).cpu()
+            hits += int((top1 == torch.stack([teacher[i] for i in chunk])).sum())
+        result["teacher_forced_agreement"] = hits / (len(prompts) * max_new_tokens)
+    result["teacher"], result["student"] = teacher, student
+    return result
+
+
+@torch.no_grad()
+def calibrate_active(em, blocks: torch.Tensor, batch_size: int = 4) -> list[str]:
+    """``ElasticModel.calibrate`` for the token routers in use only (capacity below 1.0 in some layer),
+    at the current capacities: their threshold tables come from top-k routing on ``blocks``, the
+    others keep theirs (``calibrate`` asks every token router to route). Returns the components calibrated."""
+    from .config import TOKEN_COMPONENTS
+    if not torch.is_tensor(blocks) or blocks.dim() != 2 or blocks.dtype != torch.long or not len(blocks):
+        raise ValueError("calibrate_active takes token blocks: a non-empty LongTensor [n_blocks, seq_len]")
+    active = {(b.layer_idx, c) for b in em.blocks for c in TOKEN_COMPONENTS if c in b.routers and b._active(c)}
+    if not active:
+        return []
+    mode = em.elastic_config.mode
+    em.set_mode("topk")
+    scores: dict[tuple[int, str], list] = {}
+    try:
+        for chunk in blocks.split(batch_size):
+            em.model(chunk.to(em.device))
+            for b in em.blocks:
+                for c in TOKEN_COMPONENTS:
+                    if (b.layer_idx, c) in active:
+                        scores.setdefault((b.layer_idx, c), []).append(b.aux[c][0].flatten())
+    finally:
+        em.set_mode(mode)
+    for b in em.blocks:
+        for c in TOKEN_COMPONENTS:
+            if (b.layer_idx, c) in active:
+                b.routers[c].set_quantiles(torch.cat(scores[(b.layer_idx, c)]))
+    return sorted({c for _, c in active})

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import ops
 from .kernels.head_attention import head_routed_attention
 from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_hidden
 
@@ -201,7 +202,6 @@ class RoutedMLP(nn.Module):
                 n_experts: int = 1, residual: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """mlp(h) for the rows of h; with residual=(x, rows, gate), h holds every row and the
         result is x with gate * mlp(h[rows]) added to the chosen rows (gather, MLP, add: fused)."""
-        from .kernels import ops
         if residual is not None:
             x, rows, gate = residual
             return ops.routed_mlp_residual(x, h, rows, w, gate, backend=self.backend)

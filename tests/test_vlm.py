@@ -1,9 +1,10 @@
-"""Elastic LLaVA (elastilab.vlm): the visual_tokens router, baselines, generation, errors, training."""
+"""Elastic LLaVA (elastilab.elastic_llava, tasks.vlm): the visual_tokens router, baselines, generation, errors, training."""
 import pytest
 import torch
 
 import elastilab as el
-from elastilab import vlm
+from elastilab.elastic_llava import ElasticLlava
+from elastilab.tasks import vlm
 
 N_IMG = 5  # 28 px / patch 14 -> 4 patches + CLS ("full")
 IMAGE_ID = 99
@@ -49,7 +50,7 @@ def make(**caps):
 
 def test_elastify_gives_an_elastic_llava_with_one_tiny_router():
     _, em = make(visual_tokens=0.5)
-    assert isinstance(em, vlm.ElasticLlava)
+    assert isinstance(em, ElasticLlava)
     assert em.visual_parameter_fraction()["visual_router_params"] == 32 + 1
     assert [n for n, p in em.named_parameters() if p.requires_grad] == ["visual_router.proj.weight", "visual_router.proj.bias"]
 
@@ -166,7 +167,7 @@ def test_only_the_visual_router_trains_with_kl_on_the_answers(tmp_path):
         assert torch.equal(p, base[n]), n
     em.save_routers(tmp_path / "r")
     again = el.load_routers(tiny_llava(), tmp_path / "r")
-    assert isinstance(again, vlm.ElasticLlava)
+    assert isinstance(again, ElasticLlava)
     assert torch.equal(again.visual_router.proj.weight, em.visual_router.proj.weight)
     other = tiny_llava()
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """LLaVA-1.5 family (``LlavaForConditionalGeneration`` with a Llama-family language model): the LM's
-blocks as in llama.py; the ``visual_tokens`` router lives in ``elastilab.vlm.ElasticLlava``."""
+blocks as in llama.py; the ``visual_tokens`` router lives in ``elastilab.elastic_llava.ElasticLlava``."""
 from __future__ import annotations
 
 from ..config import LAYER_COMPONENTS
@@ -12,12 +12,9 @@ class LlavaAdapter(LlamaAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     components = LAYER_COMPONENTS + ("visual_tokens",)
-
-    @property
-    def elastic_class(self):
-        """What ``elastify`` wraps a LLaVA in (imported on use: elastilab.vlm imports the adapters)."""
-        from ..vlm import ElasticLlava
-        return ElasticLlava
+    #: what ``elastify`` wraps a LLaVA in: ElasticLlava, set by elastilab.elastic_llava (which the package
+    #: imports). It builds on ElasticModel, whose module imports the adapters, so it points at this one.
+    elastic_class = None
 
     def layers(self, model):
         return model.model.language_model.layers

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elastilab import spec
-from elastilab.spec import MLPWeights
+from .. import spec
+from ..spec import MLPWeights
 
 
 def routed_mlp_residual_reference(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights, gate: Tensor | None = None) -> Tensor:

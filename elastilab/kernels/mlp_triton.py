@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ops
-
 INTERPRET = bool(triton.knobs.runtime.interpret)
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 BLOCK_M = 64  # slots per program; expert groups are padded to a multiple of it
@@ -166,7 +164,7 @@ def _fix_bf16(dtype: torch.dtype) -> bool:
 def routed_mlp(h: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, w, *, block_expert: torch.Tensor | None = None,
                width: int, gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                out: torch.Tensor, add_b_out: bool) -> torch.Tensor:
-    """Launch up + down for ``M = rows.numel()`` slots; writes ``out[dst[m]]`` for slots with dst >= 0.
+    """Launch up + down (two kernels) for ``M = rows.numel()`` slots; writes ``out[dst[m]]`` for slots with dst >= 0.
 
     ``block_expert`` [M / BLOCK_M] int32 gives each block's expert (-1: skip); None means one expert
     spanning the first ``width`` hidden units. ``gate`` is indexed by slot.
@@ -185,7 +183,6 @@ def routed_mlp(h: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, w, *, blo
         h.stride(0), h.stride(1), w.w_in.stride(0), w.w_in.stride(1), wg.stride(0), wg.stride(1), a.stride(0), a.stride(1),
         GROUPED=grouped, SWIGLU=w.kind == "swiglu", HAS_B_IN=w.b_in is not None, ACT=ACT_IDS[w.act],
         UPCAST=up, PREC=prec, FIX_BF16=_fix_bf16(a.dtype), BM=BLOCK_M, **_FIXED_UP)
-    ops.LAUNCHES += 1
     has_b_out = add_b_out and w.b_out is not None
     res = residual if residual is not None else out
     _down_kernel[lambda meta: (n_blocks, triton.cdiv(D, meta["BN"]))](
@@ -194,7 +191,6 @@ def routed_mlp(h: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, w, *, blo
         a.stride(0), a.stride(1), w.w_out.stride(0), w.w_out.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
         GROUPED=grouped, HAS_B_OUT=has_b_out, HAS_GATE=gate is not None, HAS_RES=residual is not None,
         UPCAST=up, PREC=prec, FIX_BF16=_fix_bf16(out.dtype), BM=BLOCK_M, **_FIXED_DOWN)
-    ops.LAUNCHES += 1
     return out
 
 

@@ -13,8 +13,8 @@ import os
 import torch
 from torch import Tensor
 
-from elastilab import spec
-from elastilab.spec import MLPWeights
+from .. import spec
+from ..spec import MLPWeights
 
 from .reference import expert_mlp_sorted, routed_mlp_residual_reference
 
@@ -26,6 +26,14 @@ def _triton():
     """Import the kernels lazily: the interpreter switch is read when they are defined."""
     from . import mlp_triton
     return mlp_triton
+
+
+def _launch(*args, **kwargs) -> Tensor:
+    """``mlp_triton.routed_mlp``: its up and down kernels, counted here (mlp_triton does not import ops)."""
+    global LAUNCHES
+    out = _triton().routed_mlp(*args, **kwargs)
+    LAUNCHES += 2
+    return out
 
 
 def _use_triton(backend: str, t: Tensor, *inputs) -> bool:
@@ -94,8 +102,8 @@ def routed_mlp_residual(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights, gate: 
         raise ValueError(f"idx values must lie in [0, {x.shape[0]}), got [{int(idx.min())}, {int(idx.max())}]")
     if torch.unique(idx).numel() != idx.numel():  # each chosen row is written once, without atomics
         raise ValueError("idx must hold distinct row ids (the kernel writes each chosen row once)")
-    return _triton().routed_mlp(h, idx.contiguous(), idx.contiguous(), w, width=w.width, gate=gate, residual=x,
-                                out=out, add_b_out=True)
+    return _launch(h, idx.contiguous(), idx.contiguous(), w, width=w.width, gate=gate, residual=x,
+                   out=out, add_b_out=True)
 
 
 def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_experts: int, backend: str = "auto") -> Tensor:
@@ -122,14 +130,13 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
         raise ValueError(f"expert ids must lie in [0, {n_experts}), got [{int(experts.min())}, {int(experts.max())}]")
     y = h.new_zeros(n, d)
     if experts.numel():
-        tk = _triton()
-        sorted_pairs, block_expert = tk.align_by_expert(experts, n_experts)
+        sorted_pairs, block_expert = _triton().align_by_expert(experts, n_experts)
         valid = sorted_pairs >= 0
         rows = torch.where(valid, sorted_pairs // k, -1)
         gates_sorted = torch.where(valid, gates.reshape(-1)[sorted_pairs.clamp(min=0)], 0).contiguous()
         pairs_out = h.new_empty(n * k, d)
-        tk.routed_mlp(h, rows, sorted_pairs, w, block_expert=block_expert, width=w.width // n_experts,
-                      gate=gates_sorted, out=pairs_out, add_b_out=False)
+        _launch(h, rows, sorted_pairs, w, block_expert=block_expert, width=w.width // n_experts,
+                gate=gates_sorted, out=pairs_out, add_b_out=False)
         y = pairs_out.view(n, k, d).sum(1, dtype=torch.float32).to(h.dtype)
     if w.b_out is not None:
         y = y + w.b_out

@@ -1,0 +1,139 @@
+"""The visual-language self-distillation task: KL(teacher || student) on the answer tokens of
+image-question pairs, their datasets (tiny-llava's digit and face questions), evaluation by the greedy
+answer's first token, and parameter counts of the visual router against whole LLaVAs.
+
+    items, feats = tiny_llava_data(model, tok, "train")
+    el.distill(em, answer_dataset(tok, items, feats), loss_fn=answer_loss, steps=150)
+    evaluate(em, tok, *tiny_llava_data(model, tok, "test"))
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..distill import kl_loss
+from ..zoo import tiny_llava
+
+
+def predicting_positions(answer_mask: Tensor) -> Tensor:
+    """Positions whose next-token prediction is an answer token (position t predicts token t+1)."""
+    out = torch.zeros_like(answer_mask)
+    out[:, :-1] = answer_mask[:, 1:]
+    return out
+
+
+def answer_loss(em, wrapped, batch: dict, cfg) -> tuple[Tensor, dict]:
+    """``distill(loss_fn=answer_loss)``: KL(teacher || student) on the answer tokens of an image-text
+    batch {input_ids, attention_mask, answer_mask, image_features} (see answer_dataset)."""
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              image_features=batch["image_features"], logits_at=predicting_positions(batch["answer_mask"]))
+    with torch.no_grad(), em.routers_disabled():
+        teacher = em(**kw).logits
+    student = wrapped(**kw).logits
+    kl = kl_loss(student, teacher, cfg.temperature)
+    agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+    return kl, {"kl": kl.detach().item(), "agreement": agree.item()}
+
+
+def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, faces: int | None = None):
+    """(items, projected image features) of tiny-llava's digit and face questions (captions are left
+    out: one answer length keeps batches unpadded). ``per_class``/``faces`` take the first few."""
+    items, tower = tiny_llava.cached_features(model, split)
+    pick = [i for i, it in enumerate(items) if it["task"] in ("digit", "face")]
+    if per_class or faces:
+        seen: dict = {}
+        keep = []
+        for i in pick:
+            key = items[i]["answer"]
+            limit = per_class if items[i]["task"] == "digit" else faces
+            if limit is None or seen.get(key, 0) < limit:
+                seen[key] = seen.get(key, 0) + 1
+                keep.append(i)
+        pick = keep
+    with torch.no_grad():
+        feats = model.model.multi_modal_projector(tower[pick])
+    return [items[i] for i in pick], feats
+
+
+def answer_dataset(tokenizer, items, image_features: Tensor) -> list[dict]:
+    """Items (tiny_llava.examples) and their projected features -> equal-length dicts for distill()."""
+    b = tiny_llava.text_batch(tokenizer, [it["question"] for it in items], [it["answer"] for it in items])
+    return [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i],
+             "answer_mask": b["answer_mask"][i], "image_features": image_features[i]} for i in range(len(items))]
+
+
+@torch.no_grad()
+def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16, measure: bool = True) -> dict:
+    """Accuracy of the greedy answer's first token (per task) for teacher and student, student-teacher
+    agreement on it, KL on it, image tokens kept, and the measured FLOPs of the LM + head relative to
+    the teacher (first batch; features are precomputed so the tower does not count)."""
+    res: dict = {"n": len(items)}
+    acc_t: dict = {}
+    acc_s: dict = {}
+    agree = kl = 0.0
+    flops = {}
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        b = tiny_llava.text_batch(tokenizer, [it["question"] for it in chunk], [it["answer"] for it in chunk])
+        first = b["answer_mask"] & ~torch.roll(b["answer_mask"], 1, 1)
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                  image_features=image_features[s:s + batch_size], logits_at=predicting_positions(first))
+        for who in ("teacher", "student"):
+            ctx = em.routers_disabled() if who == "teacher" else contextlib.nullcontext()
+            with ctx:
+                if measure and s == 0:
+                    with FlopCounterMode(display=False) as fc:
+                        out = em(**kw)
+                    flops[who] = fc.get_total_flops()
+                else:
+                    out = em(**kw)
+            if who == "teacher":
+                t_logits = out.logits
+            else:
+                s_logits, kept = out.logits, out.image_keep
+        gold = tiny_llava.first_token_ids(tokenizer, [it["answer"] for it in chunk])
+        for it, ot, os_ in zip(chunk, (t_logits.argmax(-1) == gold).tolist(), (s_logits.argmax(-1) == gold).tolist()):
+            acc_t.setdefault(it["task"], []).append(ot)
+            acc_s.setdefault(it["task"], []).append(os_)
+        agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
+        kl += kl_loss(s_logits, t_logits).item() * len(chunk)
+    for t in acc_t:
+        res[f"teacher_acc_{t}"] = sum(acc_t[t]) / len(acc_t[t])
+        res[f"acc_{t}"] = sum(acc_s[t]) / len(acc_s[t])
+    res["teacher_acc"] = sum(sum(v) for v in acc_t.values()) / len(items)
+    res["acc"] = sum(sum(v) for v in acc_s.values()) / len(items)
+    res["agreement"] = agree / len(items)
+    res["kl"] = kl / len(items)
+    res["image_tokens_kept"] = int(kept[0].sum()) if kept is not None else image_features.shape[1]
+    if flops:
+        res["flops_fraction"] = flops["student"] / flops["teacher"]
+    return res
+
+
+def llava_parameter_count(config) -> dict:
+    """Parameters of a LlavaForConditionalGeneration built from ``config`` on the meta device (no
+    weights, no memory), and the fraction one visual-token router Linear(d_lm, 1) adds."""
+    from transformers import LlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    d = config.text_config.hidden_size
+    return {"params": total, "d_lm": d, "visual_router_params": d + 1, "fraction": (d + 1) / total}
+
+
+def llava_15_7b_config():
+    """LLaVA-1.5-7B's configuration from its published numbers: CLIP ViT-L/14 at 336 px (24 layers,
+    d=1024, penultimate layer, 576 patch tokens), a 2-layer GELU MLP projector, Vicuna-7B (Llama:
+    32 layers, d=4096, 32 heads, FFN 11008) with vocab 32064 (the llava-hf release, <image> added)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       tie_word_embeddings=False)
