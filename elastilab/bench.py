@@ -242,7 +242,8 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
     """A SwiGLU MLP of the model's dims on ``rows`` rows: dense (with the residual add) vs
     ``routed_mlp_residual`` on a capacity fraction of the rows and ``expert_mlp`` with k of E
     slices per row, for each backend ("torch": the gather path; "triton": the kernels, CUDA only).
-    Ideal speedup = 1 / capacity (matmul FLOPs of the MLP)."""
+    Ideal speedup = dense FLOPs / routed FLOPs, counted on the same calls with the torch backend
+    (the counter cannot see inside Triton kernels; both backends do the same matmul work)."""
     from .kernels import ops
     from .routing import n_kept
     from .spec import MLPWeights, mlp_forward
@@ -254,33 +255,35 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dt)
     w = MLPWeights("swiglu", "silu", r(F, d, scale=d ** -0.5), r(d, F, scale=F ** -0.5), r(F, d, scale=d ** -0.5))
     x, h = r(rows, d), r(rows, d)
-    fns, meta = {"dense": lambda: x + mlp_forward(w, h)}, {}
+    dense = lambda: x + mlp_forward(w, h)  # noqa: E731
+    fns, flops = {"dense": dense}, {"dense": total_flops(dense)}
     for cap in capacities:
-        n = n_kept(cap, rows)
-        idx = torch.randperm(rows, generator=g, device=device)[:n]
-        gate = torch.ones(n, device=device, dtype=dt)
+        idx = torch.randperm(rows, generator=g, device=device)[:n_kept(cap, rows)]
+        gate = torch.ones(len(idx), device=device, dtype=dt)
         k = n_kept(cap, n_experts)
         experts = torch.rand(rows, n_experts, generator=g, device=device).topk(k, dim=1).indices
         gates = torch.ones(rows, k, device=device, dtype=dt)
-        for b in backends:
-            fns[("mlp_tokens", cap, b)] = lambda idx=idx, gate=gate, b=b: ops.routed_mlp_residual(x, h, idx, w, gate, backend=b)
-            fns[("mlp_experts", cap, b)] = lambda e=experts, gs=gates, b=b: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b)
-            meta[("mlp_tokens", cap, b)] = n / rows
-            meta[("mlp_experts", cap, b)] = k / n_experts
+        routed = {"mlp_tokens": lambda b, idx=idx, gate=gate: ops.routed_mlp_residual(x, h, idx, w, gate, backend=b),
+                  "mlp_experts": lambda b, e=experts, gs=gates: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b)}
+        for comp, fn in routed.items():
+            flops[comp, cap] = total_flops(lambda: fn("torch"))
+            fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends})
     load0 = load_average()
     with torch.no_grad():
         times = interleaved(fns, reps, warmup, _sync(device))
     load1 = load_average()
     d_med = statistics.median(times["dense"])
     out = []
-    for key, fraction in meta.items():
+    for key in [k for k in fns if k != "dense"]:
         comp, cap, b = key
         r_med = statistics.median(times[key])
+        ideal = flops["dense"] / flops[comp, cap]
         out.append({"dims": dims, "d": d, "F": F, "device": device_kind(device), "dtype": dtype, "backend": b,
                     "rows": rows, "component": comp, "capacity": cap, "n_experts": n_experts,
-                    "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med, "ideal_speedup": 1 / fraction,
-                    "realised": d_med / r_med * fraction, "reps": reps, "threads": torch.get_num_threads(),
-                    "load_start": load0, "load_end": load1})
+                    "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med,
+                    "dense_gflops": flops["dense"] / 1e9, "routed_gflops": flops[comp, cap] / 1e9,
+                    "ideal_speedup": ideal, "realised": d_med / r_med / ideal, "reps": reps,
+                    "threads": torch.get_num_threads(), "load_start": load0, "load_end": load1})
     return pd.DataFrame(out)
 
 

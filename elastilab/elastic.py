@@ -88,9 +88,7 @@ class ElasticModel(nn.Module):
 
     # -- passthrough --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        check = getattr(self.adapter, "check_inputs", None)  # e.g. ViTs: image size and channels
-        if check is not None:
-            check(self.model, args, kwargs)
+        self.adapter.check_inputs(self.model, args, kwargs)  # e.g. ViTs: image size and channels
         scorer = self.scorer
         if scorer is not None and hasattr(scorer, "before_forward") and not torch.is_grad_enabled() \
                 and any(b.enabled for b in self.blocks):
@@ -323,7 +321,7 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
         raise TypeError("pass either an ElasticConfig or capacities as keywords, not both")
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
-    return getattr(find_adapter(model), "elastic_class", ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava
+    return (find_adapter(model).elastic_class or ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 CASES: dict[str, Callable[[], "Case"]] = {}
+SLIDING_WINDOW = 4096  # Mistral-7B-v0.1's; test_invariants sets a short one to show the known limitation
 
 
 @dataclass
@@ -21,6 +22,9 @@ class Case:
     causal: bool = True
     distill: Callable | None = None   # (elastic_model, steps) -> None: a few real training steps
     n_experts: int = 4
+    prefix: int = 0                   # CLS + register tokens in front of the patches (ViTs)
+    #: (elastic_model, ids [B, T], n) -> ids [B, T + n]: greedy decoding with the KV cache (causal cases)
+    generate: Callable = lambda em, ids, n: em.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 def case(name):
@@ -71,6 +75,16 @@ def qwen2():  # Llama layer code with q/k/v biases
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 13))}, lambda out: out.logits, distill=_lm_distill)
 
 
+@case("mistral")
+def mistral():  # head_dim other than hidden/heads (as Mistral-Nemo); sliding window (v0.1's 4096, longer than the inputs)
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                        sliding_window=SLIDING_WINDOW)
+    return Case(MistralForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 101, (2, 17))},
+                lambda out: out.logits, distill=_lm_distill)
+
+
 @case("gpt2")
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -110,7 +124,7 @@ def timm_vit():  # CLS + 2 registers, LayerScale, qkv bias, classification head
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2,
                               num_classes=5, init_values=1.0, reg_tokens=2)
     return Case(_randomize_biases(_randomize_layer_scale(model)).eval(), {"x": torch.randn(2, 3, 32, 32)}, lambda out: out,
-                causal=False, distill=_vit_distill)
+                causal=False, distill=_vit_distill, prefix=3)
 
 
 @case("hf_dinov2")
@@ -119,7 +133,7 @@ def hf_dinov2():  # LayerScale, last_hidden_state
     cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                        image_size=32, patch_size=8)
     return Case(_randomize_biases(_randomize_layer_scale(Dinov2Model(cfg))).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
-                lambda out: out.last_hidden_state, causal=False, distill=_vit_distill)
+                lambda out: out.last_hidden_state, causal=False, distill=_vit_distill, prefix=1)
 
 
 @case("hf_vit_cls")
@@ -128,7 +142,7 @@ def hf_vit_cls():  # ViT with its classification head
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     image_size=32, patch_size=8, num_labels=5)
     return Case(_randomize_biases(ViTForImageClassification(cfg)).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
-                lambda out: out.logits, causal=False, distill=_vit_distill)
+                lambda out: out.logits, causal=False, distill=_vit_distill, prefix=1)
 
 
 @case("hf_vitmae")
@@ -138,4 +152,59 @@ def hf_vitmae():  # MAE encoder, no masking; fixed noise keeps the patch order
                        image_size=32, patch_size=8, mask_ratio=0.0)
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "noise": torch.arange(16.0).expand(2, 16)}
     return Case(ViTMAEModel(cfg).eval(), inputs, lambda out: out.last_hidden_state, causal=False,
-                distill=_vit_distill)
+                distill=_vit_distill, prefix=1)
+
+
+@case("hf_dinov2_registers")
+def hf_dinov2_registers():  # CLS + 4 registers protected; the head reads CLS and the mean of the patches only
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+    cfg = Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                    image_size=32, patch_size=8, num_register_tokens=4, num_labels=5)
+    model = _randomize_biases(_randomize_layer_scale(Dinov2WithRegistersForImageClassification(cfg))).eval()
+    return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda out: out.logits, causal=False,
+                distill=_vit_distill, prefix=5)
+
+
+# ---------------------------------------------------------------- visual-language (LLaVA)
+LLAVA_IMAGE_ID = 127   # outside the text ids the tests draw (0..100), so text-only prompts hold no image
+LLAVA_N_IMG = 5        # 28 px / patch 14 -> 4 patches + CLS ("full")
+
+
+def _llava_inputs(n_rows=2, g=None):
+    text = lambda n: torch.randint(0, 101, (n_rows, n), generator=g)  # noqa: E731
+    ids = torch.cat([text(6), torch.full((n_rows, LLAVA_N_IMG), LLAVA_IMAGE_ID), text(6)], 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(n_rows, 3, 28, 28, generator=g)}
+
+
+def _llava_distill(em, steps):  # the LM components on the VLM task: KL on the answer tokens (the last 2)
+    import elastilab as el
+    from elastilab.tasks.vlm import answer_loss
+    x = _llava_inputs(4, torch.Generator().manual_seed(1))
+    feats = em.image_features(x["pixel_values"]).detach()
+    answer = torch.zeros_like(x["input_ids"], dtype=torch.bool)
+    answer[:, -2:] = True
+    data = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "answer_mask": answer[i],
+             "image_features": feats[i]} for i in range(4)]
+    el.distill(em, data, loss_fn=answer_loss, steps=steps, batch_size=2, lr=1e-2, progress=False)
+
+
+def _llava_generate(em, ids, n):  # ElasticLlava.generate returns the new tokens only (greedy)
+    return torch.cat([ids, em.generate(ids, max_new_tokens=n)], 1)
+
+
+@case("llava")
+def llava():
+    """A DINOv2 tower and a Llama LM. The invariants cover the LM components (visual_tokens has its own
+    tests in test_vlm.py); the threshold/generation test runs on text-only prompts, since a prompt cut
+    inside its image has no matching image."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    cfg = LlavaConfig(
+        vision_config=Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=14, image_size=28),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+        image_token_id=LLAVA_IMAGE_ID, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        projector_hidden_act="gelu")
+    return Case(LlavaForConditionalGeneration(cfg).eval(), _llava_inputs(), lambda out: out.logits,
+                distill=_llava_distill, generate=_llava_generate)

@@ -1,8 +1,11 @@
-"""The five invariants of DESIGN.md, run on every model family registered in model_cases.py."""
+"""The five invariants of DESIGN.md and the adapter contract (adapters/base.py), run on every model family
+registered in model_cases.py."""
 import pytest
 import torch
 
 import elastilab as el
+import model_cases
+from elastilab.adapters import REGISTRY, find_adapter
 from elastilab.compute import measure_flops
 from elastilab.config import LAYER_COMPONENTS
 from model_cases import CASES
@@ -94,17 +97,52 @@ def test_router_checkpoint_refuses_another_model(name, tmp_path):
 @pytest.mark.parametrize("variant", ["drop", "keep_kv"])
 def test_threshold_mode_is_causal_and_generates_with_cache(name, variant):
     case, em, _ = make(name, variant, attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
-    ids = case.inputs["input_ids"]
+    ids = torch.randint(0, 101, (2, 17))  # text only (every case's vocabulary holds 101 text ids)
     em.calibrate(torch.randint(0, 101, (4, 24)))
     em.set_mode("threshold")
     with torch.no_grad():
         full = em(ids).logits
         for cut in (1, 5, ids.shape[1] - 3):
             assert torch.allclose(em(ids[:, :cut]).logits, full[:, :cut], atol=1e-5)
-        out = em.generate(ids[:1, :6], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = case.generate(em, ids[:1, :6], 6)
         # the KV-cached generation equals greedy decoding recomputed without a cache
         logits = em(out[:, :-1], use_cache=False).logits
     assert torch.equal(logits[0, 5:].argmax(-1), out[0, 6:])
     # threshold mode keeps about the calibrated fraction of tokens
     kept = [b.aux["mlp_tokens"][1].float().mean().item() for b in em.blocks]
     assert 0.2 < sum(kept) / len(kept) < 0.8
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="known limitation: past a sliding window (Mistral v0.1's "
+                   "4096, Qwen2's use_sliding_window), transformers' KV cache drops the oldest keys while "
+                   "routing.RoutedAttention still counts the positions of every key it cached: keys and mask disagree")
+def test_sliding_window_shorter_than_the_sequence(monkeypatch):
+    monkeypatch.setattr(model_cases, "SLIDING_WINDOW", 8)  # the prompt and generation run past it
+    test_threshold_mode_is_causal_and_generates_with_cache("mistral", "keep_kv")
+
+
+def test_every_registered_adapter_has_a_case():
+    covered = {find_adapter(CASES[n]().model).name for n in CASES}
+    assert covered == set(REGISTRY), f"adapters without a case in model_cases.py: {set(REGISTRY) - covered}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_adapter_hooks_describe_the_model(name):
+    """The contract's model-level hooks (adapters/base.py) agree with what the model really does."""
+    case = CASES[name]()
+    adapter = find_adapter(case.model)
+    captured = []
+    hook = adapter.final_norm(case.model).register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        case.model(**case.inputs)
+    hook.remove()
+    # the final norm gives [B, T, d]: T the prompt (image tokens included) or the patches and the prefix
+    T = case.inputs["input_ids"].shape[1] if adapter.causal else 16 + case.prefix  # 32x32 px / patch 8
+    assert captured[-1].shape == (2, T, adapter.hidden_size(case.model))
+    assert adapter.prefix_tokens(case.model) == case.prefix
+    assert adapter.has_cls(case.model) == (case.prefix > 0)
+    # every block protects its model's prefix tokens (LMs: the attention sink), however often layers() is called
+    for _ in range(2):
+        specs = [adapter.block_spec(layer, i) for i, layer in enumerate(adapter.layers(case.model))]
+    assert {s.n_protected for s in specs} == {max(1, case.prefix)}
+    adapter.check_inputs(case.model, (), case.inputs)  # accepts the case's own inputs

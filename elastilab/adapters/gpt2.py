@@ -15,6 +15,9 @@ class GPT2Adapter(Adapter):
     def layers(self, model):
         return (model.transformer if hasattr(model, "transformer") else model).h
 
+    def final_norm(self, model):
+        return (model.transformer if hasattr(model, "transformer") else model).ln_f
+
     def block_spec(self, layer, layer_idx):
         a, m = layer.attn, layer.mlp
         cfg = a.config

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..spec import AttnWeights, BlockSpec, MLPWeights
 from .base import Adapter, Call, register
-from .vit import PREFIX_ATTR, check_image
+from .vit import check_image
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _FAMILIES = ("ViT", "ViTMAE", "Dinov2", "Dinov2WithRegisters")
@@ -34,6 +34,11 @@ def base_model(model):
     return model if hasattr(model, "embeddings") else getattr(model, model.base_model_prefix)
 
 
+def _prefix(config) -> int:
+    """CLS + register tokens (Dinov2WithRegisters) in front of the patches."""
+    return 1 + getattr(config, "num_register_tokens", 0)
+
+
 @register
 class HFViTAdapter(Adapter):
     name = "hf_vit"
@@ -41,11 +46,7 @@ class HFViTAdapter(Adapter):
     causal = False
 
     def layers(self, model):
-        base = base_model(model)
-        layers = _find(base, "layers", "encoder.layer", "encoder.layers")
-        for layer in layers:
-            setattr(layer, PREFIX_ATTR, self.prefix_tokens(model))
-        return layers
+        return _find(base_model(model), "layers", "encoder.layer", "encoder.layers")
 
     def block_spec(self, layer, layer_idx):
         where = f"layer {layer_idx} ({type(layer).__name__})"
@@ -73,7 +74,7 @@ class HFViTAdapter(Adapter):
         norm2 = _find(layer, "norm2", "layernorm_after")
         ls = lambda name: getattr(getattr(layer, name, None), "lambda1", None)  # DINOv2 LayerScale
         return BlockSpec(norm1, norm2, attn, mlp, ls("layer_scale1"), ls("layer_scale2"),
-                         n_protected=getattr(layer, PREFIX_ATTR, 1))
+                         n_protected=_prefix(cfg))  # the attention's config is the model's
 
     def parse_call(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -89,8 +90,11 @@ class HFViTAdapter(Adapter):
         dynamic = "Dinov2" in type(model).__name__ or kwargs.get("interpolate_pos_encoding")
         check_image(x, cfg.num_channels, patch, None if dynamic else size, type(model).__name__)
 
+    def final_norm(self, model):
+        return base_model(model).layernorm
+
     def prefix_tokens(self, model) -> int:
-        return 1 + getattr(base_model(model).config, "num_register_tokens", 0)
+        return _prefix(base_model(model).config)
 
     def has_cls(self, model) -> bool:
         return True

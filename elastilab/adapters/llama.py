@@ -45,9 +45,10 @@ class LlamaAdapter(Adapter):
         # later layers rely on, so it is never routed away (costs 1/T of the compute)
         return BlockSpec(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, n_protected=1)
 
+    def final_norm(self, model):
+        return (model.model if hasattr(model, "model") else model).norm
+
     def parse_call(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         return Call(hidden, kwargs.get("attention_mask"), cache, kwargs.get("position_embeddings"))
-
-

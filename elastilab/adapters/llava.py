@@ -12,12 +12,15 @@ class LlavaAdapter(LlamaAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     components = LAYER_COMPONENTS + ("visual_tokens",)
-    #: what ``elastify`` wraps a LLaVA in: ElasticLlava, set by elastilab.elastic_llava (which the package
-    #: imports). It builds on ElasticModel, whose module imports the adapters, so it points at this one.
+    #: ElasticLlava, set by elastilab.elastic_llava (which the package imports): it builds on
+    #: ElasticModel, whose module imports the adapters, so it points at this adapter, not the reverse
     elastic_class = None
 
     def layers(self, model):
         return model.model.language_model.layers
+
+    def final_norm(self, model):
+        return model.model.language_model.norm
 
     def hidden_size(self, model):
         return model.config.text_config.hidden_size

@@ -13,7 +13,7 @@ from torch import nn
 from ..spec import AttnWeights, BlockSpec, MLPWeights
 from .base import Adapter, Call, register
 
-PREFIX_ATTR = "_elastilab_prefix_tokens"  # set on each block by layers(): CLS + registers of its model
+PREFIX_ATTR = "_elastilab_prefix_tokens"  # set once on each block by layers(): CLS + registers of its model
 
 
 def gelu_kind(act: nn.Module, where: str) -> str:
@@ -59,9 +59,12 @@ class TimmViTAdapter(Adapter):
     causal = False
 
     def layers(self, model):
-        for i, blk in enumerate(model.blocks):
-            setattr(blk, PREFIX_ATTR, model.num_prefix_tokens)
-        return model.blocks
+        blocks = model.blocks
+        first = getattr(blocks[0], "base_layer", blocks[0]) if len(blocks) else None
+        if first is not None and not hasattr(first, PREFIX_ATTR):  # once per model: block_spec sees only a block
+            for blk in blocks:
+                setattr(blk, PREFIX_ATTR, model.num_prefix_tokens)
+        return blocks
 
     def block_spec(self, layer, layer_idx):
         where = f"timm block {layer_idx} ({type(layer).__name__})"
@@ -102,6 +105,9 @@ class TimmViTAdapter(Adapter):
         pe = model.patch_embed
         fixed = tuple(pe.img_size) if pe.strict_img_size and not getattr(pe, "dynamic_img_pad", False) else None
         check_image(x, pe.proj.in_channels, tuple(pe.patch_size), fixed, f"timm {type(model).__name__}")
+
+    def final_norm(self, model):
+        return model.norm
 
     def prefix_tokens(self, model) -> int:
         return model.num_prefix_tokens

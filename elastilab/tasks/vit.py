@@ -54,10 +54,7 @@ def _adapter(model):
 
 def _final_norm(model):
     """The module whose output is the final hidden state [B, T, d] (after the last LayerNorm)."""
-    inner = _unwrap(model)
-    if hasattr(inner, "blocks") and hasattr(inner, "norm"):  # timm VisionTransformer
-        return inner.norm
-    return base_model(inner).layernorm
+    return _adapter(model).final_norm(_unwrap(model))
 
 
 def _call_kwargs(model, x: Tensor) -> tuple[tuple, dict]:
