@@ -6,14 +6,16 @@
     log = el.distill(em, el.data.text("licenses"), tokenizer=tok, steps=200)
 """
 from . import data, zoo
+from .budget import allocate
 from .config import COMPONENTS, ElasticConfig
 from .distill import DistillConfig, distill, evaluate
-from .elastic import ElasticModel, elastify, fingerprint, load_routers
+from .checkpoint import fingerprint
+from .elastic import ElasticModel, elastify, load_routers
 from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
 from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
 from . import scorers
 
 __all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
-           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask"]
+           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "allocate"]
 __version__ = "0.1.0"

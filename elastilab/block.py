@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from .routers import Router
 from .scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
-                      hard_gates, keep_to_index, scatter_add_rows, select_tokens, straight_through)
+                      hard_gates, keep_to_index, running_threshold, scatter_add_rows, select_tokens,
+                      straight_through)
 
 
 class ElasticBlock(nn.Module):
@@ -47,6 +48,7 @@ class ElasticBlock(nn.Module):
             self.register_buffer("unit_order", unit_order, persistent=False)
         else:
             self.unit_order = None
+        self._seen: dict = {}   # running mode: this sequence's scores so far, per component [B, S]
         self.aux: dict = {}     # training signals of the last forward (scores and choices)
         self.counts: dict = {}  # sizes the last forward computed, for the analytic FLOP count
         #: training: forward values of the routed path, gradients for unchosen rows too (see estimate)
@@ -73,17 +75,21 @@ class ElasticBlock(nn.Module):
         """With skipped_tokens="merge": the kept token whose output each token receives [B, T]."""
         return nearest_kept(h, keep) if self.skipped_tokens == "merge" else None
 
-    def _token_keep(self, comp: str, h: Tensor, n_protected: int, **where) -> tuple[Tensor, Tensor]:
+    def _token_keep(self, comp: str, h: Tensor, n_protected: int, start: int = 0, **where) -> tuple[Tensor, Tensor]:
         B, T = h.shape[:2]
         rows = torch.arange(B * T, device=h.device).view(B, T)
         scores = self._scores(comp, h, rows, **where)
         threshold = None
-        if self.mode == "threshold":
+        if self.mode != "topk":
             router = self.routers[comp]
             if not router.calibrated:
-                raise RuntimeError(f"layer {self.layer_idx} {comp} router is not calibrated for threshold "
+                raise RuntimeError(f"layer {self.layer_idx} {comp} router is not calibrated for {self.mode} "
                                    "mode; call ElasticModel.calibrate(input_ids) first (or use mode='topk')")
             threshold = router.threshold(self.capacity[comp])
+            if self.mode == "running":  # each sequence's own past scores set the bar (causal)
+                past = self._seen.get(comp) if start > 0 else None
+                threshold, self._seen[comp] = running_threshold(past, scores[:, n_protected:].detach(),
+                                                                self.capacity[comp], threshold)
         keep = select_tokens(scores, self.capacity[comp], threshold, n_protected)
         self.aux[comp] = (scores, keep)
         return scores, keep
@@ -119,6 +125,10 @@ class ElasticBlock(nn.Module):
         start = 0
         if cache is not None:  # layer 0 caches every token, so its length counts the tokens seen
             start = cache.get_seq_length(0) - (T if self.layer_idx > 0 else 0)
+        if start > 0 and self.mode == "topk" and (self._active("attn_tokens") or self._active("mlp_tokens")):
+            raise ValueError("token routing in mode 'topk' cannot decode with a KV cache: top-k over the new "
+                             "token(s) alone would keep them (every step dense); use em.set_mode('threshold') "
+                             "or 'running' with calibrated routers (em.calibrate) for generation")
         pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         protected = min(T, max(0, spec.n_protected - start))  # protected positions in this chunk
         if rope is not None:  # models compute cos/sin once for the batch: [1, T, hd]
@@ -128,7 +138,7 @@ class ElasticBlock(nn.Module):
         h = spec.attn_norm(x)
         keys = merged = None  # rows offering keys/values when they are not the query rows; ToMe groups
         if self._active("attn_tokens"):
-            scores, keep = self._token_keep("attn_tokens", h, protected, pos=pos, rope=rope)
+            scores, keep = self._token_keep("attn_tokens", h, protected, start, pos=pos, rope=rope)
             if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
                 h, attn_keep = merge_rows(h, merged), keep
             elif (merged := self._receives(h, keep)) is not None:
@@ -174,7 +184,7 @@ class ElasticBlock(nn.Module):
         h, rows, gate = h_all, None, None
         merged = None
         if self._active("mlp_tokens"):
-            scores, keep = self._token_keep("mlp_tokens", h_all.view(B, T, d), protected)
+            scores, keep = self._token_keep("mlp_tokens", h_all.view(B, T, d), protected, start)
             rows = keep.reshape(-1).nonzero().squeeze(1)
             if (merged := self._merged()) is not None:  # the kept tokens stand for their groups
                 h_all = merge_rows(h_all.view(B, T, d), merged).view(B * T, d)

@@ -150,7 +150,7 @@ def _check_trainable(caps: dict, capacity_range) -> None:
 
 def _recommended_capacities(path: Path) -> dict | None:
     """The operating point stored as "recommended_capacities" in <path>/routers.json, if any."""
-    from .elastic import META_FILE
+    from .checkpoint import META_FILE
     meta = json.loads((Path(path) / META_FILE).read_text())
     rec = meta.get("recommended_capacities") if isinstance(meta, dict) else None
     if rec is not None and not (isinstance(rec, dict) and rec):
@@ -164,7 +164,7 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
     from .config import TOKEN_COMPONENTS
     from .routing import n_kept
     lines, warnings = [], []
-    threshold = em.elastic_config.mode == "threshold"
+    threshold = em.elastic_config.mode != "topk"
     for comp, cap in em.capacities.items():
         block = next((b for b in em.blocks if comp in b.routers), None)
         if block is None:
@@ -262,12 +262,12 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{where}: {e}") from None
     if args.mode:
         em.set_mode(args.mode)
-    if em.elastic_config.mode == "threshold":
+    if em.elastic_config.mode != "topk":
         missing = sorted({c for b in em.blocks for c, r in b.routers.items()
                           if c in TOKEN_COMPONENTS and b.capacity[c] < 1.0 and not r.calibrated})
         if missing:
             why = "this checkpoint was saved uncalibrated" if args.routers else "fresh routers: no --routers given"
-            raise ValueError(f"--mode threshold needs token routers calibrated on sample text, and the "
+            raise ValueError(f"--mode {em.elastic_config.mode} needs token routers calibrated on sample text, and the "
                              f"{', '.join(missing)} routers are not ({why}); use --mode topk, or --routers DIR "
                              "written by `elastilab train` (which calibrates them)")
     print(f"elastilab eval: capacities {', '.join(f'{c}={v:g}' for c, v in em.capacities.items())}, "
@@ -338,8 +338,9 @@ def main(argv=None) -> int:
                    help="part of the text: eval = the last 10%% (cut at a line start), train = the rest, all")
     e.add_argument("--blocks", type=_positive_int, default=8,
                    help="number of blocks to evaluate (fewer if the split is shorter)")
-    e.add_argument("--mode", choices=("topk", "threshold"),
-                   help="token selection: top-k per block, or calibrated per-layer thresholds (causal); "
+    e.add_argument("--mode", choices=("topk", "threshold", "running"),
+                   help="token selection: top-k per block, calibrated per-layer thresholds (causal), or each "
+                        "sequence's running quantile of its own scores (causal, follows the capacity); "
                         "default: the routers' own mode (topk for fresh routers)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)

@@ -108,14 +108,55 @@ def build(args):
     return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps
 
 
+def calibration_task(args):
+    """The data ``--allocate`` measures the layers' costs on: a domain's train split, a text file or an
+    image folder (for a held-out report, not the data the frontier is evaluated on)."""
+    from . import data
+    from . import quality as fr
+    src, kind = Path(args.allocate), modality(args)
+    if kind == "vision-language":
+        raise ValueError("--allocate spreads a layer component's budget across layers; tiny-llava's visual_tokens "
+                         "are chosen once, before the language model")
+    if kind == "language":
+        from . import zoo
+        _, tok = zoo.load(args.model)
+        text = data.text_file(src) if src.is_file() else data.text(args.allocate)
+        return fr.LMTask(data.token_blocks(tok, text, args.seq_len, split="train" if not src.is_file() else "all")[:4])
+    from .tasks import vit
+    from .zoo import dinov2
+    images = read_images(src, 32) if src.is_dir() else vit.domain(args.allocate, "train", 32)[0]
+    probe = dinov2.load_probe() if args.model in VISION_MODELS else None
+    return fr.ViTTask(vit.pixels(images, args.size), probe=probe)
+
+
 def cmd_frontier(args) -> int:
     import torch
 
     from . import quality as fr
     torch.manual_seed(0)
     em, task, comps = build(args)
-    df = fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
-                     progress=not args.json)
+    run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
+                              progress=not args.json)
+    if args.allocate:
+        import pandas as pd
+
+        from .budget import allocate
+        em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
+        uniform = run()
+        calibration = calibration_task(args)
+        for comp in comps:
+            if comp in LAYER_COMPONENTS:
+                # the layers' costs as the routers choose, or the oracle where there are none
+                allocate(em, comp, calibration, scorer="learned" if args.routers else "oracle",
+                         progress=not args.json)
+        df = pd.concat([uniform, run()], ignore_index=True)
+        df.attrs.update(uniform.attrs)
+        if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
+            em.save_routers(args.out / "routers", command="elastilab " + " ".join(args.argv),
+                            allocated_on=args.allocate, source=str(args.routers))
+            print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+    else:
+        df = run()
     meta = {"command": "elastilab " + " ".join(args.argv), "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "metric": df.attrs["metric"], "skipped": [f"{s} x {c}" for s, c in df.attrs["skipped"]]}
@@ -175,7 +216,8 @@ def frontier_tables(results: Path) -> str:
             eff = r.router_efficiency
             # outside [0, 1] the oracle is no ceiling there (a proxy that the learned router beats)
             eff = "–" if pd.isna(eff) else "> 1" if eff > 1 else "< 0" if eff < 0 else f"{eff:.2f}"
-            out.append(f"| {r.component} | {r.capacity:g} | {r.compute:.3f} | {_cell(r.random)} | "
+            label = r.component if r.allocation == "uniform" else f"{r.component}, budget across layers"
+            out.append(f"| {label} | {r.capacity:g} | {r.compute:.3f} | {_cell(r.random)} | "
                        f"{_cell(r.learned)} | {free} | {orc} | {eff} |")
         out.append("")
     return "\n".join(out)
@@ -251,6 +293,10 @@ def add_parsers(sub) -> None:
     f.add_argument("--n-experts", type=_positive, default=8, help="MLP slices when no routers are given")
     f.add_argument("--skipped-tokens", choices=("drop", "merge"), default="drop",
                    help="vision models: what a skipped token receives (nothing, or its nearest kept token's output)")
+    f.add_argument("--allocate", metavar="DOMAIN_OR_PATH",
+                   help="also trace each component with its compute budget allocated across layers, measured on "
+                        "this calibration data (a shipped domain's train split, a text file or an image folder; "
+                        "never the data reported)")
     f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(func=_run_frontier)
@@ -258,6 +304,8 @@ def add_parsers(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
     r.set_defaults(func=cmd_report)
+    from .generation import add_generation_parser
+    add_generation_parser(sub)  # elastilab generation
 
 
 def _run_frontier(args) -> int:

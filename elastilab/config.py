@@ -9,7 +9,7 @@ TOKEN_COMPONENTS = ("attn_tokens", "mlp_tokens")
 PARAM_COMPONENTS = ("attn_heads", "mlp_experts")
 LAYER_COMPONENTS = TOKEN_COMPONENTS + PARAM_COMPONENTS
 COMPONENTS = LAYER_COMPONENTS + ("visual_tokens",)
-MODES = ("topk", "threshold")
+MODES = ("topk", "threshold", "running")
 #: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention
 ATTN_TOKENS_VARIANTS = ("drop", "keep_kv")
 SKIPPED_TOKENS = ("drop", "merge")
@@ -46,7 +46,9 @@ class ElasticConfig:
     expert_partition: str = "contiguous"
     #: "topk": exactly ceil(c*T) tokens per sequence (looks at the whole sequence);
     #: "threshold": a token is kept when its score passes a calibrated per-layer threshold
-    #: (causal: usable for generation with a KV cache)
+    #: (causal: usable for generation with a KV cache);
+    #: "running": threshold mode whose bar is the quantile of the sequence's own scores so far (causal
+    #: too), so the compute follows the capacity on text unlike the calibration text
     mode: str = "topk"
     #: ``attn_tokens`` routing: "drop" (Mixture-of-Depths: a skipped token is neither query nor
     #: key/value in that layer, so later tokens cannot see it there) or "keep_kv" (FlexiDepth: every
@@ -65,6 +67,10 @@ class ElasticConfig:
     #: {component: layers} that keep their routers but always run that component dense, whatever
     #: the capacity (``ElasticModel.keep_dense``); negative indices count from the end
     keep_dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: {component: [(layer, capacity), ...]}: a compute budget allocated across layers
+    #: (``elastilab.budget``). The component's capacity is then the budget, the mean capacity over
+    #: its routed layers, and the layers take the schedule's cuts in order until the mean reaches it
+    allocation: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in COMPONENTS:
@@ -86,6 +92,7 @@ class ElasticConfig:
             raise ValueError(f"skipped_tokens must be one of {SKIPPED_TOKENS}, got {self.skipped_tokens!r}")
         self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
+        self.allocation = check_allocation(self.allocation, self.components)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -98,6 +105,7 @@ class ElasticConfig:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         d["keep_dense"] = {c: list(v) for c, v in self.keep_dense.items()}
+        d["allocation"] = {c: [list(step) for step in v] for c, v in self.allocation.items()}
         return d
 
     @classmethod
@@ -119,6 +127,25 @@ def check_keep_dense(keep: dict, components) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"keep_dense names {comp!r}, which is not elastic here; elastic components: "
                              f"{', '.join(components)}")
         out[comp] = tuple(sorted(set(layer_list(layers, f"keep_dense[{comp!r}]"))))
+    return out
+
+
+def check_allocation(allocation: dict, components) -> dict[str, tuple[tuple[int, float], ...]]:
+    """{component: [(layer, capacity), ...]} -> validated, as tuples (``elastilab.budget``)."""
+    if not isinstance(allocation, dict):
+        raise ValueError(f"allocation must be a dict {{component: [(layer, capacity), ...]}}, "
+                         f"got {type(allocation).__name__}")
+    out = {}
+    for comp, steps in allocation.items():
+        if comp not in components or comp not in LAYER_COMPONENTS:
+            raise ValueError(f"allocation names {comp!r}, which is not an elastic layer component here; "
+                             f"elastic components: {', '.join(components)}")
+        try:
+            pairs = [(layer, value) for layer, value in steps]
+        except (TypeError, ValueError):
+            raise ValueError(f"allocation[{comp!r}] must be a list of (layer, capacity) pairs") from None
+        layers = layer_list([layer for layer, _ in pairs], f"allocation[{comp!r}] layers")
+        out[comp] = tuple((layer, check_capacity(comp, value)) for layer, (_, value) in zip(layers, pairs))
     return out
 
 

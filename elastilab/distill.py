@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import PARAM_COMPONENTS, TOKEN_COMPONENTS
+from .config import PARAM_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig
 
 #: written next to the routers at every checkpoint: what ``resume`` needs to continue the run exactly
 TRAINER_STATE_FILE = "trainer_state.safetensors"
@@ -259,7 +259,7 @@ def init_routers(em, seed: int) -> None:
 def check_checkpoint_dir(cfg: DistillConfig) -> None:
     """Fail before step 1 when checkpoint_dir cannot take this run's checkpoints: a file, an
     existing checkpoint without resume/overwrite, nothing to resume, or a folder we cannot write."""
-    from .elastic import META_FILE, ROUTERS_FILE
+    from .checkpoint import META_FILE, ROUTERS_FILE
     if not cfg.checkpoint_dir:
         return
     folder = Path(cfg.checkpoint_dir)
@@ -324,7 +324,7 @@ def _check_routers(em, step: int, cfg: DistillConfig, last_saved: int | None) ->
 def _run_identity(em, data, cfg: DistillConfig) -> dict:
     """What a resumed run must share with the one it continues: model, elastic layout and
     capacities, data, and every setting that shapes the trajectory."""
-    from .elastic import fingerprint
+    from .checkpoint import fingerprint
     elastic = {k: v for k, v in em.elastic_config.to_dict().items() if k != "mode"}  # training is top-k
     for key in ("attn_tokens_variant", "skipped_tokens"):  # defaults: runs saved before the fields resume
         if elastic.get(key) == "drop":
@@ -403,6 +403,9 @@ def _check_same_run(folder: Path, saved: dict, now: dict) -> None:
     if saved["fingerprint"] != now["fingerprint"]:
         raise ValueError(f"the run in {folder} trained routers for a different model (fingerprint "
                          f"{saved['fingerprint'][:12]}, this one {now['fingerprint'][:12]}); load that model")
+    # a field added to ElasticConfig after the run started takes its default, as when routers load
+    defaults = ElasticConfig.from_dict(saved["elastic_config"]).to_dict()
+    saved = {**saved, "elastic_config": {k: saved["elastic_config"].get(k, defaults[k]) for k in now["elastic_config"]}}
     diffs = [f"{part}.{k}: {saved[part].get(k)!r} then, {now[part].get(k)!r} now"
              for part in ("elastic_config", "distill", "data")
              for k in sorted(set(saved[part]) | set(now[part])) if saved[part].get(k) != now[part].get(k)]

@@ -1,23 +1,18 @@
 """elastify(): wrap a pretrained model's blocks with routers; the ElasticModel that controls them."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
-from .files import atomic_files, current_files
+from .checkpoint import META_FILE, ROUTERS_FILE, config_of, fingerprint, read_checkpoint, write_checkpoint
 
-ROUTERS_FILE, META_FILE = "routers.safetensors", "routers.json"
-CHECKPOINT_TAG = "routers"  # names the pair's temporary files: .routers.*.tmp, .routers.pending
 
 
 def layer_indices(indices, n: int, what: str) -> set[int]:
@@ -83,8 +78,10 @@ class ElasticModel(nn.Module):
             layers[i] = block
         for p in self.router_parameters():
             p.requires_grad_(True)
-        if config.keep_dense:
-            self.set_capacity(**{c: getattr(config, c) for c in config.keep_dense})
+        for comp, steps in config.allocation.items():
+            layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
+        if config.keep_dense or config.allocation:
+            self.set_capacity(**{c: getattr(config, c) for c in {**config.keep_dense, **config.allocation}})
 
     # -- passthrough --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -129,8 +126,20 @@ class ElasticModel(nn.Module):
     def capacities(self) -> dict[str, float]:
         return self.elastic_config.capacities()
 
+    @property
+    def layer_capacities(self) -> dict[str, dict[int, float]]:
+        """{component: {layer: capacity}}: what each routed layer really computes (after
+        ``keep_dense`` and a budget allocation), where ``capacities`` shows the one knob."""
+        out: dict[str, dict[int, float]] = {}
+        for b in self.blocks:
+            for comp, cap in b.capacity.items():
+                out.setdefault(comp, {})[b.layer_idx] = cap
+        return out
+
     def set_capacity(self, **capacities: float) -> "ElasticModel":
-        """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``."""
+        """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``. With an
+        allocation (``set_allocation``) the value is a budget spread across layers by its schedule."""
+        from .budget import capacities_at
         for name, value in capacities.items():
             value = check_capacity(name, value)
             if getattr(self.elastic_config, name) is None:
@@ -138,9 +147,25 @@ class ElasticModel(nn.Module):
                                  f"{', '.join(self.elastic_config.components)}")
             setattr(self.elastic_config, name, value)
             pinned = self._kept_dense(name)
-            for b in self.blocks:
-                if name in b.capacity:
-                    b.capacity[name] = 1.0 if b.layer_idx in pinned else value
+            blocks = [b for b in self.blocks if name in b.capacity]
+            n = len(self.adapter.layers(self.model))
+            schedule = [(layer % n, cap) for layer, cap in self.elastic_config.allocation.get(name, ())]
+            per_layer = capacities_at(schedule, [b.layer_idx for b in blocks], value, pinned) if schedule else {}
+            for b in blocks:
+                b.capacity[name] = 1.0 if b.layer_idx in pinned else per_layer.get(b.layer_idx, value)
+        return self
+
+    def set_allocation(self, **schedules) -> "ElasticModel":
+        """Spread each named component's capacity across layers by a schedule of (layer, capacity)
+        cuts (``elastilab.budget.allocate`` measures one); an empty schedule returns to one capacity
+        for every layer. Saved with the routers."""
+        from .config import check_allocation
+        checked = check_allocation(schedules, self.elastic_config.components)
+        n = len(self.adapter.layers(self.model))
+        for comp, steps in checked.items():
+            layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
+        self.elastic_config.allocation = {c: v for c, v in {**self.elastic_config.allocation, **checked}.items() if v}
+        self.set_capacity(**{c: getattr(self.elastic_config, c) for c in checked})
         return self
 
     def keep_dense(self, **layers) -> "ElasticModel":
@@ -270,9 +295,9 @@ class ElasticModel(nn.Module):
     # -- threshold mode -----------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> "ElasticModel":
-        """Fill each token router's score-quantile table from sample text, so threshold mode keeps
-        the target fraction. Scores are recorded while running top-k routing at the current
-        capacities, i.e. on the hidden states the routed model really produces."""
+        """Fill the score-quantile table of each token router in use (capacity below 1.0) from sample
+        text, so threshold mode keeps the target fraction. Scores are recorded while running top-k
+        routing at the current capacities, i.e. on the hidden states the routed model really produces."""
         mode = self.elastic_config.mode
         self.set_mode("topk")
         scores: dict[tuple[int, str], list] = {}
@@ -285,27 +310,24 @@ class ElasticModel(nn.Module):
                             scores.setdefault((b.layer_idx, comp), []).append(b.aux[comp][0].flatten())
         finally:
             self.set_mode(mode)
-        for b in self.blocks:
+        if not scores:
+            raise RuntimeError("no token router was routing during calibration (every token capacity 1.0?); "
+                               "calibrate at a capacity below 1.0")
+        for b in self.blocks:  # the routers in use; the others keep their tables (NaN: refused when used)
             for comp in TOKEN_COMPONENTS:
-                if comp in b.routers:
-                    if (b.layer_idx, comp) not in scores:
-                        raise RuntimeError(f"{comp} routing was off during calibration (capacity 1.0?); "
-                                           "calibrate at a capacity below 1.0")
+                if (b.layer_idx, comp) in scores:
                     b.routers[comp].set_quantiles(torch.cat(scores[(b.layer_idx, comp)]))
         return self
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
-        """Write routers.safetensors + routers.json into the folder ``path``, as a pair: a reader
-        (or a run killed mid-save) sees both old files or both new ones (``files.atomic_files``)."""
-        path = Path(path)
+        """Write routers.safetensors + routers.json into the folder ``path``, as a pair
+        (``checkpoint.write_checkpoint``); ``load_routers`` reads them back."""
         meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
                 "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
                 **self.parameter_summary(), "metadata": metadata}
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.router_state().items()}
-        atomic_files(path, {ROUTERS_FILE: lambda f: save_file(tensors, f),
-                            META_FILE: lambda f: Path(f).write_text(json.dumps(meta, indent=2))}, tag=CHECKPOINT_TAG)
-        return path
+        return write_checkpoint(path, meta, tensors)
 
     def compute_report(self, *args, **kwargs):
         from .compute import compute_report
@@ -322,47 +344,6 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
     return (find_adapter(model).elastic_class or ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(routers.json as a dict, routers.safetensors as tensors) of the checkpoint folder ``path``,
-    validated: readable, the metadata keys present, every tensor floating point and finite."""
-    path = Path(path)
-    files = current_files(path, (ROUTERS_FILE, META_FILE), tag=CHECKPOINT_TAG)
-    if not all(f.is_file() for f in files.values()):
-        raise FileNotFoundError(f"{path} holds no router checkpoint (expected {ROUTERS_FILE} and {META_FILE})")
-    try:
-        meta = json.loads(files[META_FILE].read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / META_FILE} is not valid JSON ({e}); save the routers again") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path / META_FILE} must hold a JSON object, got a {type(meta).__name__}")
-    missing = [k for k in ("elastic_config", "fingerprint") if k not in meta]
-    if missing:
-        raise ValueError(f"{path / META_FILE} lacks {missing}: it was not written by ElasticModel.save_routers")
-    if not isinstance(meta["elastic_config"], dict) or not isinstance(meta["fingerprint"], str):
-        raise ValueError(f"{path / META_FILE}: elastic_config must be an object and fingerprint a string")
-    try:
-        state = load_file(str(files[ROUTERS_FILE]))
-    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise ValueError(f"{path / ROUTERS_FILE} is not a readable safetensors file ({e}); "
-                         "save the routers again") from None
-    for k, v in state.items():
-        if not v.is_floating_point():
-            raise ValueError(f"router tensor {k!r} in {path / ROUTERS_FILE} is {v.dtype}, not floating point")
-        finite = torch.isfinite(v)
-        # a token router's quantile table is NaN until calibrate() fills it (all of it, or none)
-        if not (finite.all() or (k.endswith("quantiles") and torch.isnan(v).all())):
-            raise ValueError(f"router tensor {k!r} in {path / ROUTERS_FILE} holds NaN or infinite values "
-                             "(training diverged?); these routers cannot be used")
-    return meta, state
-
-
-def config_of(meta: dict, path, **overrides) -> ElasticConfig:
-    try:
-        return ElasticConfig.from_dict({**meta["elastic_config"], **overrides})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{Path(path) / META_FILE} holds an invalid elastic_config: {e}") from None
 
 
 def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torch.Tensor], path,
@@ -407,28 +388,6 @@ def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: 
             f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
             f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
     return elastify_with(model, config, state, path)
-
-
-#: values sampled from every parameter tensor for the fingerprint
-FINGERPRINT_SAMPLES = 64
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the architecture (every parameter's name and shape) and of the signs of
-    values sampled from every parameter tensor (routers excluded). Signs survive a cast to any
-    float dtype (a bf16 or fp16 copy is the same model), while a layer replaced, zeroed or
-    retrained changes them; the values themselves would not survive rounding."""
-    if isinstance(model, ElasticModel):
-        model = model.model
-    params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if ".routers." not in n]
-    h = hashlib.sha256(type(model).__name__.encode())
-    h.update(json.dumps([(n, list(p.shape)) for n, p in params]).encode())
-    for _, p in params:
-        flat = p.detach().reshape(-1)
-        k = min(flat.numel(), FINGERPRINT_SAMPLES)  # evenly spaced, in integers (float32 rounds)
-        idx = torch.arange(k, device=flat.device) * max(flat.numel() - 1, 0) // max(k - 1, 1)
-        h.update(torch.sign(flat[idx].float()).to(torch.int8).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def cluster_hidden_units(mlp, n_experts: int, iters: int = 10, seed: int = 0) -> torch.Tensor:

@@ -31,8 +31,27 @@ def n_kept(capacity: float, n: int) -> int:
     return min(n, max(1, math.ceil(capacity * n - 1e-9)))
 
 
-def select_tokens(scores: Tensor, capacity: float, threshold: float | None, n_protected: int = 0) -> Tensor:
-    """keep [B, T] bool. Top-k per sequence when threshold is None, else score > threshold.
+#: running mode: a sequence's first tokens use the calibrated threshold, until it has this many scores
+RUNNING_WARMUP = 16
+
+
+def running_threshold(past: Tensor | None, scores: Tensor, capacity: float, calibrated: float) -> tuple[Tensor, Tensor]:
+    """Causal per-sequence thresholds [B, T] for new scores [B, T] after ``past`` [B, S] of the same
+    sequence (None at its start): token t's bar is the (1 - capacity) quantile of the sequence's
+    scores up to and including t, so the kept share follows the capacity on text whose scores sit
+    higher or lower than the calibration text's; the first RUNNING_WARMUP tokens use ``calibrated``.
+    Returns (thresholds, every score so far [B, S + T])."""
+    seen = scores if past is None else torch.cat([past, scores], 1)
+    B, T, S = scores.shape[0], scores.shape[1], seen.shape[1]
+    upto = torch.arange(S - T, S, device=scores.device)[:, None]  # each new token's index in ``seen``
+    prefix = torch.where(torch.arange(S, device=scores.device)[None] <= upto, seen[:, None, :].float(), float("nan"))
+    q = torch.nanquantile(prefix, 1.0 - capacity, dim=-1) if T else scores.float()
+    return torch.where(upto.squeeze(1) + 1 >= RUNNING_WARMUP, q, torch.full_like(q, calibrated)), seen
+
+
+def select_tokens(scores: Tensor, capacity: float, threshold, n_protected: int = 0) -> Tensor:
+    """keep [B, T] bool. Top-k per sequence when threshold is None, else score > threshold (a number,
+    or one per unprotected token [B, T - n_protected]: the running mode).
 
     The first n_protected tokens (CLS, registers) are always kept and not counted in the top-k.
     """
@@ -215,6 +234,6 @@ def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     return x.index_add(0, rows, y.to(x.dtype))
 
 
-__all__ = ["straight_through", "hard_gates", "n_kept", "select_tokens", "keep_to_index", "choose_slots",
+__all__ = ["straight_through", "hard_gates", "n_kept", "running_threshold", "select_tokens", "keep_to_index", "choose_slots",
            "estimator_attention", "estimator_mlp",
            "RoutedAttention", "RoutedMLP", "scatter_add_rows", "BlockSpec"]

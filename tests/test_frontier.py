@@ -113,6 +113,14 @@ def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {r["scorer"] for r in out["rows"]} == {"random", "magnitude"} and out["metric"] == "ppl_ratio"
     assert not list(tmp_path.glob("*.csv"))  # nothing written without --out
+    assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
+                 "--scorers", "random", "--blocks", "1", "--seq-len", "32", "--split", "all",
+                 "--allocate", str(text), "--json"]) == 0  # (a test may calibrate on what it reports)
+    rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
+    assert set(rows.allocation) == {"uniform", "budget"}
+    routed = rows[rows.capacity == 0.5].set_index("allocation")
+    assert routed.loc["budget", "compute"] == pytest.approx(0.5, abs=0.02)  # the budget is the measured compute
+    assert routed.loc["uniform", "compute"] == pytest.approx(0.5, abs=0.02)
     from PIL import Image
     images = tmp_path / "imgs"
     images.mkdir()

@@ -95,19 +95,20 @@ def test_router_checkpoint_refuses_another_model(name, tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in sorted(CASES) if CASES[n]().causal])
 @pytest.mark.parametrize("variant", ["drop", "keep_kv"])
-def test_threshold_mode_is_causal_and_generates_with_cache(name, variant):
+@pytest.mark.parametrize("mode", ["threshold", "running"])
+def test_threshold_mode_is_causal_and_generates_with_cache(name, variant, mode):
     case, em, _ = make(name, variant, attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
-    ids = torch.randint(0, 101, (2, 17))  # text only (every case's vocabulary holds 101 text ids)
+    ids = torch.randint(0, 101, (2, 26))  # text only (every case's vocabulary holds 101 text ids)
     em.calibrate(torch.randint(0, 101, (4, 24)))
-    em.set_mode("threshold")
+    em.set_mode(mode)
     with torch.no_grad():
         full = em(ids).logits
-        for cut in (1, 5, ids.shape[1] - 3):
+        for cut in (1, 5, 18, ids.shape[1] - 3):  # (running mode: before and after its warm-up)
             assert torch.allclose(em(ids[:, :cut]).logits, full[:, :cut], atol=1e-5)
-        out = case.generate(em, ids[:1, :6], 6)
+        out = case.generate(em, ids[:1, :14], 6)
         # the KV-cached generation equals greedy decoding recomputed without a cache
         logits = em(out[:, :-1], use_cache=False).logits
-    assert torch.equal(logits[0, 5:].argmax(-1), out[0, 6:])
+    assert torch.equal(logits[0, 13:].argmax(-1), out[0, 14:])
     # threshold mode keeps about the calibrated fraction of tokens
     kept = [b.aux["mlp_tokens"][1].float().mean().item() for b in em.blocks]
     assert 0.2 < sum(kept) / len(kept) < 0.8
@@ -118,7 +119,24 @@ def test_threshold_mode_is_causal_and_generates_with_cache(name, variant):
                    "routing.RoutedAttention still counts the positions of every key it cached: keys and mask disagree")
 def test_sliding_window_shorter_than_the_sequence(monkeypatch):
     monkeypatch.setattr(model_cases, "SLIDING_WINDOW", 8)  # the prompt and generation run past it
-    test_threshold_mode_is_causal_and_generates_with_cache("mistral", "keep_kv")
+    test_threshold_mode_is_causal_and_generates_with_cache("mistral", "keep_kv", "threshold")
+
+
+def test_running_mode_keeps_the_capacity_on_text_unlike_the_calibration_text():
+    """Scores shifted after calibration (text from another domain): threshold mode's fixed bar keeps
+    almost every token, running mode's per-sequence quantile keeps about the capacity."""
+    _, em, _ = make("llama", "drop", mlp_tokens=0.5)
+    em.calibrate(torch.randint(0, 101, (4, 24)))
+    with torch.no_grad():
+        for b in em.blocks:
+            b.routers["mlp_tokens"].proj.bias += 100.0
+        ids = torch.randint(0, 101, (4, 80))
+        kept = {}
+        for mode in ("threshold", "running"):
+            em.set_mode(mode)
+            em(ids)
+            kept[mode] = torch.stack([b.aux["mlp_tokens"][1][:, 16:].float().mean() for b in em.blocks]).mean().item()
+    assert kept["threshold"] > 0.99 and 0.4 < kept["running"] < 0.65
 
 
 def test_every_registered_adapter_has_a_case():

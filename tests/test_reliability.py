@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import elastilab as el
-import elastilab.elastic
+import elastilab.checkpoint
 import elastilab.files
 from elastilab.block import ElasticBlock
 from model_cases import CASES
@@ -169,7 +169,7 @@ def test_an_interrupted_save_leaves_the_old_pair(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # SIGTERM/Ctrl-C between writing the weights and the metadata
         return json.dumps(obj, **kwargs)
 
-    monkeypatch.setattr(elastilab.elastic, "json", types.SimpleNamespace(dumps=killed_writing_the_metadata))
+    monkeypatch.setattr(elastilab.checkpoint, "json", types.SimpleNamespace(dumps=killed_writing_the_metadata))
     with pytest.raises(KeyboardInterrupt):
         em.save_routers(path)
     monkeypatch.undo()
