@@ -19,7 +19,10 @@ from .config import LAYER_COMPONENTS
 
 VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "vision": "frontier-dinov2-small.csv",
+#: (modality, file) of each README frontier table; a "-budget" run holds uniform and budget rows
+REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget across layers": "frontier-smollm2-135m-budget.csv",
+                "language, 64 MLP slices": "frontier-smollm2-135m-mlp64.csv",
+                "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
                 "vision-language": "frontier-tiny-llava.csv"}
 
 
@@ -204,7 +207,7 @@ def frontier_tables(results: Path) -> str:
         if not path.exists():
             continue
         df = pd.read_csv(path)
-        metric = {"language": "ppl_ratio", "vision": "agreement", "vision-language": "acc"}[name]
+        metric = {"language": "ppl_ratio", "vision": "agreement", "vision-language": "acc"}[name.split(",")[0]]
         summary = fr.frontier_summary(df, metric, higher_is_better=metric != "ppl_ratio")
         out += [f"**{name}: {metric.replace('_', ' ')}** (`{df.command.iloc[0]}`, {df.date.iloc[0]})", "",
                 "| component | capacity | measured compute | random | learned | best training-free | "
