@@ -160,9 +160,14 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
                      "sublayer_compute": 1.0,
                      "model_compute": 1.0, "scoring_cost": 0.0, **dense_q})
         for cap in caps:
-            with em.capacity(**{**base, comp: cap}), em.scoring(scorer):
-                q = task.evaluate(em)
-                f = measure_flops(em, *args, **kwargs)
+            with em.capacity(**{**base, comp: cap}):
+                if not supports(scorer, em, comp):  # e.g. ToMe where a budget cuts a layer below 0.5
+                    skipped.append((name, f"{comp} at {cap:g}"))
+                    bar.update(1)
+                    continue
+                with em.scoring(scorer):
+                    q = task.evaluate(em)
+                    f = measure_flops(em, *args, **kwargs)
             part = PART[comp]
             # the cost of choosing counts against the sub-layer it saves in (a router's Linear, or
             # e.g. the gate projection magnitude scores need first); an oracle's is not counted

@@ -378,6 +378,10 @@ class ToMe(Scorer):
         if em.adapter.causal:
             raise ValueError("scorer 'tome' merges the tokens of vision transformers (non-causal); "
                              f"{type(em.model).__name__} is causal")
+        low = {i: c for i, c in em.layer_capacities.get(component, {}).items() if c < 0.5}
+        if low:  # e.g. a budget allocated across layers cut these deeper than one merging step reaches
+            raise ValueError(f"scorer 'tome' merges at most half of a layer's tokens in one step; {component} "
+                             f"has capacity < 0.5 in layers {sorted(low)} (use capacities >= 0.5)")
 
     def __call__(self, c):
         h, block = c.h, c.block

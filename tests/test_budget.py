@@ -103,3 +103,17 @@ def test_bad_allocations_are_clear_errors():
     with pytest.raises(ValueError, match="not elastic in this model"):
         el.allocate(em, "mlp_tokens", el.LMTask(torch.randint(0, 101, (2, 8))), progress=False)
     assert em.layer_capacities == {"mlp_experts": {0: 0.5, 1: 0.5, 2: 0.5}}  # a failed call changed nothing
+
+
+def test_frontier_skips_a_scorer_the_allocation_takes_out_of_range():
+    """ToMe merges at most half the tokens per step: where a budget cuts a layer below 0.5 the frontier
+    skips that point (and says so) instead of failing."""
+    case = CASES["hf_dinov2"]()
+    em = el.elastify(case.model, el.ElasticConfig(mlp_tokens=1.0))
+    n = len(em.blocks)
+    em.set_allocation(mlp_tokens=[(i, 0.25) for i in range(n)])  # every layer straight to 0.25
+    df = el.frontier(em, el.ViTTask(case.inputs["pixel_values"]), capacities=(0.875, 0.5),
+                     scorers=("random", "tome"), progress=False)
+    assert set(df[df.scorer == "random"].capacity) == {1.0, 0.875, 0.5}
+    assert ("tome", "mlp_tokens at 0.5") in df.attrs["skipped"]
+    assert (df.allocation == "budget").all()

@@ -150,8 +150,9 @@ def test_tome_merges_instead_of_dropping():
         assert not moved[b, p]  # merged into a token that stays
         torch.testing.assert_close(mlp_update[b, t], mlp_update[b, p])  # the group's output, shared
     assert (mlp_update.abs().sum(-1) > 1e-3).all()  # every token got an MLP update: merged, not skipped
-    with em.capacity(mlp_tokens=0.25), em.scoring("tome"), pytest.raises(ValueError, match="at most half"):
-        em(**case.inputs)
+    with em.capacity(mlp_tokens=0.25), pytest.raises(ValueError, match="at most half"):
+        with em.scoring("tome"):  # refused when chosen, before any forward
+            em(**case.inputs)
 
 
 def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_output():
