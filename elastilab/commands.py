@@ -219,7 +219,8 @@ def frontier_tables(results: Path) -> str:
             eff = r.router_efficiency
             # outside [0, 1] the oracle is no ceiling there (a proxy that the learned router beats)
             eff = "–" if pd.isna(eff) else "> 1" if eff > 1 else "< 0" if eff < 0 else f"{eff:.2f}"
-            label = r.component if r.allocation == "uniform" else f"{r.component}, budget across layers"
+            budget = getattr(r, "allocation", "uniform") == "budget"
+            label = f"{r.component}, budget across layers" if budget else r.component
             out.append(f"| {label} | {r.capacity:g} | {r.compute:.3f} | {_cell(r.random)} | "
                        f"{_cell(r.learned)} | {free} | {orc} | {eff} |")
         out.append("")

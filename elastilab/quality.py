@@ -190,7 +190,8 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_bett
     hib = df.attrs.get("higher_is_better", True) if higher_is_better is None else higher_is_better
     val = (lambda v: v) if hib else (lambda v: -np.log(v))  # larger is better on this scale
     out = []
-    if "allocation" not in df:  # results written before budgets existed
+    budgets = "allocation" in df  # results written before budgets existed have one capacity per layer
+    if not budgets:
         df = df.assign(allocation="uniform")
     for (comp, alloc, cap), g in df[df.capacity < 1].groupby(["component", "allocation", "capacity"], sort=False):
         by = dict(zip(g.scorer, g[metric]))
@@ -208,7 +209,8 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_bett
         gap = val(row["oracle"]) - val(row["random"])
         row["router_efficiency"] = (val(row["learned"]) - val(row["random"])) / gap if gap > 0 else np.nan
         out.append(row)
-    return pd.DataFrame(out)
+    out = pd.DataFrame(out)
+    return out if budgets else out.drop(columns="allocation")
 
 
 STYLE = {"learned": ("C0", "o", "-"), "random": ("0.5", "x", ":"), "oracle": ("C3", "^", "--"),
