@@ -39,7 +39,7 @@ def levels(em, component: str, step: float = 0.125) -> list[float]:
     else:
         n = round(1 / step)
         out = [k / n for k in range(n, 0, -1)]
-    return [c for c in out if c >= LOWEST - 1e-9] or out[:2]
+    return [c for c in out if c >= LOWEST - 1e-9]
 
 
 @torch.no_grad()

@@ -75,7 +75,9 @@ def _elastic(model, args, components, extra=None):
 
 
 def build(args):
-    """(elastic model, task, components) for the command's model and data."""
+    """(elastic model, task, components, calibration task or None) for the command's model and data.
+    The calibration task is what ``--allocate`` measures the layers' costs on: a domain's train split,
+    a text file or an image folder (never the data the frontier reports)."""
     from . import quality as fr
     kind = modality(args)
     comps = args.components or LAYER_COMPONENTS
@@ -86,7 +88,12 @@ def build(args):
         model, tok = zoo.load(args.model)
         text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
         blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
-        return _elastic(model, args, comps), fr.LMTask(blocks), comps
+        calibration = None
+        if args.allocate:
+            src = Path(args.allocate)
+            text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.allocate), "train")
+            calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:4])
+        return _elastic(model, args, comps), fr.LMTask(blocks), comps, calibration
     if kind == "vision":
         from .tasks import vit as vision
         from .zoo import dinov2
@@ -102,34 +109,21 @@ def build(args):
         else:
             images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
         em = _elastic(model, args, comps).set_skipped_tokens(args.skipped_tokens)
-        return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps
+        calibration = None
+        if args.allocate:
+            src = Path(args.allocate)
+            cal = read_images(src, 32) if src.is_dir() else vision.domain(args.allocate, "train", 32)[0]
+            calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
+        return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
+    if args.allocate:
+        raise ValueError("--allocate spreads a layer component's budget across layers; tiny-llava's visual_tokens "
+                         "are chosen once, before the language model")
     from .tasks import vlm
     from .zoo import tiny_llava
     model, tok = tiny_llava.load()
     items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
     comps = args.components or ("visual_tokens",)
-    return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps
-
-
-def calibration_task(args):
-    """The data ``--allocate`` measures the layers' costs on: a domain's train split, a text file or an
-    image folder (for a held-out report, not the data the frontier is evaluated on)."""
-    from . import data
-    from . import quality as fr
-    src, kind = Path(args.allocate), modality(args)
-    if kind == "vision-language":
-        raise ValueError("--allocate spreads a layer component's budget across layers; tiny-llava's visual_tokens "
-                         "are chosen once, before the language model")
-    if kind == "language":
-        from . import zoo
-        _, tok = zoo.load(args.model)
-        text = data.text_file(src) if src.is_file() else data.text(args.allocate)
-        return fr.LMTask(data.token_blocks(tok, text, args.seq_len, split="train" if not src.is_file() else "all")[:4])
-    from .tasks import vit
-    from .zoo import dinov2
-    images = read_images(src, 32) if src.is_dir() else vit.domain(args.allocate, "train", 32)[0]
-    probe = dinov2.load_probe() if args.model in VISION_MODELS else None
-    return fr.ViTTask(vit.pixels(images, args.size), probe=probe)
+    return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
 
 
 def cmd_frontier(args) -> int:
@@ -137,7 +131,7 @@ def cmd_frontier(args) -> int:
 
     from . import quality as fr
     torch.manual_seed(0)
-    em, task, comps = build(args)
+    em, task, comps, calibration = build(args)
     run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
                               progress=not args.json)
     if args.allocate:
@@ -146,7 +140,6 @@ def cmd_frontier(args) -> int:
         from .budget import allocate
         em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
         uniform = run()
-        calibration = calibration_task(args)
         for comp in comps:
             if comp in LAYER_COMPONENTS:
                 # the layers' costs as the routers choose, or the oracle where there are none

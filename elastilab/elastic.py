@@ -11,6 +11,7 @@ from torch import nn
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
 from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
+from .budget import capacities_at
 from .checkpoint import META_FILE, ROUTERS_FILE, config_of, fingerprint, read_checkpoint, write_checkpoint
 
 
@@ -139,7 +140,6 @@ class ElasticModel(nn.Module):
     def set_capacity(self, **capacities: float) -> "ElasticModel":
         """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``. With an
         allocation (``set_allocation``) the value is a budget spread across layers by its schedule."""
-        from .budget import capacities_at
         for name, value in capacities.items():
             value = check_capacity(name, value)
             if getattr(self.elastic_config, name) is None:
