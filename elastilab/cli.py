@@ -1,55 +1,37 @@
-"""``elastilab train | eval`` — router training and evaluation from the shell.
+"""``elastilab``: the one command line. Each group of subcommands is defined next to the code it runs
+and registered in SUBCOMMANDS; this module assembles them and holds ``train`` and ``eval``, the router
+training and evaluation of causal language models.
 
     elastilab train --model smollm2-135m --domain pydocs --mlp-tokens 0.75 --steps 200 --out runs/r1
     elastilab eval  --model smollm2-135m --routers runs/r1 --domain licenses --mlp-tokens 0.5 --json
+    elastilab --help                     # every subcommand: bench, frontier, report, generation, vit, vlm, zoo, lm
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cli_args import HelpFormatter, capacity, default_of, int_at_least, load_lm, positive_int, recommended_capacities
 from .config import LAYER_COMPONENTS
 
+#: (module, function adding its subcommands to the subparsers), in the order --help lists them
+SUBCOMMANDS = (
+    ("elastilab.bench_cli", "add_parsers"),               # bench speed | mlp | profile
+    ("elastilab.commands", "add_parsers"),                # frontier | report
+    ("elastilab.generation", "add_generation_parser"),    # generation
+    ("elastilab.vision", "add_parsers"),                  # vit train | bench | crossdomain
+    ("elastilab.vlm", "add_parsers"),                     # vlm train | bench
+    ("elastilab.zoo.commands", "add_parsers"),            # zoo dinov2-build | dinov2-probe | tiny-llava-train
+    ("elastilab.lm_experiments", "add_parsers"),          # lm quality | keep-dense | attn-variants | threshold-modes
+)
 
-def _capacity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"capacity must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"capacity must be in (0, 1], got {value}")
-    return value
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= low, e.g. ``type=_int_at_least(1)`` for a positive count."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"  # what argparse names in its own messages
-    return parse
-
-
-_positive_int = _int_at_least(1)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default that is not None/False."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
+# cmd_train / cmd_eval load through this name, so tests can replace cli._load_lm
+_load_lm = load_lm
 
 _CAPACITY_HELP = {
     "attn_tokens": "fraction of each block's tokens that enter attention, in (0, 1]; rounded up to whole tokens",
@@ -67,10 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--domain", help="a text domain shipped in data/text (licenses, pydocs; default pydocs)")
     src.add_argument("--text", type=Path, help="any UTF-8 text file")
-    p.add_argument("--seq-len", type=_int_at_least(2), default=128,
+    p.add_argument("--seq-len", type=int_at_least(2), default=128,
                    help="tokens per block (at least 2: each block predicts its tokens 2..n)")
     for comp in LAYER_COMPONENTS:
-        p.add_argument("--" + comp.replace("_", "-"), type=_capacity, metavar="C",
+        p.add_argument("--" + comp.replace("_", "-"), type=capacity, metavar="C",
                        help=_CAPACITY_HELP[comp])
 
 
@@ -87,7 +69,7 @@ def _capacities(args) -> dict:
 
 def cmd_train(args) -> int:
     import elastilab as el
-    from .distill import check_checkpoint_dir
+    from .trainer_state import check_checkpoint_dir
     caps = _capacities(args)
     if not caps:
         raise SystemExit("elastilab train: give at least one capacity, e.g. --mlp-tokens 0.75 "
@@ -106,7 +88,7 @@ def cmd_train(args) -> int:
     log = el.distill(em, blocks, cfg)
     seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
     em.calibrate(blocks[: args.calibration_blocks])
-    command = "elastilab " + " ".join(sys.argv[1:])
+    command = "elastilab " + " ".join(args.argv)
     em.save_routers(args.out, command=command, steps=args.steps, seconds=round(seconds, 1),
                     seconds_per_step=round(seconds / args.steps, 2), final_kl=float(log.kl.tail(10).mean()))
     log.to_csv(Path(args.out) / "train_log.csv", index=False)
@@ -127,17 +109,6 @@ def _train_config(args):
                          resume=args.resume, overwrite=args.overwrite)
 
 
-def _load_lm(name: str):
-    """(causal LM, tokenizer) by name, refusing models the text commands cannot run."""
-    import elastilab as el
-    model, tok = el.zoo.load(name)
-    if not (hasattr(model, "can_generate") and model.can_generate()):
-        raise ValueError(f"this command takes causal language models (e.g. smollm2-135m), but {name!r} "
-                         f"is a {type(model).__name__}; image models such as dinov2-small are trained and "
-                         "evaluated with `python -m elastilab.vision`, tiny-llava with `python -m elastilab.vlm`")
-    return model, tok
-
-
 def _check_trainable(caps: dict, capacity_range) -> None:
     """Routers learn from what they skip: at least one capacity (or the range's low end) must be below 1.0."""
     low = capacity_range[0] if capacity_range else min(caps.values())
@@ -146,17 +117,6 @@ def _check_trainable(caps: dict, capacity_range) -> None:
         raise ValueError(f"every capacity is 1.0 ({given}{' with --capacity-range 1 1' if capacity_range else ''}), "
                          "so nothing is skipped and the routers get no training signal; give at least one "
                          "component a capacity below 1.0, e.g. --mlp-tokens 0.75, or --capacity-range 0.5 1.0")
-
-
-def _recommended_capacities(path: Path) -> dict | None:
-    """The operating point stored as "recommended_capacities" in <path>/routers.json, if any."""
-    from .checkpoint import META_FILE
-    meta = json.loads((Path(path) / META_FILE).read_text())
-    rec = meta.get("recommended_capacities") if isinstance(meta, dict) else None
-    if rec is not None and not (isinstance(rec, dict) and rec):
-        raise ValueError(f"{Path(path) / META_FILE}: recommended_capacities must be a non-empty "
-                         f"{{component: capacity}} object, got {rec!r}")
-    return rec
 
 
 def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
@@ -244,7 +204,7 @@ def cmd_eval(args) -> int:
         em = el.load_routers(model, args.routers)
         if caps:
             source = "from the command line; the other components run dense"
-        elif rec := _recommended_capacities(args.routers):
+        elif rec := recommended_capacities(args.routers):
             caps, where = rec, f"{args.routers}: recommended_capacities"
             source = f"the recommended operating point stored in {args.routers}"
         else:
@@ -298,27 +258,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="elastilab", description="Elastic pretrained Transformers (ElastiFormer)")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train routers by self-distillation", formatter_class=_HelpFormatter)
+def add_parsers(sub) -> None:
+    """``elastilab train | eval``."""
+    from .config import ElasticConfig
+    from .distill import DistillConfig
+    d = lambda name: default_of(DistillConfig, name)  # noqa: E731  (the trainer's defaults)
+    t = sub.add_parser("train", help="train routers by self-distillation", formatter_class=HelpFormatter)
     _common(t)
     t.add_argument("--out", type=Path, required=True,
                    help="folder for routers.safetensors/json, the trainer state and the log; one that already "
                         "holds routers takes --resume or --overwrite")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--temperature", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0,
+    t.add_argument("--steps", type=int, default=d("steps"), help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=d("batch_size"), help="blocks per step")
+    t.add_argument("--lr", type=float, default=d("lr"), help="AdamW learning rate of the routers")
+    t.add_argument("--temperature", type=float, default=d("temperature"), help="of the distillation KL")
+    t.add_argument("--seed", type=int, default=d("seed"),
                    help="seeds the initial routers, the data order and the capacity draws: same seed, same routers")
-    t.add_argument("--n-experts", type=int, default=8)
-    t.add_argument("--partition", choices=("contiguous", "clustered"), default="contiguous")
-    t.add_argument("--capacity-range", type=_capacity, nargs=2, metavar=("LOW", "HIGH"),
+    t.add_argument("--n-experts", type=int, default=default_of(ElasticConfig, "n_experts"), help="MLP slices")
+    t.add_argument("--partition", choices=("contiguous", "clustered"),
+                   default=default_of(ElasticConfig, "expert_partition"), help="how the MLP's hidden units form slices")
+    t.add_argument("--capacity-range", type=capacity, nargs=2, metavar=("LOW", "HIGH"),
                    help="sample capacities from [LOW, HIGH] each step (one router set for the whole slider)")
-    t.add_argument("--components-per-step", type=int, default=None,
+    t.add_argument("--components-per-step", type=int, default=d("components_per_step"),
                    help="route only this many (random) components per step, the others dense")
-    t.add_argument("--checkpoint-every", type=_int_at_least(0), default=25,
+    t.add_argument("--checkpoint-every", type=int_at_least(0), default=25,  # the library's 50 is for longer runs
                    help="save routers and trainer state every N steps and after the last (0: only after the last)")
     t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
     again = t.add_mutually_exclusive_group()
@@ -326,17 +289,17 @@ def main(argv=None) -> int:
                        help="continue the interrupted run in --out from its last checkpoint, to the routers an "
                             "uninterrupted run reaches: give the same options (a larger --steps extends it)")
     again.add_argument("--overwrite", action="store_true", help="replace the router checkpoint already in --out")
-    t.add_argument("--calibration-blocks", type=_positive_int, default=16,
+    t.add_argument("--calibration-blocks", type=positive_int, default=16,
                    help="blocks used to calibrate threshold mode")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="perplexity, KL, agreement and compute vs the teacher",
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     _common(e)
     e.add_argument("--routers", type=Path, help="a folder written by `elastilab train`; without capacities, "
                    "its recommended_capacities (else the capacities it was trained at) are used")
     e.add_argument("--split", choices=("train", "eval", "all"), default="eval",
                    help="part of the text: eval = the last 10%% (cut at a line start), train = the rest, all")
-    e.add_argument("--blocks", type=_positive_int, default=8,
+    e.add_argument("--blocks", type=positive_int, default=8,
                    help="number of blocks to evaluate (fewer if the split is shorter)")
     e.add_argument("--mode", choices=("topk", "threshold", "running"),
                    help="token selection: top-k per block, calibrated per-layer thresholds (causal), or each "
@@ -344,11 +307,22 @@ def main(argv=None) -> int:
                         "default: the routers' own mode (topk for fresh routers)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
-    from .bench import add_bench_parser
-    add_bench_parser(sub)  # elastilab bench speed | mlp | profile, defined in bench.py
-    from .commands import add_parsers
-    add_parsers(sub)  # elastilab frontier | report, defined in commands.py
-    args = p.parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line: train and eval, then every group in SUBCOMMANDS."""
+    p = argparse.ArgumentParser(prog="elastilab", description="Elastic pretrained Transformers (ElastiFormer)")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    for module, fn in SUBCOMMANDS:
+        getattr(importlib.import_module(module), fn)(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser().parse_args(argv)
+    args.argv = argv  # what the commands record as their own command line ("elastilab " + argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, ModuleNotFoundError, RuntimeError) as exc:
@@ -356,5 +330,5 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also `python -m elastilab.cli` (torchrun)
     sys.exit(main())

