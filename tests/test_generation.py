@@ -174,8 +174,10 @@ def test_cli_generation_refuses_bad_requests(tiny_cli, capsys):
     assert "--out" in capsys.readouterr().err
     for bad, message in [("attn_heads", "component=capacity pairs"), ("attn_heads=two", "must be a number"),
                          ("attn_heads=1.5", "in (0, 1]"), ("mlp_slices=0.5", "unknown key"),
-                         ('{"mlp_tokens": 0.5, "keep_dense": [0]}', "keep_dense must map components"),
-                         ('{"attn_tokens": 0.5, "attn_tokens_variant": "skip"}', "'drop' or 'keep_kv'")]:
+                         ('{"mlp_tokens": 0.5, "keep_dense": [0]}', "keep_dense must be a dict"),
+                         ('{"mlp_tokens": 0.5, "keep_dense": {"mlp_tokens": [0.5]}}', "integer layer indices"),
+                         ('{"attn_tokens": 0.5, "attn_tokens_variant": "skip"}', "must be one of ('drop', 'keep_kv')"),
+                         ('{"attn_heads": 0.5, "label": 3}', "label must be a string")]:
         with pytest.raises(SystemExit):
             main(common + ["--point", bad, "--out", str(tmp / "x")])
         assert message in capsys.readouterr().err, bad

@@ -1,2 +1,2 @@
-"""Self-distillation tasks beyond text (the LM loss is ``distill.lm_loss``): ``vit`` (images) and
-``vlm`` (image questions for LLaVA): losses, datasets and evaluation."""
+"""Self-distillation tasks, one module per modality: ``lm`` (text), ``vit`` (images) and ``vlm`` (image
+questions for LLaVA): losses, datasets and evaluation."""
