@@ -1,8 +1,9 @@
-"""Speed benchmarks: does skipped compute show up on the clock?
+"""Speed benchmarks: does skipped compute show up on the clock? (The command line and the operator
+profile are in ``bench_cli``.)
 
-    elastilab bench speed                      # SmolLM2 on this machine -> benchmarks/results/speed_cpu.{csv,png}
-    elastilab bench speed --model tiny --shape 2x32 --reps 1
-    elastilab bench mlp --backends torch triton  # the MLP alone: torch gather path vs Triton (CUDA)
+    elastilab bench speed --out runs/speed     # SmolLM2 on this machine -> runs/speed/speed_cpu.{csv,png}
+    elastilab bench speed --model tiny --shape 2x32 --reps 1 --out runs/speed
+    elastilab bench mlp --backends torch triton --out runs/mlp  # the MLP alone: torch vs Triton (CUDA)
     elastilab bench profile --component attn_heads --shape 2x256
 
 ``speed`` times whole forwards of the pretrained model (routers disabled: the untouched blocks) and
@@ -17,7 +18,6 @@ and top-k mode gives exactly the capacity. Capacity 1.0 is one configuration (ev
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 
 from .config import LAYER_COMPONENTS
+from .kernels.head_attention import head_routed_attention
+from .kernels.reference import head_attention_reference
 
 COMPONENTS = LAYER_COMPONENTS + ("all",)
 CAPACITIES = (1.0, 0.75, 0.5, 0.25)
@@ -218,13 +220,8 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
     return pd.DataFrame(rows)
 
 
-def _head_impls() -> dict:
-    from .kernels.head_attention import head_routed_attention
-    from .kernels.reference import head_attention_reference
-    return {"grouped": head_routed_attention, "loop": head_attention_reference}
-
-
-HEAD_IMPLS = _head_impls()
+#: the head-routing implementations ``speed(heads=...)`` can time
+HEAD_IMPLS = {"grouped": head_routed_attention, "loop": head_attention_reference}
 
 
 def _dense_once(em, net, ids):
@@ -240,13 +237,14 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
               n_experts: int = 8, reps: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
               seed: int = 0) -> pd.DataFrame:
     """A SwiGLU MLP of the model's dims on ``rows`` rows: dense (with the residual add) vs
-    ``routed_mlp_residual`` on a capacity fraction of the rows and ``expert_mlp`` with k of E
-    slices per row, for each backend ("torch": the gather path; "triton": the kernels, CUDA only).
+    ``routed_mlp_residual`` on a capacity fraction of the rows, ``expert_mlp`` with k of E
+    slices per row and ``unit_mlp`` with the top hidden units of each row by gate (torch only), for each backend ("torch": the gather path; "triton": the kernels, CUDA only).
     Ideal speedup = dense FLOPs / routed FLOPs, counted on the same calls with the torch backend
     (the counter cannot see inside Triton kernels; both backends do the same matmul work)."""
     from .kernels import ops
-    from .routing import n_kept
-    from .spec import MLPWeights, mlp_forward
+    from .routing import choose_units, n_kept
+    from .spec import MLPWeights, mlp_forward, mlp_gate
+    units_mlp = lambda w, h, c, b: ops.unit_mlp(h, g := mlp_gate(w, h), choose_units(g, c), w, backend=b)  # noqa: E731
     if dims not in MLP_DIMS:
         raise ValueError(f"unknown MLP dims {dims!r}; allowed: {', '.join(MLP_DIMS)}")
     d, F = MLP_DIMS[dims]
@@ -264,10 +262,13 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
         experts = torch.rand(rows, n_experts, generator=g, device=device).topk(k, dim=1).indices
         gates = torch.ones(rows, k, device=device, dtype=dt)
         routed = {"mlp_tokens": lambda b, idx=idx, gate=gate: ops.routed_mlp_residual(x, h, idx, w, gate, backend=b),
-                  "mlp_experts": lambda b, e=experts, gs=gates: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b)}
+                  "mlp_experts": lambda b, e=experts, gs=gates: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b),
+                  "mlp_units": lambda b, c=cap: x + units_mlp(w, h, c, b)}  # choosing included: gate + top-k
         for comp, fn in routed.items():
             flops[comp, cap] = total_flops(lambda: fn("torch"))
-            fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends})
+            # mlp_units has no Triton kernel (torch.sparse on every device)
+            fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends
+                        if comp != "mlp_units" or b != "triton"})
     load0 = load_average()
     with torch.no_grad():
         times = interleaved(fns, reps, warmup, _sync(device))
@@ -285,41 +286,6 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
                     "ideal_speedup": ideal, "realised": d_med / r_med / ideal, "reps": reps,
                     "threads": torch.get_num_threads(), "load_start": load0, "load_end": load1})
     return pd.DataFrame(out)
-
-
-# -- where the time goes --------------------------------------------------------------------------
-def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity: float = 0.5, shape: str = "2x256",
-            device: str = "cpu", top: int = 15, n_experts: int = 8, heads: str = "grouped") -> pd.DataFrame:
-    """Self time per operator of one routed forward (torch.profiler), largest first, with the
-    dense forward's times alongside for comparison."""
-    import elastilab as el
-    from .routing import RoutedAttention
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    B, T, _ = parse_shape(shape)
-    net, vocab = load_model(model, device)
-    em = el.elastify(net, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=n_experts))
-    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
-    em.set_capacity(**_capacities(component, capacity))
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-
-    def self_times(fn) -> pd.Series:
-        with torch.no_grad():
-            fn()  # warm-up
-            with torch_profile(activities=acts) as prof:
-                fn()
-        ev = prof.key_averages()
-        return pd.DataFrame([{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev]).set_index("op")
-
-    try:
-        RoutedAttention.head_attention = staticmethod(HEAD_IMPLS[heads])
-        routed = self_times(lambda: net(ids))
-        dense = self_times(lambda: _dense_once(em, net, ids))
-    finally:
-        RoutedAttention.head_attention = staticmethod(HEAD_IMPLS["grouped"])
-        em.unelastify()
-    table = routed.join(dense, rsuffix="_dense", how="outer").fillna(0).sort_values("ms", ascending=False)
-    total = table.sum().to_frame("TOTAL").T
-    return pd.concat([table.head(top), total])
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -380,107 +346,6 @@ def plot_speed(df: pd.DataFrame, title: str = "", path: Path | None = None):
     return fig
 
 
-# -- command line ---------------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated capacities like 1,0.5, got {text!r}") from None
-    if not all(0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"capacities must be in (0, 1], got {text!r}")
-    return vals
-
-
-def _command() -> str:
-    import sys
-    return "elastilab " + " ".join(sys.argv[1:]) if "bench" in sys.argv else "(called from Python)"
-
-
 def _summary(df: pd.DataFrame) -> str:
     cols = ["batch", "seq", "component", "capacity", "backend", "heads", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]
     return df[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")
-
-
-def cmd_speed(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = {**machine(), "model": args.model, "command": _command()}
-    df = speed(args.model, args.shape, args.capacities, args.components, args.backends, args.reps, args.warmup,
-               args.device, args.dtype, args.n_experts, heads=args.heads)
-    info["load_end"] = load_average()
-    name = args.name or f"speed_{device_kind(args.device)}" + ("" if args.model == "smollm2-135m" else f"_{args.model}")
-    path = write(df, args.out, name, info)
-    plot_speed(df, f"{args.model} {args.dtype} on {info['cpu'] if info['gpu'] == 'none' else info['gpu']}, "
-                   f"{info['threads']} threads, {info['date'][:10]}", args.out / f"{name}.png")
-    print(_summary(df))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
-    return 0
-
-
-def cmd_mlp(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = {**machine(), "command": _command()}
-    df = mlp_speed(args.dims, args.rows, args.capacities, args.backends, args.n_experts, args.reps, args.warmup,
-                   args.device, args.dtype)
-    name = args.name or f"mlp_{device_kind(args.device)}" + ("" if args.dims == "smollm2-135m" else f"_{args.dims}")
-    path = write(df, args.out, name, info)
-    print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]]
-          .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"wrote {path}")
-    return 0
-
-
-def cmd_profile(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    table = profile(args.model, args.component, args.capacity, args.shape, args.device, args.top, args.n_experts, args.heads)
-    print(table.to_string(float_format=lambda v: f"{v:.1f}"))
-    return 0
-
-
-def add_bench_parser(sub) -> None:
-    """Register ``elastilab bench speed | mlp | profile`` on the CLI's subparsers."""
-    p = sub.add_parser("bench", help="speed benchmarks: dense vs routed time next to the ideal (FLOPs) speedup")
-    bsub = p.add_subparsers(dest="bench", required=True)
-
-    def common(q):
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-        q.add_argument("--n-experts", type=int, default=8)
-        q.add_argument("--reps", type=int, default=3, help="timed rounds (medians are reported)")
-        q.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-        q.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
-                       help="MLP kernels to compare (triton needs CUDA)")
-        q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-        q.add_argument("--out", type=Path, required=True,
-                       help=f"folder for the CSV (and plot); the committed results are in {RESULTS}/")
-        q.add_argument("--name", help="file name stem (default speed_<device kind>[_<model>])")
-        return q
-
-    s = common(bsub.add_parser("speed", help="whole-model forward time per component and capacity"))
-    s.add_argument("--model", default="smollm2-135m", choices=MODELS)
-    s.add_argument("--shape", nargs="+", default=list(SHAPES),
-                   help="BATCHxSEQ[:c1,c2] each; capacities after ':' override --capacities for that shape")
-    s.add_argument("--capacities", type=_floats, default=CAPACITIES)
-    s.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS)
-    s.add_argument("--heads", nargs="+", default=["grouped", "loop"], choices=("grouped", "loop"),
-                   help="head-routing implementations: the library's, grouped by head "
-                        "(elastilab.kernels.head_attention), and/or the plain loop over rows x heads")
-    s.set_defaults(func=cmd_speed)
-    m = common(bsub.add_parser("mlp", help="the MLP alone: dense vs token-routed vs expert-sliced"))
-    m.add_argument("--dims", default="smollm2-135m", choices=tuple(MLP_DIMS))
-    m.add_argument("--rows", type=int, default=4096)
-    m.add_argument("--capacities", type=_floats, default=(0.75, 0.5, 0.25))
-    m.set_defaults(func=cmd_mlp, reps=5)
-    f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one")
-    f.add_argument("--model", default="smollm2-135m", choices=MODELS)
-    f.add_argument("--component", default="attn_heads", choices=COMPONENTS)
-    f.add_argument("--capacity", type=float, default=0.5)
-    f.add_argument("--shape", default="2x256")
-    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    f.add_argument("--n-experts", type=int, default=8)
-    f.add_argument("--top", type=int, default=15)
-    f.add_argument("--heads", default="grouped", choices=("grouped", "loop"))
-    f.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    f.set_defaults(func=cmd_profile)

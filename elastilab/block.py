@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .routers import Router
 from .scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
-                      hard_gates, keep_to_index, running_threshold, scatter_add_rows, select_tokens,
+                      hard_gates, keep_to_index, n_kept, running_threshold, scatter_add_rows, select_tokens,
                       straight_through)
 
 
@@ -32,7 +32,8 @@ class ElasticBlock(nn.Module):
             raise ValueError(f"n_experts={n_experts} does not divide the MLP width {spec.mlp.width} "
                              f"of layer {layer_idx}; use a divisor of {spec.mlp.width}")
         sizes = {"attn_tokens": 1, "mlp_tokens": 1, "attn_heads": H, "mlp_experts": n_experts}
-        self.routers = nn.ModuleDict({c: Router(d, sizes[c]) for c in components})
+        # mlp_units has no router: the MLP's own gate activations choose (CATS)
+        self.routers = nn.ModuleDict({c: Router(d, sizes[c]) for c in components if c in sizes})
         self.capacity = dict(components)
         self.n_experts = n_experts
         self.mode = mode
@@ -58,7 +59,17 @@ class ElasticBlock(nn.Module):
 
     # -- helpers -------------------------------------------------------------------------------
     def _active(self, comp: str) -> bool:
-        return comp in self.routers and self.capacity[comp] < 1.0
+        return comp in self.capacity and self.capacity[comp] < 1.0
+
+    def _units(self, h: Tensor, rows: Tensor) -> tuple[float, Tensor | None] | None:
+        """mlp_units: (capacity, scores of the rows' hidden units, or None: their gate activations)."""
+        if not self._active("mlp_units"):
+            return None
+        if self._active("mlp_experts"):
+            raise ValueError("mlp_experts and mlp_units are both below capacity 1.0: choose one MLP granularity "
+                             "(slices with a router, or single units by their gate)")
+        scores = None if self.scoring.scorer is None else self.scoring(Candidates(self, "mlp_units", h, rows))
+        return self.capacity["mlp_units"], scores
 
     def _scores(self, comp: str, h: Tensor, rows: Tensor, **where) -> Tensor:
         """Scores of the candidates of ``comp`` for the rows h: the router's, or the scorer's."""
@@ -197,12 +208,15 @@ class ElasticBlock(nn.Module):
             experts = choose_slots(es, self.capacity["mlp_experts"])
             self.aux["mlp_experts"] = (es, experts[0])
             counts["expert_pairs"] = experts[0].numel()
+        units = self._units(h, torch.arange(B * T, device=x.device) if rows is None else rows)
+        if units is not None:
+            counts["unit_pairs"] = h.shape[0] * n_kept(units[0], spec.mlp.width)
         counts["mlp_rows"] = h.shape[0]
         self.counts = counts
-        if rows is not None and experts is None and spec.ls2 is None and merged is None:
+        if rows is not None and experts is None and units is None and spec.ls2 is None and merged is None:
             x = self.mlp(spec.mlp, h_all, residual=(x, rows, gate))  # gather, MLP, residual add: fused
         else:
-            y = self.mlp(spec.mlp, h, experts, self.n_experts)
+            y = self.mlp(spec.mlp, h, experts, self.n_experts, units=units)
             if spec.ls2 is not None:
                 y = y * spec.ls2
             if merged is not None:  # every token receives its group's output
@@ -231,9 +245,9 @@ class ElasticBlock(nn.Module):
         if rope is not None:
             rope = tuple(r.expand(B, -1, -1) for r in rope)
         sizes = {"attn_tokens": (B, T), "attn_heads": (B, T, spec.attn.n_heads),
-                 "mlp_tokens": (B * T,), "mlp_experts": (B * T, self.n_experts)}
+                 "mlp_tokens": (B * T,), "mlp_experts": (B * T, self.n_experts), "mlp_units": (B * T, spec.mlp.width)}
         probe = {c: torch.ones(sizes[c], device=x.device, requires_grad=True)
-                 for c in self.routers} if self.probe is not None else {}
+                 for c in self.capacity} if self.probe is not None else {}
         if self.probe is not None:
             self.probe.update(probe)
         h = spec.attn_norm(x)
@@ -263,7 +277,12 @@ class ElasticBlock(nn.Module):
             ids = choose_slots(es, self.capacity["mlp_experts"])[0]
             self.aux["mlp_experts"] = (es, ids)
             unit_gates = hard_gates(ids, es)
-        y = estimator_mlp(spec.mlp, h, unit_gates)
+        units = self._units(h, torch.arange(B * T, device=x.device)) if not probe else None
+        if "mlp_units" in probe:
+            units = (1.0, probe["mlp_units"])
+        elif units is not None and units[1] is not None:
+            raise ValueError("router training chooses mlp_units by their gate activations; leave em.scoring() first")
+        y = estimator_mlp(spec.mlp, h, unit_gates, units)
         if spec.ls2 is not None:
             y = y * spec.ls2
         x = x.reshape(B * T, d) + (y if tok_gate is None else y * tok_gate[:, None])

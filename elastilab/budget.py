@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LAYER_COMPONENTS
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS
 
 
 #: the deepest cut a layer is measured at (below it every layer is simply scaled: capacities_at)
@@ -26,7 +26,7 @@ LOWEST = 0.25
 def levels(em, component: str, step: float = 0.125) -> list[float]:
     """Capacities a layer can take, realisable exactly: k/H heads, whole groups of expert slices,
     multiples of ``step`` of the tokens; from 1.0 down to LOWEST."""
-    blocks = [b for b in em.blocks if component in b.routers]
+    blocks = [b for b in em.blocks if component in b.capacity]
     if not blocks:
         raise ValueError(f"{component} is not routed in any layer of this model")
     b = blocks[0]
@@ -47,7 +47,7 @@ def layer_costs(em, component: str, task, capacities: list[float], progress: boo
     """{layer: [cost at each capacity]}: the task's ``distance`` from the teacher with only that
     layer's component routed (the other layers and components dense)."""
     from tqdm.auto import tqdm
-    blocks = [b for b in em.blocks if component in b.routers]
+    blocks = [b for b in em.blocks if component in b.capacity]
     saved = [dict(b.capacity) for b in em.blocks]
     costs = {b.layer_idx: [] for b in blocks}
     try:
@@ -117,8 +117,9 @@ def allocate(em, component: str, task, step: float = 0.125, scorer="learned",
     """Measure every layer's cost of ``component`` on ``task`` (calibration data) when ``scorer``
     chooses (the routers by default; e.g. "oracle" for a model without trained routers), store the
     greedy schedule in the model (``em.set_allocation``; saved with the routers) and return it."""
-    if component not in LAYER_COMPONENTS:
-        raise ValueError(f"a budget is allocated across layers for {', '.join(LAYER_COMPONENTS)}, not {component!r}")
+    if component not in LAYER_COMPONENTS + GATED_COMPONENTS:
+        raise ValueError(f"a budget is allocated across layers for {', '.join(LAYER_COMPONENTS + GATED_COMPONENTS)}, "
+                         f"not {component!r}")
     if component not in em.capacities:
         raise ValueError(f"{component} is not elastic in this model; elastic components: "
                          f"{', '.join(em.capacities)}")

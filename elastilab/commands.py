@@ -8,39 +8,25 @@ the README's result tables, generated from the committed frontier CSVs.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
 import sys
 from pathlib import Path
 
-from .config import LAYER_COMPONENTS
+from .cli_args import HelpFormatter, capacities, default_of, int_at_least, names, positive_int
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS
+
 
 VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 #: (modality, file) of each README frontier table; a "-budget" run holds uniform and budget rows
 REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget across layers": "frontier-smollm2-135m-budget.csv",
                 "language, 64 MLP slices": "frontier-smollm2-135m-mlp64.csv",
+                "language, single MLP units (CATS)": "frontier-smollm2-135m-units.csv",
                 "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
+                "vision, single MLP units (CATS)": "frontier-dinov2-small-units.csv",
                 "vision-language": "frontier-tiny-llava.csv"}
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1), got {text!r}") from None
-    if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"capacities must be in (0, 1], got {text!r}")
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names, got an empty one")
-    return names
 
 
 def modality(args) -> str:
@@ -141,10 +127,10 @@ def cmd_frontier(args) -> int:
         em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
         uniform = run()
         for comp in comps:
-            if comp in LAYER_COMPONENTS:
-                # the layers' costs as the routers choose, or the oracle where there are none
-                allocate(em, comp, calibration, scorer="learned" if args.routers else "oracle",
-                         progress=not args.json)
+            if comp in LAYER_COMPONENTS + GATED_COMPONENTS:
+                # the layers' costs as the routers (or mlp_units' gate) choose, else as the oracle does
+                allocate(em, comp, calibration, scorer="learned" if args.routers or comp in GATED_COMPONENTS
+                         else "oracle", progress=not args.json)
         df = pd.concat([uniform, run()], ignore_index=True)
         df.attrs.update(uniform.attrs)
         if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
@@ -227,7 +213,7 @@ def keep_dense_table(results: Path) -> str:
         return ""
     df = pd.read_csv(path)
     out = ["**language: token routing in every layer vs layers 0, 1, 28, 29 kept dense** "
-           "(`python benchmarks/lm_keep_dense.py`, perplexity ratio at matched sub-layer compute)", "",
+           "(`elastilab lm keep-dense --out DIR`, perplexity ratio at matched sub-layer compute)", "",
            "| eval domain | component | every layer: compute → ppl ratio | four layers dense: compute → ppl ratio |",
            "|---|---|---|---|"]
     for (domain, comp), g in df.groupby(["domain", "component"]):
@@ -264,9 +250,11 @@ def cmd_report(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from .cli import _int_at_least, _positive_int as _positive  # the same argument types as train / eval
+    """``elastilab frontier | report``."""
+    from .config import ElasticConfig
+    from .quality import frontier
     f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     f.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m, dinov2-small, tiny-llava, or a Hugging Face id / folder (causal LM or ViT)")
     f.add_argument("--routers", type=Path, help="trained routers (needed for the 'learned' scorer)")
@@ -274,21 +262,22 @@ def add_parsers(sub) -> None:
     src.add_argument("--text", type=Path, help="any UTF-8 text file (language models)")
     src.add_argument("--images", type=Path, help="any folder of images (vision models)")
     src.add_argument("--domain", help="a shipped domain: licenses, pydocs (text); digits, digits04, digits59, photos (images)")
-    f.add_argument("--components", type=_names, help="comma-separated; default: every elastic component")
-    f.add_argument("--capacities", type=_floats, default=(0.9, 0.75, 0.5), help="comma-separated")
-    f.add_argument("--scorers", type=_names, default=None,
+    f.add_argument("--components", type=names, help="comma-separated; default: every elastic component")
+    f.add_argument("--capacities", type=capacities, default=default_of(frontier, "capacities"), help="comma-separated")
+    f.add_argument("--scorers", type=names, default=None,
                    help="comma-separated (learned, random, oracle, taylor, magnitude, attention_received, "
                         "cls_attention, fastv); default: all, 'learned' only with --routers")
-    f.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per block (text)")
-    f.add_argument("--blocks", type=_positive, default=8, help="held-out blocks of text")
+    f.add_argument("--seq-len", type=int_at_least(2), default=128, help="tokens per block (text)")
+    f.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of text")
     f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
                    help="part of the text: eval = the last 10%%, train = the first 90%%")
-    f.add_argument("--n-images", type=_positive, default=64, help="images (vision)")
-    f.add_argument("--size", type=_positive, default=112, help="image side in pixels (a multiple of 14)")
-    f.add_argument("--per-class", type=_positive, default=6, help="tiny-llava: digit questions per class")
-    f.add_argument("--faces", type=_positive, default=20, help="tiny-llava: face questions per answer")
-    f.add_argument("--n-experts", type=_positive, default=8, help="MLP slices when no routers are given")
-    f.add_argument("--skipped-tokens", choices=("drop", "merge"), default="drop",
+    f.add_argument("--n-images", type=positive_int, default=64, help="images (vision)")
+    f.add_argument("--size", type=positive_int, default=112, help="image side in pixels (a multiple of 14)")
+    f.add_argument("--per-class", type=positive_int, default=6, help="tiny-llava: digit questions per class")
+    f.add_argument("--faces", type=positive_int, default=20, help="tiny-llava: face questions per answer")
+    f.add_argument("--n-experts", type=positive_int, default=default_of(ElasticConfig, "n_experts"),
+                   help="MLP slices when no routers are given")
+    f.add_argument("--skipped-tokens", choices=("drop", "merge"), default=default_of(ElasticConfig, "skipped_tokens"),
                    help="vision models: what a skipped token receives (nothing, or its nearest kept token's output)")
     f.add_argument("--allocate", metavar="DOMAIN_OR_PATH",
                    help="also trace each component with its compute budget allocated across layers, measured on "
@@ -297,17 +286,13 @@ def add_parsers(sub) -> None:
     f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(func=_run_frontier)
-    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs", formatter_class=HelpFormatter)
     r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
     r.set_defaults(func=cmd_report)
-    from .generation import add_generation_parser
-    add_generation_parser(sub)  # elastilab generation
 
 
 def _run_frontier(args) -> int:
     from .scorers import SCORERS
     if args.scorers is None:
         args.scorers = (("learned",) if args.routers else ()) + tuple(SCORERS)
-    args.argv = sys.argv[1:]
     return cmd_frontier(args)

@@ -28,6 +28,15 @@ if not getattr(_aten._scaled_dot_product_flash_attention_for_cpu, "_elastilab_fl
         v = (value[0], query[1], *value[2:])
         return sdpa_backward_flop_count(grad_out, query, k, v)
 
+    # mlp_units (kernels.reference.unit_mlp_sparse): products over the nonzeros of a CSR pattern
+    @register_flop_formula(_aten.sparse_sampled_addmm, get_raw=True)
+    def _sampled_addmm_flops(pattern, mat1, mat2, *args, out_val=None, **kwargs) -> int:
+        return 2 * pattern._nnz() * mat1.shape[1]
+
+    @register_flop_formula(_aten._sparse_addmm, get_raw=True)
+    def _sparse_addmm_flops(out, sparse, dense, *args, out_val=None, **kwargs) -> int:
+        return 2 * sparse._nnz() * dense.shape[1]
+
     _aten._scaled_dot_product_flash_attention_for_cpu._elastilab_flops = True
 
 
@@ -47,6 +56,8 @@ def analytic_block_flops(block) -> dict[str, int]:
     if "expert_pairs" in c:
         units = c["expert_pairs"] * (m.width // block.n_experts)
     mlp = 2 * units * d * n_mat
+    if "unit_pairs" in c:  # the whole gate projection, then the other projections for the chosen units
+        mlp = 2 * units * d + 2 * c["unit_pairs"] * d * (n_mat - 1)
     bt = c["B"] * c["T"]
     sizes = {"attn_tokens": bt, "mlp_tokens": bt, "attn_heads": c["attn_rows_padded"], "mlp_experts": c["mlp_rows"]}
     routers = sum(2 * sizes[k] * d * r.proj.out_features for k, r in block.routers.items() if block._active(k))
@@ -98,7 +109,7 @@ def compute_report(em, *args, **kwargs) -> pd.DataFrame:
                       + routed["analytic_mlp"] + routed["analytic_routers"])
     parts = [  # (part, components, dense, routed measured, routed analytic)
         ("attention", ("attn_tokens", "attn_heads"), dense["attention"], routed["attention"], routed["analytic_attention"]),
-        ("mlp", ("mlp_tokens", "mlp_experts"), dense["mlp"], routed["mlp"], routed["analytic_mlp"]),
+        ("mlp", ("mlp_tokens", "mlp_experts", "mlp_units"), dense["mlp"], routed["mlp"], routed["analytic_mlp"]),
         ("routers", (), dense["total"], routed["routers"], routed["analytic_routers"]),  # as a share of the dense model
         ("whole model", tuple(caps), dense["total"], routed["total"], analytic_total),
     ]

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 #: Components a layer can route. ``visual_tokens`` belongs to visual-language models only.
 TOKEN_COMPONENTS = ("attn_tokens", "mlp_tokens")
 PARAM_COMPONENTS = ("attn_heads", "mlp_experts")
+#: the components with a learned router in each layer
 LAYER_COMPONENTS = TOKEN_COMPONENTS + PARAM_COMPONENTS
-COMPONENTS = LAYER_COMPONENTS + ("visual_tokens",)
+#: per-layer components without a router: single MLP hidden units chosen by the MLP's own gate (CATS)
+GATED_COMPONENTS = ("mlp_units",)
+COMPONENTS = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)
 MODES = ("topk", "threshold", "running")
 #: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention
 ATTN_TOKENS_VARIANTS = ("drop", "keep_kv")
@@ -31,7 +34,8 @@ class ElasticConfig:
     """What to make elastic. A component left at ``None`` is not routed (no router is created).
 
     Capacities are the fraction computed: of tokens for ``attn_tokens``/``mlp_tokens``/
-    ``visual_tokens``, of query heads for ``attn_heads``, of MLP slices for ``mlp_experts``.
+    ``visual_tokens``, of query heads for ``attn_heads``, of MLP slices for ``mlp_experts``, of
+    MLP hidden units for ``mlp_units``.
     They can be changed later with ``ElasticModel.set_capacity`` without retraining.
     """
 
@@ -39,6 +43,9 @@ class ElasticConfig:
     mlp_tokens: float | None = None
     attn_heads: float | None = None
     mlp_experts: float | None = None
+    #: single hidden units per token, chosen by the size of the gate activations the MLP computes
+    #: anyway (CATS-style: no router; the up and down projections run for the chosen units only)
+    mlp_units: float | None = None
     visual_tokens: float | None = None
     #: number of slices the MLP hidden units are split into (must divide the MLP width)
     n_experts: int = 8
@@ -137,7 +144,7 @@ def check_allocation(allocation: dict, components) -> dict[str, tuple[tuple[int,
                          f"got {type(allocation).__name__}")
     out = {}
     for comp, steps in allocation.items():
-        if comp not in components or comp not in LAYER_COMPONENTS:
+        if comp not in components or comp not in LAYER_COMPONENTS + GATED_COMPONENTS:
             raise ValueError(f"allocation names {comp!r}, which is not an elastic layer component here; "
                              f"elastic components: {', '.join(components)}")
         try:

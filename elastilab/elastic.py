@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
-from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
 from .budget import capacities_at
 from .checkpoint import META_FILE, ROUTERS_FILE, config_of, fingerprint, read_checkpoint, write_checkpoint
 
@@ -36,7 +36,7 @@ class ElasticModel(nn.Module):
         self.model = model
         self.elastic_config = config
         self.adapter = adapter or find_adapter(model)
-        layer_comps = [c for c in config.components if c in LAYER_COMPONENTS]
+        layer_comps = [c for c in config.components if c in LAYER_COMPONENTS + GATED_COMPONENTS]
         unsupported = [c for c in config.components if c not in self.adapter.components]
         if unsupported:
             raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
@@ -246,7 +246,7 @@ class ElasticModel(nn.Module):
         s = get_scorer(scorer)
         if s is not None:
             for comp in self.elastic_config.components:
-                if comp in LAYER_COMPONENTS and self.capacities[comp] < 1.0:
+                if comp in LAYER_COMPONENTS + GATED_COMPONENTS and self.capacities[comp] < 1.0:
                     s.check(self, comp)
             if self.elastic_config.mode != "topk":
                 raise ValueError(f"scorer {s.name!r} chooses by top-k; set_mode('topk') first (threshold "

@@ -21,12 +21,11 @@ import pandas as pd
 import torch
 
 from .compute import measure_flops
-from .config import LAYER_COMPONENTS
 from .distill import evaluate, teacher_logits
 from .scorers import SCORERS, supports
 
 #: the sub-layer each component saves compute in (its FLOPs are the frontier's x axis)
-PART = {"attn_tokens": "attention", "attn_heads": "attention", "mlp_tokens": "mlp", "mlp_experts": "mlp",
+PART = {"attn_tokens": "attention", "attn_heads": "attention", "mlp_tokens": "mlp", "mlp_experts": "mlp", "mlp_units": "mlp",
         "visual_tokens": "total"}
 ORACLES = tuple(n for n, s in SCORERS.items() if not s.counted)
 TRAINING_FREE = tuple(n for n, s in SCORERS.items() if s.counted and n != "random")
@@ -132,7 +131,7 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
     ``df.attrs["skipped"]``). Capacity 1.0 is the teacher: one row per scorer and component."""
     from tqdm.auto import tqdm
     task = as_task(data)
-    elastic = [c for c in em.capacities if c in LAYER_COMPONENTS or c == "visual_tokens"]
+    elastic = list(em.capacities)
     comps = list(components) if components else elastic
     missing = [c for c in comps if c not in elastic]
     if missing:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .kernels import ops
 from .kernels.head_attention import head_routed_attention
-from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_hidden
+from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_gate, mlp_hidden
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
 
@@ -196,12 +196,19 @@ def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: T
     return F.linear(o.transpose(1, 2).reshape(B, T, -1), w.w_o, w.b_o)
 
 
-def estimator_mlp(w: MLPWeights, h: Tensor, unit_gates: Tensor | None) -> Tensor:
+def estimator_mlp(w: MLPWeights, h: Tensor, unit_gates: Tensor | None, units: tuple | None = None) -> Tensor:
     """Training estimator of expert routing: the dense MLP with each hidden unit scaled by its
-    expert's gate (1/0 in value, straight-through gradient); unit_gates [n, E]."""
+    expert's gate (1/0 in value, straight-through gradient); unit_gates [n, E]. units=(capacity,
+    probe gates [n, F] or None): single units chosen as ``RoutedMLP`` does, the others x 0 (or every
+    unit x its probe gate, for Taylor scores)."""
     hidden = mlp_hidden(w, h)
     if unit_gates is not None:
         hidden = hidden * unit_gates.repeat_interleave(w.width // unit_gates.shape[-1], -1).to(hidden.dtype)
+    if units is not None:
+        capacity, probe = units
+        if probe is None:
+            probe = torch.zeros_like(hidden).scatter_(-1, choose_units(mlp_gate(w, h), capacity), 1.0)
+        hidden = hidden * probe.to(hidden.dtype)
     y = F.linear(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out
 
@@ -218,15 +225,29 @@ class RoutedMLP(nn.Module):
         self.backend = backend
 
     def forward(self, w: MLPWeights, h: Tensor, experts: tuple[Tensor, Tensor] | None = None,
-                n_experts: int = 1, residual: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                n_experts: int = 1, residual: tuple[Tensor, Tensor, Tensor] | None = None,
+                units: tuple[float, Tensor | None] | None = None) -> Tensor:
         """mlp(h) for the rows of h; with residual=(x, rows, gate), h holds every row and the
-        result is x with gate * mlp(h[rows]) added to the chosen rows (gather, MLP, add: fused)."""
+        result is x with gate * mlp(h[rows]) added to the chosen rows (gather, MLP, add: fused).
+        units=(capacity, scores [n, F] or None): each row computes the gate projection, then only
+        its top units by score (None: by the size of its gate activations, CATS)."""
         if residual is not None:
             x, rows, gate = residual
             return ops.routed_mlp_residual(x, h, rows, w, gate, backend=self.backend)
+        if units is not None:
+            gate = mlp_gate(w, h)
+            ids = choose_units(gate, *units)
+            self.last_units = ids
+            return ops.unit_mlp(h, gate, ids, w, backend=self.backend)
         if experts is None:
             return mlp_forward(w, h)
         return ops.expert_mlp(h, experts[0], experts[1], w, n_experts, backend=self.backend)
+
+
+def choose_units(gate: Tensor, capacity: float, scores: Tensor | None = None) -> Tensor:
+    """Per-row top-k hidden units [n, k]: by ``scores`` [n, F], else by |gate activation|."""
+    k = n_kept(capacity, gate.shape[-1])
+    return (gate.abs() if scores is None else scores).topk(k, dim=-1, sorted=False).indices
 
 
 def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
@@ -235,5 +256,6 @@ def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
 
 
 __all__ = ["straight_through", "hard_gates", "n_kept", "running_threshold", "select_tokens", "keep_to_index", "choose_slots",
+           "choose_units",
            "estimator_attention", "estimator_mlp",
            "RoutedAttention", "RoutedMLP", "scatter_add_rows", "BlockSpec"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LAYER_COMPONENTS, PARAM_COMPONENTS, TOKEN_COMPONENTS
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS, PARAM_COMPONENTS, TOKEN_COMPONENTS
 from .routing import n_kept
 from .spec import mlp_gate, mlp_hidden
 
@@ -62,6 +62,8 @@ class Candidates:
         return self.block._spec()
 
     def n_out(self) -> int:
+        if self.component == "mlp_units":
+            return self.spec.mlp.width
         return self.block.routers[self.component].proj.out_features
 
 
@@ -69,7 +71,7 @@ class Scorer:
     """Base class: ``__call__(candidates) -> scores`` shaped like the router's output."""
 
     name = "base"
-    components: tuple[str, ...] = LAYER_COMPONENTS
+    components: tuple[str, ...] = LAYER_COMPONENTS + GATED_COMPONENTS
     counted = True  #: its work is part of the measured compute
 
     def check(self, em, component: str) -> None:
@@ -103,8 +105,8 @@ def get_scorer(scorer) -> Scorer | None:
 
 def supports(scorer, em, component: str) -> bool:
     s = get_scorer(scorer)
-    if s is None:
-        return True
+    if s is None:  # the routers: mlp_units has none (its gate chooses, which is "magnitude")
+        return component not in GATED_COMPONENTS
     try:
         s.check(em, component)
     except ValueError:
@@ -132,7 +134,7 @@ class Random(Scorer):
     """Seeded noise: the floor any method must beat at the same compute."""
 
     name = "random"
-    components = LAYER_COMPONENTS + ("visual_tokens",)  # image tokens: ElasticLlava draws them
+    components = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)  # image tokens: ElasticLlava draws them
 
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -201,6 +203,8 @@ class Oracle(Scorer):
         hidden = mlp_hidden(spec.mlp, h)
         if comp == "mlp_tokens":
             return _scaled(F.linear(hidden, spec.mlp.w_out), spec.ls2).norm(dim=-1)
+        if comp == "mlp_units":  # |hidden unit| x the norm of its output weights
+            return hidden.abs() * _scaled(spec.mlp.w_out.t(), spec.ls2).norm(dim=-1)
         E = c.n_out()
         n, width = hidden.shape
         w_out = spec.mlp.w_out.view(-1, E, width // E)                       # [d, E, F/E]
@@ -252,7 +256,7 @@ class Taylor(Scorer):
         self.tables = {}
         for (i, comp, g), d in zip(gates, grads):
             t = torch.zeros_like(g) if d is None else d.detach().abs()
-            self.tables[(i, comp)] = t.reshape(-1, t.shape[-1]) if comp in PARAM_COMPONENTS else t.reshape(-1)
+            self.tables[(i, comp)] = t.reshape(-1, t.shape[-1]) if comp in PARAM_COMPONENTS + GATED_COMPONENTS else t.reshape(-1)
 
     def _loss(self, out, args, kwargs) -> Tensor:
         if self.loss is not None:
@@ -282,12 +286,15 @@ class Magnitude(Scorer):
     """Training-free parameter routing (CATS / TEAL style): an MLP slice scores the norm of its
     gate activations, a head the norm of its query. Computing them costs the gate projection
     (MLP) or the query projection (heads): counted as scoring work, since a real implementation
-    has to compute them before it can choose."""
+    has to compute them before it can choose. A single hidden unit (``mlp_units``) scores the size
+    of its gate activation, which the MLP computes anyway and reuses: no scoring work (None)."""
 
     name = "magnitude"
-    components = ("attn_heads", "mlp_experts")
+    components = ("attn_heads", "mlp_experts", "mlp_units")
 
     def __call__(self, c):
+        if c.component == "mlp_units":
+            return None  # RoutedMLP chooses by the gate activations it computes
         spec = c.spec
         if c.component == "attn_heads":
             a = spec.attn

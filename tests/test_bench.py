@@ -76,11 +76,14 @@ def test_mlp_micro_benchmark_counts_the_kept_rows_and_slices():
     d, F = bench.MLP_DIMS["tiny"]
     per_row = 2 * 3 * d * F  # SwiGLU: up, gate and down matmuls
     assert (df.dense_gflops * 1e9 == n * per_row).all()
-    for r in df.itertuples():  # measured on the routed call: only the kept rows / slices were multiplied
-        share = n_kept(r.capacity, n) / n if r.component == "mlp_tokens" else n_kept(r.capacity, E) / E
+    for r in df.itertuples():  # measured on the routed call: only the kept rows / slices / units were multiplied
+        share = {"mlp_tokens": n_kept(r.capacity, n) / n, "mlp_experts": n_kept(r.capacity, E) / E,
+                 # units: the gate projection of every unit, up and down of the kept ones
+                 "mlp_units": (1 + 2 * n_kept(r.capacity, F) / F) / 3}[r.component]
         assert r.routed_gflops * 1e9 == pytest.approx(n * per_row * share), (r.component, r.capacity)
         assert r.ideal_speedup == pytest.approx(r.dense_gflops / r.routed_gflops)
-    assert sorted(zip(df.component, df.capacity)) == sorted((c, cap) for c in ("mlp_tokens", "mlp_experts") for cap in (0.5, 0.25))
+    assert sorted(zip(df.component, df.capacity)) == sorted((c, cap) for c in ("mlp_tokens", "mlp_experts", "mlp_units")
+                                                            for cap in (0.5, 0.25))
 
 
 def test_cli_writes_csv_and_png(tmp_path, capsys):

@@ -7,13 +7,14 @@ import elastilab as el
 import model_cases
 from elastilab.adapters import REGISTRY, find_adapter
 from elastilab.compute import measure_flops
-from elastilab.config import LAYER_COMPONENTS
+from elastilab.config import GATED_COMPONENTS, LAYER_COMPONENTS
 from model_cases import CASES
 
 ALL = {c: 1.0 for c in LAYER_COMPONENTS}
 # (component, attn_tokens_variant): every component once, and the key/value-keeping variant of
 # attention-token routing where it matters (None: every component at once)
-VARIANTS = [(None, "drop"), (None, "keep_kv"), *[(c, "drop") for c in LAYER_COMPONENTS], ("attn_tokens", "keep_kv")]
+VARIANTS = [(None, "drop"), (None, "keep_kv"), *[(c, "drop") for c in LAYER_COMPONENTS + GATED_COMPONENTS],
+            ("attn_tokens", "keep_kv")]
 
 
 def make(name, variant="drop", **caps):

@@ -35,7 +35,7 @@ class Adapter:
     model_classes: tuple[str, ...] = ()   # class names of the models this adapter accepts
     causal = True                         # False: bidirectional attention (ViTs)
     #: components this family supports (visual_tokens lives in the VLM wrapper)
-    components = ("attn_tokens", "mlp_tokens", "attn_heads", "mlp_experts")
+    components = ("attn_tokens", "mlp_tokens", "attn_heads", "mlp_experts", "mlp_units")
     #: the ElasticModel subclass ``elastify`` wraps this family in; None: ElasticModel itself (a
     #: subclass cannot be named here: its module imports elastic, which imports the adapters)
     elastic_class: type | None = None

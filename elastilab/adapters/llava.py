@@ -2,7 +2,7 @@
 blocks as in llama.py; the ``visual_tokens`` router lives in ``elastilab.elastic_llava.ElasticLlava``."""
 from __future__ import annotations
 
-from ..config import LAYER_COMPONENTS
+from ..config import GATED_COMPONENTS, LAYER_COMPONENTS
 from .base import register
 from .llama import LlamaAdapter
 
@@ -11,7 +11,7 @@ from .llama import LlamaAdapter
 class LlavaAdapter(LlamaAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
-    components = LAYER_COMPONENTS + ("visual_tokens",)
+    components = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)
     #: ElasticLlava, set by elastilab.elastic_llava (which the package imports): it builds on
     #: ElasticModel, whose module imports the adapters, so it points at this adapter, not the reverse
     elastic_class = None

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import spec
 from ..spec import MLPWeights
 
-from .reference import expert_mlp_sorted, routed_mlp_residual_reference
+from .reference import expert_mlp_sorted, routed_mlp_residual_reference, unit_mlp_sparse
 
 LAUNCHES = 0
 BACKENDS = ("auto", "triton", "torch")
@@ -141,3 +141,20 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
     if w.b_out is not None:
         y = y + w.b_out
     return y
+
+
+def unit_mlp(h: Tensor, gate: Tensor, units: Tensor, w: MLPWeights, backend: str = "auto") -> Tensor:
+    """MLP where each row of h [n, d] computes only its k chosen hidden units (units [n, k] int64),
+    given its activated gate [n, F] (``spec.mlp_gate``); returns y [n, d], b_out included. Torch
+    only: per-row unit sets are sparse products (torch.sparse), not the grouped GEMMs the Triton
+    kernels run, so "auto" takes torch on every device and "triton" is refused."""
+    _check_mlp(w, h)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise ValueError("backend='triton' has no kernel for mlp_units (per-row hidden units); use 'auto' or 'torch'")
+    if gate.shape != (h.shape[0], w.width):
+        raise ValueError(f"gate must be [n={h.shape[0]}, F={w.width}], got {tuple(gate.shape)}")
+    if units.dim() != 2 or units.shape[0] != h.shape[0] or units.dtype != torch.int64:
+        raise ValueError(f"units must be int64 [n={h.shape[0]}, k], got {units.dtype} {tuple(units.shape)}")
+    return unit_mlp_sparse(w, h, gate, units)
