@@ -10,7 +10,8 @@ from .budget import allocate
 from .config import COMPONENTS, ElasticConfig
 from .distill import DistillConfig, distill, evaluate
 from .checkpoint import fingerprint
-from .elastic import ElasticModel, elastify, load_routers
+from .elastic import ElasticModel, elastify
+from .loading import load_routers
 from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
 from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
 from . import scorers

@@ -51,7 +51,8 @@ def read_images(folder: Path, limit: int) -> list:
 
 def _elastic(model, args, components, extra=None):
     from .config import ElasticConfig
-    from .elastic import elastify, load_routers
+    from .elastic import elastify
+    from .loading import load_routers
     if args.routers:
         return load_routers(model, args.routers)
     if "learned" in args.scorers:

@@ -158,7 +158,7 @@ def check_allocation(allocation: dict, components) -> dict[str, tuple[tuple[int,
 
 def layer_list(layers, what: str) -> tuple[int, ...]:
     """A list of integer layer indices (a float such as 1.7 is refused, not rounded); the range is
-    checked where the number of layers is known (``elastic.layer_indices``)."""
+    checked where the number of layers is known (``layer_indices``)."""
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise ValueError(f"{what} must be a list of layer indices, got {layers!r}")
     out = []
@@ -167,3 +167,14 @@ def layer_list(layers, what: str) -> tuple[int, ...]:
             raise ValueError(f"{what} must be a list of integer layer indices, got {layers!r}")
         out.append(int(i))
     return tuple(out)
+
+
+def layer_indices(indices, n: int, what: str) -> set[int]:
+    """Layer indices (negative ones count from the end) as a set in [0, n); out of range raises."""
+    out = set()
+    for i in indices:
+        if not -n <= i < n:
+            raise ValueError(f"{what} names layer {i}, but the model has {n} layers "
+                             f"(allowed: 0..{n - 1}, or -{n}..-1 from the end)")
+        out.add(i % n)
+    return out

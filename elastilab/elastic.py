@@ -10,21 +10,12 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
-from .config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity, check_keep_dense
+from .spec import cluster_hidden_units
+from .config import (GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig, check_capacity,
+                     check_keep_dense, layer_indices)
 from .budget import capacities_at
-from .checkpoint import META_FILE, ROUTERS_FILE, config_of, fingerprint, read_checkpoint, write_checkpoint
+from .checkpoint import fingerprint, write_checkpoint
 
-
-
-def layer_indices(indices, n: int, what: str) -> set[int]:
-    """Layer indices (negative ones count from the end) as a set in [0, n); out of range raises."""
-    out = set()
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"{what} names layer {i}, but the model has {n} layers "
-                             f"(allowed: 0..{n - 1}, or -{n}..-1 from the end)")
-        out.add(i % n)
-    return out
 
 
 class ElasticModel(nn.Module):
@@ -344,72 +335,3 @@ def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
     return (find_adapter(model).elastic_class or ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava
-
-
-def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torch.Tensor], path,
-                  select=lambda name: True) -> ElasticModel:
-    """``elastify(model, config)`` with its routers (those ``select`` names) set from ``state``,
-    whose names and shapes must match exactly; on any failure the model is left as it was."""
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    em = elastify(model, config)
-    try:
-        own = {k: v for k, v in em.router_state().items() if select(k)}
-        if set(state) != set(own):
-            raise ValueError(
-                f"router checkpoint {path} does not match the elastic layout of this model (missing "
-                f"{sorted(set(own) - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]})")
-        for k, v in own.items():
-            if state[k].shape != v.shape:
-                raise ValueError(f"router tensor {k!r} in {Path(path) / ROUTERS_FILE} has shape "
-                                 f"{list(state[k].shape)}, but this model needs {list(v.shape)}")
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(state[k])
-    except BaseException:
-        em.unelastify()
-        for p, g in grads:
-            p.requires_grad_(g)
-        raise
-    return em
-
-
-def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
-    """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model.
-    Everything is checked before the model is changed: on any error it is left as it was."""
-    path = Path(path)
-    if isinstance(model, ElasticModel):
-        raise TypeError("model is already elastic; call .unelastify() first to load other routers into it")
-    meta, state = read_checkpoint(path)
-    config = config_of(meta, path)
-    found = fingerprint(model)
-    if strict_fingerprint and meta["fingerprint"] != found:
-        raise ValueError(
-            f"the routers in {path} were trained for a different model: {meta.get('model_class', '?')} with "
-            f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
-            f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
-    return elastify_with(model, config, state, path)
-
-
-def cluster_hidden_units(mlp, n_experts: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """Balanced k-means of the MLP's hidden units by their input weights (MoEfication).
-
-    Returns a permutation whose consecutive F/E blocks are the clusters; permuting the hidden
-    units does not change the function, so the experts still sum to the dense MLP exactly.
-    """
-    w = mlp.w_in if mlp.w_gate is None else torch.cat([mlp.w_in, mlp.w_gate], 1)
-    feats = torch.nn.functional.normalize(w.detach().float(), dim=1)
-    F_, size = feats.shape[0], feats.shape[0] // n_experts
-    g = torch.Generator().manual_seed(seed)
-    centers = feats[torch.randperm(F_, generator=g)[:n_experts]]
-    for _ in range(iters):
-        dist = torch.cdist(feats, centers)  # [F, E]
-        assign = torch.full((F_,), -1, dtype=torch.long)
-        pref = dist - dist.min(1, keepdim=True).values  # how much a unit loses by going elsewhere
-        for e in torch.argsort(dist.min(0).values).tolist():  # clusters fill in turn, greedily
-            free = (assign < 0).nonzero().squeeze(1)
-            take = free[pref[free, e].topk(size, largest=False).indices]
-            assign[take] = e
-        centers = torch.stack([feats[assign == e].mean(0) for e in range(n_experts)])
-    return torch.argsort(assign, stable=True)
-
-

@@ -35,7 +35,8 @@ from torch import Tensor
 from .adapters.llava import LlavaAdapter
 from .adapters.vit import check_finite
 from .checkpoint import config_of, fingerprint, read_checkpoint
-from .elastic import ElasticModel, elastify_with
+from .elastic import ElasticModel
+from .loading import elastify_with
 from .llava_lm import fastv, gated_attention
 from .routers import Router
 from .routing import hard_gates, keep_to_index, n_kept

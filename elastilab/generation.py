@@ -23,7 +23,7 @@ from . import data
 from .cli_args import HelpFormatter, capacities, default_of, load_lm, names, positive_int, recommended_capacities
 from .compute import measure_flops
 from .config import MODES, TOKEN_COMPONENTS
-from .elastic import load_routers
+from .loading import load_routers
 from .files import atomic_write
 from .generation_points import POINT_KEYS, apply_point, generation_points, point_spec  # POINT_KEYS: re-exported
 from .greedy import generation_agreement, greedy_continuations

@@ -193,7 +193,7 @@ def threshold_modes(em, blocks: torch.Tensor, capacities=(0.9, 0.75, 0.5), compo
 def _load(args):
     """(elastic model with routers, tokenizer): --model with --routers (default: the shipped ones)."""
     from . import data
-    from .elastic import load_routers
+    from .loading import load_routers
     torch.manual_seed(0)
     model, tok = ca.load_lm(args.model)
     return load_routers(model, args.routers or data.data_dir() / "routers" / "smollm2-135m"), tok

@@ -152,3 +152,26 @@ def mlp_experts_forward(w: MLPWeights, h: Tensor, experts: Tensor, gates: Tensor
     if w.b_out is not None:
         y = y + w.b_out
     return y
+
+
+def cluster_hidden_units(mlp, n_experts: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Balanced k-means of the MLP's hidden units by their input weights (MoEfication).
+
+    Returns a permutation whose consecutive F/E blocks are the clusters; permuting the hidden
+    units does not change the function, so the experts still sum to the dense MLP exactly.
+    """
+    w = mlp.w_in if mlp.w_gate is None else torch.cat([mlp.w_in, mlp.w_gate], 1)
+    feats = F.normalize(w.detach().float(), dim=1)
+    F_, size = feats.shape[0], feats.shape[0] // n_experts
+    g = torch.Generator().manual_seed(seed)
+    centers = feats[torch.randperm(F_, generator=g)[:n_experts]]
+    for _ in range(iters):
+        dist = torch.cdist(feats, centers)  # [F, E]
+        assign = torch.full((F_,), -1, dtype=torch.long)
+        pref = dist - dist.min(1, keepdim=True).values  # how much a unit loses by going elsewhere
+        for e in torch.argsort(dist.min(0).values).tolist():  # clusters fill in turn, greedily
+            free = (assign < 0).nonzero().squeeze(1)
+            take = free[pref[free, e].topk(size, largest=False).indices]
+            assign[take] = e
+        centers = torch.stack([feats[assign == e].mean(0) for e in range(n_experts)])
+    return torch.argsort(assign, stable=True)

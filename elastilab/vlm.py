@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .distill import distill
-from .elastic import elastify, load_routers
+from .elastic import elastify
+from .loading import load_routers
 from .files import atomic_write
 from .tasks.vlm import (answer_dataset, answer_loss, evaluate, llava_15_7b_config, llava_parameter_count,
                         tiny_llava_data)

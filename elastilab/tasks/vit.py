@@ -32,8 +32,10 @@ from .. import data
 from ..adapters import find_adapter
 from ..adapters.hf_vit import base_model
 from ..compute import measure_flops
+from ..config import ElasticConfig
 from ..distill import DistillConfig, distill, kl_loss
-from ..elastic import ElasticConfig, elastify, load_routers
+from ..elastic import elastify
+from ..loading import load_routers
 from ..zoo import dinov2
 
 SIZE = 112  # 8x8 patches of 14 px: the probe's resolution, cheap on a CPU

@@ -1,0 +1,93 @@
+"""Training-free selection methods: their scoring work is counted as compute."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TOKEN_COMPONENTS
+from ..spec import mlp_gate
+from .base import Scorer, _positions, _project, register
+
+
+@register
+class Magnitude(Scorer):
+    """Training-free parameter routing (CATS / TEAL style): an MLP slice scores the norm of its
+    gate activations, a head the norm of its query. Computing them costs the gate projection
+    (MLP) or the query projection (heads): counted as scoring work, since a real implementation
+    has to compute them before it can choose. A single hidden unit (``mlp_units``) scores the size
+    of its gate activation, which the MLP computes anyway and reuses: no scoring work (None)."""
+
+    name = "magnitude"
+    components = ("attn_heads", "mlp_experts", "mlp_units")
+
+    def __call__(self, c):
+        if c.component == "mlp_units":
+            return None  # RoutedMLP chooses by the gate activations it computes
+        spec = c.spec
+        if c.component == "attn_heads":
+            a = spec.attn
+            q = F.linear(c.h, a.w_q, a.b_q)
+            return q.view(*q.shape[:-1], a.n_heads, a.head_dim).norm(dim=-1)
+        gate, E = mlp_gate(spec.mlp, c.h), c.n_out()
+        return gate.view(*gate.shape[:-1], E, spec.mlp.width // E).norm(dim=-1)
+
+
+@register
+class AttentionReceived(Scorer):
+    """Training-free token routing (H2O / FastV style): a token scores the attention it receives in
+    this layer, summed over the queries that see it and averaged over heads, from the layer's own
+    frozen q/k projections applied to the scored hidden state. Costs those projections and scores."""
+
+    name = "attention_received"
+    components = TOKEN_COMPONENTS
+
+    def __call__(self, c):
+        a, pos = c.spec.attn, _positions(c)
+        q, k = _project(a, c.h, "q", c.rope), _project(a, c.h, "k", c.rope)
+        k = k.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
+        s = (q @ k.transpose(-1, -2)) * a.scaling                          # [B, H, T(q), T(k)]
+        if a.causal:
+            s = s.masked_fill(~(pos[:, None, None, :] <= pos[:, None, :, None]), float("-inf"))
+        return s.softmax(-1).mean(1).sum(1)
+
+
+@register
+class ClsAttention(Scorer):
+    """Training-free token routing for ViTs: log of the attention the CLS token (position 0) pays
+    each token in this layer, averaged over heads, from the layer's frozen q/k weights. Costs one
+    query and every key projection, counted as scoring work."""
+
+    name = "cls_attention"
+    components = TOKEN_COMPONENTS
+
+    def check(self, em, component):
+        super().check(em, component)
+        model = em.model
+        if em.adapter.causal or not em.adapter.has_cls(model):
+            raise ValueError(f"scorer 'cls_attention' needs a vision transformer with a CLS token; "
+                             f"{type(model).__name__} has none")
+
+    def __call__(self, c):
+        a = c.spec.attn
+        q = _project(a, c.h[:, :1], "q")
+        k = _project(a, c.h, "k").repeat_interleave(a.n_heads // a.n_kv_heads, 1)
+        att = torch.softmax((q @ k.transpose(-1, -2)) * a.scaling, dim=-1)  # [B, H, 1, T]
+        return att.mean(1)[:, 0].clamp_min(1e-12).log()
+
+
+@register
+class FastV(Scorer):
+    """Training-free image-token pruning in a VLM (FastV): after LM layer K-1, keep the image tokens
+    that received the most attention from the text that follows them. Runs inside ``ElasticLlava``
+    (its ``fastv_layer``); counted, since its layers before K see every image token."""
+
+    name = "fastv"
+    components = ("visual_tokens",)
+
+    def check(self, em, component):
+        super().check(em, component)
+        if not hasattr(em, "fastv_layer"):
+            raise ValueError("scorer 'fastv' chooses image tokens of a visual-language model (ElasticLlava)")
+
+    def __call__(self, c):
+        raise RuntimeError("FastV chooses image tokens inside ElasticLlava, not per block")
