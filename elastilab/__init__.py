@@ -15,8 +15,9 @@ from .loading import load_routers
 from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
 from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
 from . import scorers
+from .warm_start import warm_start
 
 __all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
-           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "allocate"]
+           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "allocate", "warm_start"]
 __version__ = "0.1.0"

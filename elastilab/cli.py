@@ -13,11 +13,12 @@ import importlib
 import json
 import math
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .cli_args import HelpFormatter, capacity, default_of, int_at_least, load_lm, positive_int, recommended_capacities
-from .config import LAYER_COMPONENTS
+from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
 
 #: (module, function adding its subcommands to the subparsers), in the order --help lists them
 SUBCOMMANDS = (
@@ -85,11 +86,20 @@ def cmd_train(args) -> int:
         em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition))
     print(em, file=sys.stderr)
     blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split="train")
+    warm = {}
+    if args.warm_start and not args.resume:  # (a resumed run restores its routers from --out)
+        from .warm_start import warm_start
+        t0 = time.perf_counter()
+        fit = warm_start(em, blocks[: args.warm_start])
+        warm = {"warm_start_blocks": args.warm_start, "warm_start_seconds": round(time.perf_counter() - t0, 1),
+                "warm_start_r2": {c: round(v, 3) for c, v in fit.items()}}
+        print(f"warm start: {warm}", file=sys.stderr)
     log = el.distill(em, blocks, cfg)
     seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
-    em.calibrate(blocks[: args.calibration_blocks])
+    if any(c in TOKEN_COMPONENTS for c in caps):  # threshold modes need token routers' score tables
+        em.calibrate(blocks[: args.calibration_blocks])
     command = "elastilab " + " ".join(args.argv)
-    em.save_routers(args.out, command=command, steps=args.steps, seconds=round(seconds, 1),
+    em.save_routers(args.out, command=command, steps=args.steps, seconds=round(seconds, 1), **warm,
                     seconds_per_step=round(seconds / args.steps, 2), final_kl=float(log.kl.tail(10).mean()))
     log.to_csv(Path(args.out) / "train_log.csv", index=False)
     print(json.dumps({"out": str(args.out), "seconds_per_step": seconds / args.steps,
@@ -105,7 +115,8 @@ def _train_config(args):
     return DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                          seed=args.seed, capacity_range=tuple(args.capacity_range) if args.capacity_range else None,
                          components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
-                         checkpoint_every=args.checkpoint_every, init_routers=args.init_from is None,
+                         checkpoint_every=args.checkpoint_every,
+                         init_routers=args.init_from is None and not args.warm_start,
                          resume=args.resume, overwrite=args.overwrite)
 
 
@@ -121,7 +132,6 @@ def _check_trainable(caps: dict, capacity_range) -> None:
 
 def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
     """What the capacities select, in whole tokens / heads / experts: (lines, warnings)."""
-    from .config import TOKEN_COMPONENTS
     from .routing import n_kept
     lines, warnings = [], []
     threshold = em.elastic_config.mode != "topk"
@@ -197,7 +207,6 @@ def _json_safe(obj):
 
 def cmd_eval(args) -> int:
     import elastilab as el
-    from .config import TOKEN_COMPONENTS
     model, tok = _load_lm(args.model)
     caps, where = _capacities(args), "the command line"
     if args.routers:
@@ -283,6 +292,9 @@ def add_parsers(sub) -> None:
                    help="route only this many (random) components per step, the others dense")
     t.add_argument("--checkpoint-every", type=int_at_least(0), default=25,  # the library's 50 is for longer runs
                    help="save routers and trainer state every N steps and after the last (0: only after the last)")
+    t.add_argument("--warm-start", type=int_at_least(0), default=0, metavar="BLOCKS",
+                   help="first fit the routers to the oracle's ranking on this many training blocks (dense "
+                        "forward passes only: seconds; elastilab.warm_start), then distill from there")
     t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -275,3 +275,26 @@ def test_cli_train_refuses_bad_settings_and_outputs_before_loading(tiny_cli, tmp
         assert exit_.value.code == 2
     assert not loads  # every refusal came before the model was loaded
     assert run("--steps", "1", "--out", str(done), "--overwrite") == 0
+
+
+def test_cli_train_warm_start_fits_the_routers_before_distilling(tiny_cli, tmp_path):
+    run, _ = tiny_cli
+    cold, warm = str(tmp_path / "cold"), str(tmp_path / "warm")
+    assert run("--steps", "1", "--out", cold) == 0
+    assert run("--steps", "1", "--warm-start", "4", "--out", warm) == 0
+    meta = json.loads((Path(warm) / "routers.json").read_text())["metadata"]
+    assert meta["warm_start_blocks"] == 4 and set(meta["warm_start_r2"]) == {"mlp_tokens", "attn_heads"}
+    # the fit, not the seeded random draw, is what distillation started from
+    a, b = load_file(Path(cold) / "routers.safetensors"), load_file(Path(warm) / "routers.safetensors")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_cli_train_without_token_components_needs_no_calibration(tiny_cli, tmp_path):
+    """Heads and slices only: there is no token router to calibrate, and the run still saves its routers."""
+    import elastilab.cli as cli
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    out = tmp_path / "heads"
+    assert cli.main(["train", "--text", str(text), "--attn-heads", "0.5", "--mlp-experts", "0.5", "--n-experts", "4",
+                     "--steps", "1", "--batch-size", "4", "--seq-len", "12", "--out", str(out)]) == 0
+    assert json.loads((out / "routers.json").read_text())["metadata"]["steps"] == 1
