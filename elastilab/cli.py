@@ -76,6 +76,8 @@ def cmd_train(args) -> int:
         raise SystemExit("elastilab train: give at least one capacity, e.g. --mlp-tokens 0.75 "
                          f"(components: {', '.join(LAYER_COMPONENTS)})")
     _check_trainable(caps, args.capacity_range)
+    if args.steps == 0 and not args.warm_start:
+        raise ValueError("--steps 0 trains nothing; add --warm-start BLOCKS to only fit the routers to the oracle")
     cfg = _train_config(args)
     check_checkpoint_dir(cfg)  # --out is usable: checked before minutes go into loading and training
     model, tok = _load_lm(args.model)
@@ -94,16 +96,17 @@ def cmd_train(args) -> int:
         warm = {"warm_start_blocks": args.warm_start, "warm_start_seconds": round(time.perf_counter() - t0, 1),
                 "warm_start_r2": {c: round(v, 3) for c, v in fit.items()}}
         print(f"warm start: {warm}", file=sys.stderr)
-    log = el.distill(em, blocks, cfg)
-    seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
+    trained = {}
+    if args.steps:  # (--steps 0 --warm-start N: the fit alone)
+        log = el.distill(em, blocks, cfg)
+        seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
+        trained = {"seconds": round(seconds, 1), "seconds_per_step": round(seconds / args.steps, 2),
+                   "final_kl": float(log.kl.tail(10).mean())}
+        log.to_csv(Path(args.out) / "train_log.csv", index=False)
     if any(c in TOKEN_COMPONENTS for c in caps):  # threshold modes need token routers' score tables
         em.calibrate(blocks[: args.calibration_blocks])
-    command = "elastilab " + " ".join(args.argv)
-    em.save_routers(args.out, command=command, steps=args.steps, seconds=round(seconds, 1), **warm,
-                    seconds_per_step=round(seconds / args.steps, 2), final_kl=float(log.kl.tail(10).mean()))
-    log.to_csv(Path(args.out) / "train_log.csv", index=False)
-    print(json.dumps({"out": str(args.out), "seconds_per_step": seconds / args.steps,
-                      **em.parameter_summary()}, indent=2))
+    em.save_routers(args.out, command="elastilab " + " ".join(args.argv), steps=args.steps, **trained, **warm)
+    print(json.dumps({"out": str(args.out), **trained, **warm, **em.parameter_summary()}, indent=2))
     return 0
 
 
@@ -112,7 +115,8 @@ def _train_config(args):
     from .distill import DistillConfig
     if args.resume and args.init_from:
         raise ValueError("--resume continues the run in --out, --init-from starts a new one: give only one")
-    return DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+    # (--steps 0, the warm start alone, never calls distill; its config still checks --out)
+    return DistillConfig(steps=max(1, args.steps), batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                          seed=args.seed, capacity_range=tuple(args.capacity_range) if args.capacity_range else None,
                          components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
                          checkpoint_every=args.checkpoint_every,
@@ -277,7 +281,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--out", type=Path, required=True,
                    help="folder for routers.safetensors/json, the trainer state and the log; one that already "
                         "holds routers takes --resume or --overwrite")
-    t.add_argument("--steps", type=int, default=d("steps"), help="optimizer steps")
+    t.add_argument("--steps", type=int_at_least(0), default=d("steps"),
+                   help="optimizer steps (0: only the --warm-start fit)")
     t.add_argument("--batch-size", type=int, default=d("batch_size"), help="blocks per step")
     t.add_argument("--lr", type=float, default=d("lr"), help="AdamW learning rate of the routers")
     t.add_argument("--temperature", type=float, default=d("temperature"), help="of the distillation KL")

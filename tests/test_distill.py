@@ -298,3 +298,14 @@ def test_cli_train_without_token_components_needs_no_calibration(tiny_cli, tmp_p
     assert cli.main(["train", "--text", str(text), "--attn-heads", "0.5", "--mlp-experts", "0.5", "--n-experts", "4",
                      "--steps", "1", "--batch-size", "4", "--seq-len", "12", "--out", str(out)]) == 0
     assert json.loads((out / "routers.json").read_text())["metadata"]["steps"] == 1
+
+
+def test_cli_train_warm_start_alone_and_steps_zero_without_it(tiny_cli, tmp_path, capsys):
+    run, _ = tiny_cli
+    out = tmp_path / "fit"
+    assert run("--steps", "0", "--warm-start", "4", "--out", str(out)) == 0
+    meta = json.loads((out / "routers.json").read_text())["metadata"]
+    assert meta["steps"] == 0 and "seconds_per_step" not in meta and meta["warm_start_blocks"] == 4
+    assert not (out / "train_log.csv").exists()
+    assert run("--steps", "0", "--out", str(tmp_path / "nothing")) == 2
+    assert "--steps 0 trains nothing" in capsys.readouterr().err
