@@ -22,11 +22,12 @@ import torch
 from . import data
 from .cli_args import HelpFormatter, capacities, default_of, load_lm, names, positive_int, recommended_capacities
 from .compute import measure_flops
-from .config import MODES, TOKEN_COMPONENTS
-from .loading import load_routers
+from .config import GATED_COMPONENTS, MODES, TOKEN_COMPONENTS, ElasticConfig
+from .elastic import elastify
 from .files import atomic_write
 from .generation_points import POINT_KEYS, apply_point, generation_points, point_spec  # POINT_KEYS: re-exported
 from .greedy import generation_agreement, greedy_continuations
+from .loading import load_routers
 
 
 def _token_routers(em) -> dict:
@@ -47,9 +48,16 @@ def cmd_generation(args) -> int:
     import transformers  # only for its version in the table; slow to import
     torch.manual_seed(0)
     model, tok = load_lm(args.model)
-    em = load_routers(model, args.routers)
+    if args.routers is None:  # components chosen without a router (mlp_units: the MLP's own gate)
+        gated = list(args.components or ())
+        if not gated or any(c not in GATED_COMPONENTS for c in gated):
+            raise ValueError("without --routers, give --components from those that need none: "
+                             f"{', '.join(GATED_COMPONENTS)}")
+        em = elastify(model, ElasticConfig(**dict.fromkeys(gated, 1.0)))
+    else:
+        em = load_routers(model, args.routers)
     em.set_mode(args.mode)
-    points = generation_points(em, args, recommended_capacities(args.routers))
+    points = generation_points(em, args, recommended_capacities(args.routers) if args.routers else None)
     prompts = _generation_prompts(tok, args)
     calibration = None
     if args.recalibrate:  # token routers: also run each point with thresholds measured on this text
@@ -183,7 +191,8 @@ def add_generation_parser(sub) -> None:
                        help="how many greedy tokens the elastic model generates before leaving the teacher's path",
                        description="Greedy generation (KV cache) of the teacher and of the elastic model from "
                                    "held-out prompts; per operating point, the leading new tokens that match.")
-    g.add_argument("--routers", type=Path, required=True, help="a folder written by `elastilab train`")
+    g.add_argument("--routers", type=Path, help="a folder written by `elastilab train` (not needed for "
+                   "components without routers: --components mlp_units)")
     g.add_argument("--model", default="smollm2-135m",
                    help="the causal language model the routers belong to: offline default name, Hugging Face id or folder")
     src = g.add_mutually_exclusive_group()

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig
+
+#: the per-layer components a point can name (routed ones and mlp_units, which needs no router)
+PER_LAYER = LAYER_COMPONENTS + GATED_COMPONENTS
 
 #: what a --point JSON object may hold besides component capacities
 POINT_KEYS = ("keep_dense", "attn_tokens_variant", "label")
@@ -32,16 +35,16 @@ def point_spec(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"takes component=capacity pairs separated by commas "
                                              f"(e.g. attn_heads=0.875,mlp_experts=0.875), got {text!r}")
         spec = {name.strip(): _number(value) for name, _, value in pairs}
-    unknown = [k for k in spec if k not in LAYER_COMPONENTS + POINT_KEYS]
+    unknown = [k for k in spec if k not in PER_LAYER + POINT_KEYS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(map(repr, unknown))}; components: "
-                                         f"{', '.join(LAYER_COMPONENTS)}; other keys: {', '.join(POINT_KEYS)}")
-    caps = {k: v for k, v in spec.items() if k in LAYER_COMPONENTS}
+                                         f"{', '.join(PER_LAYER)}; other keys: {', '.join(POINT_KEYS)}")
+    caps = {k: v for k, v in spec.items() if k in PER_LAYER}
     if not caps:
         raise argparse.ArgumentTypeError(f"names no component capacity: {text!r}")
     keep, variant, label = spec.get("keep_dense", {}), spec.get("attn_tokens_variant"), spec.get("label")
     try:  # every layer component present, so keep_dense may name any of them
-        ElasticConfig(**{**dict.fromkeys(LAYER_COMPONENTS, 1.0), **caps}, keep_dense=keep,
+        ElasticConfig(**{**dict.fromkeys(PER_LAYER, 1.0), **caps}, keep_dense=keep,
                       attn_tokens_variant="drop" if variant is None else variant)
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
@@ -68,7 +71,7 @@ def point_name(pt: dict) -> str:
 def generation_points(em, args, recommended: dict | None) -> list[dict]:
     """The sweep: dense, each component alone at each capacity, the routers' recommended point and
     the --point ones; a point met twice runs once (its sources joined)."""
-    elastic = [c for c in em.capacities if c in LAYER_COMPONENTS]
+    elastic = [c for c in em.capacities if c in PER_LAYER]
     comps = list(args.components) if args.components else elastic
     pts = [{"capacities": {}, "keep_dense": {}, "variant": None, "label": "dense", "source": "dense"}]
     pts += [{"capacities": {c: cap}, "keep_dense": {}, "variant": None, "label": None, "source": "sweep"}
@@ -101,7 +104,7 @@ def generation_points(em, args, recommended: dict | None) -> list[dict]:
 
 def apply_point(em, base: dict, pt: dict, default_variant: str) -> None:
     """Put ``em`` at the point: ``base`` capacities overridden by the point's, only its layers kept dense."""
-    em.keep_dense(**{c: () for c in em.capacities if c in LAYER_COMPONENTS})
+    em.keep_dense(**{c: () for c in em.capacities if c in PER_LAYER})
     em.set_capacity(**{**base, **pt["capacities"]})
     if pt["keep_dense"]:
         em.keep_dense(**pt["keep_dense"])

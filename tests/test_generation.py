@@ -205,3 +205,17 @@ def test_token_routing_in_topk_mode_refuses_to_decode_with_a_cache():
     ids = torch.randint(0, 101, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), pytest.raises(ValueError, match="cannot decode with a KV cache"):
         em.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_cli_generation_of_mlp_units_needs_no_routers(tiny_cli, capsys):
+    from elastilab.cli import main
+    tmp, text = tiny_cli
+    out = tmp / "units"
+    common = ["generation", "--text", str(text), "--split", "all", "--prompts", "2", "--prompt-len", "6",
+              "--new-tokens", "4", "--no-bf16-reference", "--capacities", "0.5"]
+    assert main([*common, "--components", "mlp_units", "--out", str(out)]) == 0
+    df = pd.read_csv(out / "generation.csv")
+    units = df[df.components == "mlp_units"].iloc[0]
+    assert units.mlp_compute < 1 and units.calibration == "-" and 0 <= units.median_matched <= 4
+    assert main([*common, "--components", "attn_heads", "--out", str(tmp / "no")]) == 2  # a router is needed
+    assert "without --routers" in capsys.readouterr().err
