@@ -236,9 +236,7 @@ class RoutedMLP(nn.Module):
             return ops.routed_mlp_residual(x, h, rows, w, gate, backend=self.backend)
         if units is not None:
             gate = mlp_gate(w, h)
-            ids = choose_units(gate, *units)
-            self.last_units = ids
-            return ops.unit_mlp(h, gate, ids, w, backend=self.backend)
+            return ops.unit_mlp(h, gate, choose_units(gate, *units), w, backend=self.backend)
         if experts is None:
             return mlp_forward(w, h)
         return ops.expert_mlp(h, experts[0], experts[1], w, n_experts, backend=self.backend)

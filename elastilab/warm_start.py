@@ -10,7 +10,8 @@ from .config import LAYER_COMPONENTS
 from .scorers import Candidates, get_scorer
 
 #: just below 1: the component runs routed (so the scorer is asked) but keeps every candidate
-_ALL_KEPT = 0.999
+#: (routing.n_kept rounds up: all of n for any n below 10**7)
+_ALL_KEPT = 1.0 - 1e-7
 
 
 @torch.no_grad()
