@@ -234,10 +234,12 @@ class ElasticBlock(nn.Module):
 
         With ``self.probe`` set (a dict), nothing is chosen: every candidate is computed with a gate
         of exactly 1, a leaf stored in the dict, whose gradient is a first-order (Taylor) estimate of
-        what removing that candidate would change (``scorers.Taylor``)."""
-        if self.skipped_tokens != "drop":
-            raise ValueError("routers train with skipped_tokens='drop'; set it to 'merge' after training "
-                             "(ElasticModel.set_skipped_tokens)")
+        what removing that candidate would change (``scorers.Taylor``).
+
+        With skipped_tokens="merge" a token's update is gate·(its own output) + (1 − gate)·(the output
+        of the most similar *other* kept token): the value is what ``routed`` gives (a skipped token
+        receives its nearest kept token's output), and the gradient tells each token's router what
+        being merged instead of computed would change, kept tokens included."""
         spec = self._spec()
         B, T, d = x.shape
         self.aux = {}
@@ -265,13 +267,14 @@ class ElasticBlock(nn.Module):
         y = estimator_attention(spec.attn, h, pos, rope, key_idx, head_gates)
         if spec.ls1 is not None:
             y = y * spec.ls1
-        x = x + (y if tok_gate is None else y * tok_gate[..., None])
+        x = x + self._gated_tokens(y, tok_gate, h, keep if self._active("attn_tokens") and not probe else None)
 
         h = spec.mlp_norm(x).reshape(B * T, d)
         tok_gate, unit_gates = probe.get("mlp_tokens"), probe.get("mlp_experts")
+        keep = None
         if self._active("mlp_tokens") and not probe:
             scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), min(T, spec.n_protected))
-            tok_gate = hard_gates(keep, scores).reshape(B * T)
+            tok_gate = hard_gates(keep, scores)
         if self._active("mlp_experts") and not probe:
             es = self.routers["mlp_experts"](h)
             ids = choose_slots(es, self.capacity["mlp_experts"])[0]
@@ -285,5 +288,17 @@ class ElasticBlock(nn.Module):
         y = estimator_mlp(spec.mlp, h, unit_gates, units)
         if spec.ls2 is not None:
             y = y * spec.ls2
-        x = x.reshape(B * T, d) + (y if tok_gate is None else y * tok_gate[:, None])
-        return x.view(B, T, d)
+        return x + self._gated_tokens(y.view(B, T, d), tok_gate, h.view(B, T, d), keep)
+
+    def _gated_tokens(self, y: Tensor, gate: Tensor | None, h: Tensor, keep: Tensor | None) -> Tensor:
+        """The estimator's token-routed update [B, T, d]: y times the token gates, or, with
+        skipped_tokens="merge", the gated mix of each token's own output and that of its most similar
+        other kept token (see ``estimate``). No token routing (gate None): y as it is."""
+        if gate is None:
+            return y
+        gate = gate.view(y.shape[:2])  # Taylor probes are flat over B x T
+        if self.skipped_tokens == "drop" or keep is None:
+            return y * gate[..., None]
+        other = nearest_kept(h, keep, exclude_self=True)
+        stand_in = torch.gather(y, 1, other[..., None].expand_as(y))
+        return stand_in + (y - stand_in) * gate[..., None]

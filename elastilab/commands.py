@@ -26,7 +26,9 @@ REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget acros
                 "language, single MLP units (CATS)": "frontier-smollm2-135m-units.csv",
                 "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
                 "vision, single MLP units (CATS)": "frontier-dinov2-small-units.csv",
-                "vision-language": "frontier-tiny-llava.csv"}
+                "vision, token routers trained to merge": "frontier-dinov2-small-merge-trained.csv",
+                "vision-language": "frontier-tiny-llava.csv",
+                "vision-language, synthetic scenes": "frontier-tiny-llava-scenes.csv"}
 
 
 def modality(args) -> str:
@@ -95,7 +97,9 @@ def build(args):
             images, labels = read_images(args.images, args.n_images), None
         else:
             images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
-        em = _elastic(model, args, comps).set_skipped_tokens(args.skipped_tokens)
+        em = _elastic(model, args, comps)
+        if args.skipped_tokens:  # else the routers' own setting (drop for fresh ones)
+            em.set_skipped_tokens(args.skipped_tokens)
         calibration = None
         if args.allocate:
             src = Path(args.allocate)
@@ -278,8 +282,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--faces", type=positive_int, default=20, help="tiny-llava: face questions per answer")
     f.add_argument("--n-experts", type=positive_int, default=default_of(ElasticConfig, "n_experts"),
                    help="MLP slices when no routers are given")
-    f.add_argument("--skipped-tokens", choices=("drop", "merge"), default=default_of(ElasticConfig, "skipped_tokens"),
-                   help="vision models: what a skipped token receives (nothing, or its nearest kept token's output)")
+    f.add_argument("--skipped-tokens", choices=("drop", "merge"),
+                   help="vision models: what a skipped token receives (nothing, or its nearest kept token's "
+                        "output); default: what the --routers were trained with, else drop")
     f.add_argument("--allocate", metavar="DOMAIN_OR_PATH",
                    help="also trace each component with its compute budget allocated across layers, measured on "
                         "this calibration data (a shipped domain's train split, a text file or an image folder; "

@@ -66,7 +66,8 @@ class ElasticConfig:
     #: what a token skipped by attn_tokens / mlp_tokens receives: "drop" (nothing: its residual stream
     #: passes unchanged) or "merge" (the sub-layer output of its most similar kept token, by cosine of
     #: the normalised inputs; vision transformers only, since a causal model would need a kept token
-    #: from its own past within each chunk). Inference only: routers train with "drop".
+    #: from its own past within each chunk). Routers trained with "merge" (``elastilab vit train
+    #: --skipped-tokens merge``) learn which tokens can be merged; any routers can be switched live.
     #: ``ElasticModel.set_skipped_tokens`` changes it live.
     skipped_tokens: str = "drop"
     #: layers left dense (e.g. the first and last); negative indices count from the end

@@ -51,19 +51,23 @@ def _components_arg(text: str) -> tuple[str, ...]:
 
 def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size: int = 8, lr: float = 2e-2,
           capacity_range=(0.5, 1.0), components_per_step: int | None = 1, components=tuple(DEFAULT_CAPS),
-          seed: int = 0, command: str = "") -> dict:
+          seed: int = 0, skipped_tokens: str = "drop", command: str = "") -> dict:
     """Distill the four routers of DINOv2-S on one domain; each step routes one random component at a
-    random capacity in capacity_range (the others at 1.0), so each slider is trained where it is used."""
+    random capacity in capacity_range (the others at 1.0), so each slider is trained where it is used.
+    skipped_tokens="merge": the token routers learn which tokens can take their nearest kept token's
+    output (saved in the checkpoint's config, so loading routes that way too)."""
     components = check_components(components)
     torch.manual_seed(seed)
     em, probe = load_dinov2(config={c: DEFAULT_CAPS[c] for c in components})
+    em.set_skipped_tokens(skipped_tokens)
     images, _ = domain(domain_name, "train", n, seed)
     x = pixels(images)
     t0 = time.perf_counter()
     log = distill_vit(em, x, probe, steps=steps, batch_size=batch_size, lr=lr, capacity_range=capacity_range,
                       components_per_step=components_per_step, seed=seed, progress=False)
     info = {"domain": domain_name, "components": list(components), "images": n, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "capacity_range": list(capacity_range), "components_per_step": components_per_step, "size": SIZE, "seconds": round(time.perf_counter() - t0, 1),
+            "capacity_range": list(capacity_range), "components_per_step": components_per_step,
+            "skipped_tokens": skipped_tokens, "size": SIZE, "seconds": round(time.perf_counter() - t0, 1),
             "final_loss": float(log.loss.tail(5).mean()), "first_loss": float(log.loss.head(5).mean()),
             "command": command}
     em.save_routers(out, **info)
@@ -133,7 +137,8 @@ def _command(args) -> str:
 
 def _cmd_train(args) -> int:
     print(json.dumps(train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
-                           components=args.components, command=_command(args)), indent=1))
+                           components=args.components, skipped_tokens=args.skipped_tokens, command=_command(args)),
+                     indent=1))
     return 0
 
 
@@ -162,6 +167,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=default_of(train, "lr"), help="learning rate of the routers")
     p.add_argument("--components", type=_components_arg, default=default_of(train, "components"),
                    help=f"comma-separated components to route, from {','.join(DEFAULT_CAPS)} (default: all)")
+    p.add_argument("--skipped-tokens", choices=("drop", "merge"), default=default_of(train, "skipped_tokens"),
+                   help="what a token skipped by attn_tokens/mlp_tokens receives while the routers learn and "
+                        "afterwards: nothing, or its nearest kept token's output")
     p.set_defaults(func=_cmd_train)
     p = vsub.add_parser("bench", help="learned vs random vs CLS-attention routing per component",
                         formatter_class=HelpFormatter)

@@ -158,7 +158,7 @@ def test_tome_merges_instead_of_dropping():
 def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_output():
     """skipped_tokens="merge" (ViTs): the same routers choose, the same rows are computed, and a skipped
     token receives the MLP output of its most similar kept token instead of nothing; refused for causal
-    models and for training; switching back to "drop" restores the drop path exactly."""
+    models; switching back to "drop" restores the drop path exactly."""
     from elastilab.routing import estimator_attention
     from elastilab.scorers import nearest_kept
     case, em, _ = elastic("hf_dinov2")
@@ -182,7 +182,34 @@ def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_o
         torch.testing.assert_close(dropped[b, t], after_attn[b, t])  # "drop": nothing at all
     with pytest.raises(ValueError, match="for vision transformers"):
         elastic("llama")[1].set_skipped_tokens("merge")
-    em.set_skipped_tokens("merge")
-    with em.capacity(mlp_tokens=0.5), em.training_estimator(), pytest.raises(ValueError, match="train with"):
-        em(**case.inputs)
+
+
+@pytest.mark.parametrize("name", ["hf_dinov2", "timm_vit"])
+@pytest.mark.parametrize("comp", ["attn_tokens", "mlp_tokens"])
+def test_router_training_with_merging_has_the_routed_value_and_teaches_kept_tokens(name, comp):
+    """Routers trained for skipped_tokens="merge": the estimator's forward value is the routed one
+    (skipped tokens receive their nearest kept token's output), and every token's router, kept ones
+    included, gets the gradient of being merged into its nearest other kept token — a different
+    signal from the drop estimator's."""
+    from elastilab.scorers import nearest_kept
+    case, em, _ = elastic(name)
+    grads = {}
+    for how in ("merge", "drop"):
+        em.set_skipped_tokens(how)
+        with em.capacity(**{comp: 0.5}):
+            with torch.no_grad():
+                routed = case.output(em(**case.inputs))
+            em.zero_grad()
+            with em.training_estimator(), torch.enable_grad():
+                est = case.output(em(**case.inputs))
+                est.square().sum().backward()
+        torch.testing.assert_close(est.detach(), routed, atol=2e-5, rtol=1e-5)
+        grads[how] = torch.cat([p.grad.flatten() for p in em.router_parameters() if p.grad is not None])
     em.set_skipped_tokens("drop")
+    assert grads["merge"].abs().sum() > 0 and not torch.allclose(grads["merge"], grads["drop"])
+    h = torch.randn(2, 5, 8)
+    keep = torch.tensor([[True, True, False, True, False], [False, True, False, False, False]])
+    other = nearest_kept(h, keep, exclude_self=True)
+    assert all(keep[b, other[b, t]] for b in range(2) for t in range(5))
+    assert (other[0][keep[0]] != torch.arange(5)[keep[0]]).all()  # kept tokens: another kept one
+    assert other[1].tolist() == [1] * 5  # the only kept token stands in for itself too

@@ -105,6 +105,19 @@ def test_distill_vit_improves_the_student_and_logs_like_the_lm_trainer(tmp_path)
     assert (tmp_path / "ck" / "routers.safetensors").exists()
 
 
+def test_routers_trained_for_merging_save_and_load_that_setting(tmp_path):
+    """distill_vit with skipped_tokens="merge" trains through the merging estimator, and the routers
+    come back from their checkpoint routing that way."""
+    torch.manual_seed(0)
+    em = el.elastify(tiny_timm(), el.ElasticConfig(attn_tokens=0.5, mlp_tokens=0.5)).set_skipped_tokens("merge")
+    x = torch.randn(16, 3, 32, 32)
+    log = V.distill_vit(em, x, probe=torch.nn.Linear(128, 7), steps=6, batch_size=8, lr=5e-2, progress=False)
+    assert len(log) == 6 and log.loss.notna().all()
+    em.save_routers(tmp_path / "r")
+    again = el.load_routers(tiny_timm(), tmp_path / "r")
+    assert again.elastic_config.skipped_tokens == "merge" and all(b.skipped_tokens == "merge" for b in again.blocks)
+
+
 def test_cached_and_live_teacher_give_the_same_loss():
     em = el.elastify(tiny_timm(), el.ElasticConfig(**ALL_HALF, n_experts=4))
     x = torch.randn(4, 3, 32, 32)
@@ -209,6 +222,9 @@ def test_vit_commands_run_the_library_with_their_own_command_line(monkeypatch, t
     args, kwargs = calls["train"]
     assert args == ("photos", str(tmp_path / "r"), 256, 3, 8, 2e-2)
     assert kwargs["command"] == f"elastilab vit train --domain photos --out {tmp_path / 'r'} --steps 3"
+    assert kwargs["skipped_tokens"] == "drop"
+    assert cli.main(["vit", "train", "--domain", "photos", "--out", tmp_path / "r", "--skipped-tokens", "merge"]) == 0
+    assert calls["train"][1]["skipped_tokens"] == "merge"
     assert cli.main(["vit", "bench", "--out", tmp_path / "v.json"]) == 0
     assert calls["bench"][0] == (vision.SHIPPED_ROUTERS, 16) and calls["bench"][1]["out"] == str(tmp_path / "v.json")
     assert cli.main(["vit", "crossdomain", "--images", 5, "--out", tmp_path / "v.json"]) == 0

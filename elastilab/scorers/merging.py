@@ -73,9 +73,16 @@ def unmerge(y: Tensor, keep: Tensor, partner: Tensor) -> Tensor:
     return y[slot[(partner + T * torch.arange(B, device=keep.device)[:, None]).reshape(-1)]]
 
 
-def nearest_kept(h: Tensor, keep: Tensor) -> Tensor:
+def nearest_kept(h: Tensor, keep: Tensor, exclude_self: bool = False) -> Tensor:
     """For every token of h [B, T, d], the kept token (keep [B, T]) with the most similar input
-    (cosine); a kept token is its own. Used when skipped tokens receive a kept token's output."""
+    (cosine); a kept token is its own. Used when skipped tokens receive a kept token's output.
+    exclude_self: a kept token gets its most similar *other* kept token (itself if it is the only
+    one): whom it would receive from if it were skipped (router training with merging)."""
     m = F.normalize(h.float(), dim=-1)
     sim = (m @ m.transpose(1, 2)).masked_fill(~keep[:, None, :], float("-inf"))
+    if exclude_self:
+        T = h.shape[1]
+        alone = keep.sum(1, keepdim=True) <= 1
+        sim = sim.masked_fill(torch.eye(T, dtype=torch.bool, device=h.device) & ~alone[..., None], float("-inf"))
+        return sim.argmax(-1)
     return torch.where(keep, torch.arange(h.shape[1], device=h.device), sim.argmax(-1))
