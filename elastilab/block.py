@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .lora import effective_weights
 from .routers import Router
 from .scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
@@ -45,6 +46,8 @@ class ElasticBlock(nn.Module):
         self.mlp = RoutedMLP()
         self.scoring = Scoring()  # another selection method than the routers (ElasticModel.scoring)
         self._permuted = None  # (weights' identity, the permuted MLPWeights) of clustered experts
+        self.lora: dict = {}  # {name in base_layer: peft LoRA layer}, set by elastilab.lora.attach
+        self._lora_cache = None  # (factors' identity, stamp, {projection: W + ΔW}) built without a gradient
         if unit_order is not None:  # clustered experts: the MLP with its hidden units reordered
             self.register_buffer("unit_order", unit_order, persistent=False)
         else:
@@ -120,9 +123,10 @@ class ElasticBlock(nn.Module):
         return self.adapter.pack_output(out, args, kwargs)
 
     def _spec(self):
-        spec = self.adapter.block_spec(self.base_layer, self.layer_idx)
-        if self.unit_order is not None:  # permuted once; again only if the base weights moved or changed
-            key = tuple((t.data_ptr(), t._version, t.device) for t in (spec.mlp.w_in, spec.mlp.w_out))
+        with effective_weights(self) as stamp:  # with a LoRA, the spec holds views of W + ΔW
+            spec = self.adapter.block_spec(self.base_layer, self.layer_idx)
+        if self.unit_order is not None:  # permuted once; again only if the base weights (or the LoRA) changed
+            key = (stamp, *((t.data_ptr(), t._version, t.device) for t in (spec.mlp.w_in, spec.mlp.w_out)))
             if self._permuted is None or self._permuted[0] != key:
                 self._permuted = (key, spec.mlp.permuted(self.unit_order))
             spec.mlp = self._permuted[1]

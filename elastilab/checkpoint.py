@@ -77,10 +77,12 @@ def fingerprint(model: nn.Module) -> str:
     """A short hash of the architecture (every parameter's name and shape) and of the signs of
     values sampled from every parameter tensor (routers excluded). Signs survive a cast to any
     float dtype (a bf16 or fp16 copy is the same model), while a layer replaced, zeroed or
-    retrained changes them; the values themselves would not survive rounding."""
+    retrained changes them; the values themselves would not survive rounding. Routers and LoRA
+    factors are left out: they are what the checkpoint holds, not the model it fits."""
     if hasattr(model, "elastic_config"):  # an ElasticModel (not imported here: it builds on this module)
         model = model.model
-    params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if ".routers." not in n]
+    params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters()
+              if ".routers." not in n and ".lora_" not in n]  # the pretrained weights only
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(json.dumps([(n, list(p.shape)) for n, p in params]).encode())
     for _, p in params:

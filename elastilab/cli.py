@@ -84,8 +84,10 @@ def cmd_train(args) -> int:
     if args.init_from:  # start from saved routers (the optimizer state starts afresh)
         em = el.load_routers(model, args.init_from)
         em.set_capacity(**caps)
+        _init_lora(em, args)
     else:  # fresh routers; distill draws them from --seed (init_routers), so runs repeat exactly
-        em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition))
+        em = el.elastify(model, el.ElasticConfig(**caps, n_experts=args.n_experts, expert_partition=args.partition,
+                                                 lora_rank=args.lora_rank or 0))
     print(em, file=sys.stderr)
     blocks = el.data.token_blocks(tok, _text(args), args.seq_len, split="train")
     warm = {}
@@ -110,13 +112,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _init_lora(em, args) -> None:
+    """--init-from keeps the checkpoint's LoRA; --lora-rank adds one to a checkpoint without."""
+    had = em.elastic_config.lora_rank
+    if args.lora_rank is None or args.lora_rank == had:
+        return
+    if had:
+        raise ValueError(f"--init-from {args.init_from} holds a rank-{had} LoRA, which --lora-rank {args.lora_rank} "
+                         "cannot change; omit --lora-rank to continue it, or start a new run without --init-from")
+    em.add_lora(args.lora_rank, seed=args.seed)
+
+
 def _train_config(args):
     """The DistillConfig of ``elastilab train``; it refuses bad numbers (NaN/inf lr, temperature...)."""
     from .distill import DistillConfig
     if args.resume and args.init_from:
         raise ValueError("--resume continues the run in --out, --init-from starts a new one: give only one")
     # (--steps 0, the warm start alone, never calls distill; its config still checks --out)
-    return DistillConfig(steps=max(1, args.steps), batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+    return DistillConfig(steps=max(1, args.steps), batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
+                         temperature=args.temperature,
                          seed=args.seed, capacity_range=tuple(args.capacity_range) if args.capacity_range else None,
                          components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
                          checkpoint_every=args.checkpoint_every,
@@ -300,6 +314,11 @@ def add_parsers(sub) -> None:
     t.add_argument("--warm-start", type=int_at_least(0), default=0, metavar="BLOCKS",
                    help="first fit the routers to the oracle's ranking on this many training blocks (dense "
                         "forward passes only: seconds; elastilab.warm_start), then distill from there")
+    t.add_argument("--lora-rank", type=int_at_least(0), metavar="R",
+                   help="also train a rank-R LoRA (peft) on every projection of the routed blocks, with the same "
+                        "objective (0: none, the default; with --init-from: the checkpoint's). Saved with the routers; "
+                        "merged at inference, so it costs no FLOPs per token")
+    t.add_argument("--lora-lr", type=float, default=d("lora_lr"), help="AdamW learning rate of the LoRA factors")
     t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -1,6 +1,9 @@
 """FLOPs per component: counted analytically from what each block chose, and measured on the real
 routed forward with ``torch.utils.flop_counter`` (which counts matmuls and attention, not norms or
-element-wise ops). A matmul of [m, k] x [k, n] is 2*m*k*n FLOPs in both counts."""
+element-wise ops). A matmul of [m, k] x [k, n] is 2*m*k*n FLOPs in both counts.
+
+A LoRA (``elastilab.lora``) counts nothing: at inference it is merged into the weights once (W + ΔW,
+cached), so the routed path runs the same matmuls as without it."""
 from __future__ import annotations
 
 import pandas as pd
@@ -71,6 +74,9 @@ def measure_flops(em, *args, **kwargs) -> dict[str, int]:
     names = {id(m): n for n, m in em.model.named_modules()}
     prefix = type(em).__name__ + ".model."
     scorer = getattr(em, "scorer", None)
+    with torch.no_grad():  # weights built once, not per token (a merged LoRA, clustered experts): before counting
+        for b in em.blocks:
+            b._spec()
     if hasattr(scorer, "before_forward"):  # an oracle's preparation (Taylor scores) is not counted
         with torch.no_grad():
             scorer.before_forward(em, args, kwargs)

@@ -79,6 +79,13 @@ class ElasticConfig:
     #: (``elastilab.budget``). The component's capacity is then the budget, the mean capacity over
     #: its routed layers, and the layers take the schedule's cuts in order until the mean reaches it
     allocation: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    #: rank of the LoRA (peft) trained with the routers on the projections of every routed block
+    #: (``elastilab.lora``); 0: none. ``routers_disabled()`` stays the pretrained model exactly
+    lora_rank: int = 0
+    #: LoRA scaling numerator (the update is lora_alpha / lora_rank * B @ A); None: lora_rank (scale 1)
+    lora_alpha: float | None = None
+    #: names of the adapted projections (e.g. ("q_proj", "v_proj")); empty: every linear projection
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in COMPONENTS:
@@ -101,6 +108,7 @@ class ElasticConfig:
         self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
         self.allocation = check_allocation(self.allocation, self.components)
+        self.lora_targets = check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -114,6 +122,7 @@ class ElasticConfig:
         d["dense_layers"] = list(self.dense_layers)
         d["keep_dense"] = {c: list(v) for c, v in self.keep_dense.items()}
         d["allocation"] = {c: [list(step) for step in v] for c, v in self.allocation.items()}
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
@@ -123,6 +132,21 @@ class ElasticConfig:
         if unknown:
             raise ValueError(f"unknown ElasticConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**{**d, "dense_layers": tuple(d.get("dense_layers", ()))})
+
+
+def check_lora(rank, alpha, targets) -> tuple[str, ...]:
+    """Validate the LoRA fields; returns the targets as a tuple of names."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+        raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
+    ok = alpha is None or (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < float("inf"))
+    if not ok:
+        raise ValueError(f"lora_alpha must be a finite number > 0, or None (= lora_rank: scale 1), got {alpha!r}")
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"lora_targets must be a list of projection names such as ['q_proj', 'v_proj'], "
+                         f"got {targets!r}")
+    if rank == 0 and (alpha is not None or targets):
+        raise ValueError("lora_alpha and lora_targets configure a LoRA: give lora_rank >= 1 with them")
+    return tuple(targets)
 
 
 def check_keep_dense(keep: dict, components) -> dict[str, tuple[int, ...]]:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .data import token_blocks
+from .lora import reset as reset_lora
 from .losses import kl_loss, router_aux_losses
 from .routers import Router
 # kl_loss, evaluate, teacher_logits, safe_exp and most trainer_state names are only re-exported here:
@@ -37,6 +38,9 @@ class DistillConfig:
     batch_size: int = 4            #: global batch (split across processes)
     seq_len: int = 256             #: used when data is text
     lr: float = 2e-3
+    #: learning rate of the LoRA factors (ElasticConfig.lora_rank), their own: a router only ranks,
+    #: so its scale is free, while a LoRA changes the function the routers were chosen for
+    lora_lr: float = 1e-3
     weight_decay: float = 0.0
     temperature: float = 1.0       #: softens teacher and student distributions in the KL
     bce_weight: float = 0.1        #: top-k BCE for token routers, so threshold mode tracks top-k
@@ -74,7 +78,7 @@ class DistillConfig:
                 raise ValueError(f"capacity_range must satisfy 0 < low <= high <= 1, got {self.capacity_range}")
         if self.components_per_step is not None and self.components_per_step < 1:
             raise ValueError(f"components_per_step must be >= 1 or None, got {self.components_per_step}")
-        for name in ("lr", "temperature"):
+        for name in ("lr", "lora_lr", "temperature"):
             _check_number(name, getattr(self, name), positive=True)
         for name in ("weight_decay", "grad_clip", "bce_weight", "balance_weight"):
             _check_number(name, getattr(self, name), positive=False)
@@ -103,7 +107,8 @@ def sample_capacities(rng: random.Random, base: dict[str, float], cfg: DistillCo
 
 def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accelerator=None, loss_fn=None,
             **overrides) -> pd.DataFrame:
-    """Train the routers of ``em`` to match the frozen model; returns the log as a DataFrame.
+    """Train the routers of ``em`` (and its LoRA, ``ElasticConfig.lora_rank``, at ``lora_lr``) to match
+    the frozen model; returns the log as a DataFrame.
 
     data: LongTensor [N, seq_len] of token blocks, or a text (then pass ``tokenizer``).
     loss_fn(em, wrapped, batch, cfg) -> (loss, metrics dict with "kl" and "agreement"): the
@@ -145,7 +150,9 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     data_order = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=data_order)
-    optimizer = torch.optim.AdamW(em.router_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params, "lr": lr} for params, lr in  # the routers, then a LoRA at its own rate
+              ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
+    optimizer = torch.optim.AdamW(groups or em.router_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = run_identity(em, data, cfg) if cfg.checkpoint_dir else None  # before set_mode: the caller's config
     em.model.eval()  # frozen base: no dropout; routers have none
     mode = em.elastic_config.mode
@@ -175,8 +182,9 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
                          "balance": bal.detach().item()}
                 _check_loss(step + 1, parts, cfg, last_saved)  # before the update: the routers stay finite
                 acc.backward(loss)
-                if cfg.grad_clip:
-                    acc.clip_grad_norm_(em.router_parameters(), cfg.grad_clip)
+                if cfg.grad_clip:  # each group on its own: LoRA gradients do not shrink the routers' steps
+                    for group in groups:
+                        acc.clip_grad_norm_(group["params"], cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -208,11 +216,13 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
 
 def init_routers(em, seed: int) -> None:
     """Re-draw every router's initial weights from ``seed``, in a fixed (name) order and on a
-    private generator: the same seed gives the same routers whatever the global RNG state."""
+    private generator: the same seed gives the same routers whatever the global RNG state. A LoRA
+    starts afresh from ``seed`` too (B = 0: the model itself is unchanged)."""
     generator = torch.Generator().manual_seed(seed)
     routers = {name: m for name, m in em.named_modules() if isinstance(m, Router)}
     for name in sorted(routers):
         routers[name].reset_parameters(generator)
+    reset_lora(em, seed)
 
 
 # -- divergence: stop before anything non-finite is saved ------------------------------------
@@ -234,7 +244,7 @@ def _check_loss(step: int, parts: dict[str, float], cfg: DistillConfig, last_sav
 
 
 def _check_routers(em, step: int, cfg: DistillConfig, last_saved: int | None) -> None:
-    params = em.router_parameters()
+    params = em.trainable_parameters()
     if torch.stack([p.detach().isfinite().all() for p in params]).all():
         return
     bad = next(n for n, p in em.named_parameters() if p.requires_grad and not p.detach().isfinite().all())

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import lora
 from .adapters import Adapter, find_adapter
 from .block import ElasticBlock
 from .spec import cluster_hidden_units
@@ -33,6 +34,9 @@ class ElasticModel(nn.Module):
             raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
                              f"supported components: {', '.join(self.adapter.components)}")
         layers = self.adapter.layers(model)
+        if any(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in model.named_modules()):
+            raise ValueError("the model holds LoRA adapters (peft) already; merge them into its weights first "
+                             "(peft's merge_and_unload): elastilab adds its own with ElasticConfig.lora_rank")
         if any(isinstance(m, ElasticBlock) for m in layers):
             raise TypeError("model is already elastic (its layers are ElasticBlocks); call .unelastify() on "
                             "the ElasticModel that wraps it first to re-wrap it")
@@ -64,12 +68,21 @@ class ElasticModel(nn.Module):
                    "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
                    "the tokens seen) and no other layer is routed")
             raise ValueError(f"no layer was made elastic: {why}")
-        for p in model.parameters():
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in grads:
             p.requires_grad_(False)
         for i, block in wrapped.items():
             layers[i] = block
         for p in self.router_parameters():
             p.requires_grad_(True)
+        if config.lora_rank:
+            try:
+                self.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+            except BaseException:  # (targets and rank are checked on the blocks): leave the model as it was
+                self.unelastify()
+                for p, g in grads:
+                    p.requires_grad_(g)
+                raise
         for comp, steps in config.allocation.items():
             layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
         if config.keep_dense or config.allocation:
@@ -101,17 +114,47 @@ class ElasticModel(nn.Module):
     def router_state(self) -> dict[str, torch.Tensor]:
         return {f"{b.layer_idx}.{k}": v for b in self.blocks for k, v in b.routers.state_dict().items()}
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA factors (``ElasticConfig.lora_rank``; empty without a LoRA)."""
+        return lora.parameters(self)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What ``distill`` trains: the routers, then the LoRA factors."""
+        return self.router_parameters() + self.lora_parameters()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a router checkpoint holds: the routers' state and the LoRA factors ("<layer>.lora.*")."""
+        return {**self.router_state(), **lora.state(self)}
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets=(), seed: int = 0) -> "ElasticModel":
+        """Add a rank-``rank`` LoRA (peft) to the routed blocks, trained with the routers by ``distill``
+        and saved with them; it starts at zero (B = 0), so the model is unchanged (``elastilab.lora``)."""
+        from .config import check_lora
+        targets = check_lora(rank, alpha, targets)
+        if rank == 0:
+            raise ValueError("lora_rank must be >= 1 to add a LoRA")
+        lora.attach(self, rank, alpha, targets, seed)
+        cfg = self.elastic_config
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
+        return self
+
     def parameter_summary(self) -> dict:
         n_router = sum(p.numel() for p in self.router_parameters())
-        n_base = sum(p.numel() for n, p in self.model.named_parameters() if ".routers." not in n)
-        return {"router_params": n_router, "base_params": n_base, "fraction": n_router / n_base}
+        n_base = sum(p.numel() for n, p in self.model.named_parameters() if ".routers." not in n and ".lora_" not in n)
+        out = {"router_params": n_router, "base_params": n_base, "fraction": n_router / n_base}
+        n_lora = sum(p.numel() for p in self.lora_parameters())
+        if n_lora:
+            out.update(lora_params=n_lora, lora_fraction=n_lora / n_base)
+        return out
 
     def __repr__(self) -> str:
         s = self.parameter_summary()
         caps = ", ".join(f"{k}={v:g}" for k, v in self.capacities.items())
+        extra = (f"; LoRA rank {self.elastic_config.lora_rank} {s['lora_params']:,} params = "
+                 f"{100 * s['lora_fraction']:.4f}%") if "lora_params" in s else ""
         return (f"ElasticModel({type(self.model).__name__}, {len(self.blocks)} elastic blocks, {caps}, "
                 f"mode={self.elastic_config.mode}; routers {s['router_params']:,} params = "
-                f"{100 * s['fraction']:.4f}% of {s['base_params']:,})")
+                f"{100 * s['fraction']:.4f}% of {s['base_params']:,}{extra})")
 
     # -- live control -------------------------------------------------------------------------
     @property
@@ -253,7 +296,8 @@ class ElasticModel(nn.Module):
 
     @contextmanager
     def routers_disabled(self):
-        """Run the untouched pretrained blocks: the teacher, with no second copy of the weights."""
+        """Run the untouched pretrained blocks: the teacher, with no second copy of the weights (and
+        without the LoRA, which only the routed path reads)."""
         blocks = self.blocks
         states = [b.enabled for b in blocks]
         for b in blocks:
@@ -280,6 +324,7 @@ class ElasticModel(nn.Module):
         layers = self.adapter.layers(self.model)
         for i, m in enumerate(layers):
             if isinstance(m, ElasticBlock):
+                lora.detach(m)
                 layers[i] = m.base_layer
         return self.model
 
@@ -313,11 +358,12 @@ class ElasticModel(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------
     def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
         """Write routers.safetensors + routers.json into the folder ``path``, as a pair
-        (``checkpoint.write_checkpoint``); ``load_routers`` reads them back."""
+        (``checkpoint.write_checkpoint``); ``load_routers`` reads them back. A LoRA is saved with
+        the routers (its rank and targets in the elastic_config, its factors as "<layer>.lora.*")."""
         meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
                 "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
                 **self.parameter_summary(), "metadata": metadata}
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.router_state().items()}
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.trainable_state().items()}
         return write_checkpoint(path, meta, tensors)
 
     def compute_report(self, *args, **kwargs):

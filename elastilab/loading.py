@@ -20,7 +20,7 @@ def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torc
     grads = [(p, p.requires_grad) for p in model.parameters()]
     em = elastify(model, config)
     try:
-        own = {k: v for k, v in em.router_state().items() if select(k)}
+        own = {k: v for k, v in em.trainable_state().items() if select(k)}  # routers and LoRA factors
         if set(state) != set(own):
             raise ValueError(
                 f"router checkpoint {path} does not match the elastic layout of this model (missing "

@@ -75,6 +75,8 @@ def run_identity(em, data, cfg) -> dict:
         if elastic.get(key) == "drop":
             del elastic[key]
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    if not em.lora_parameters():  # shapes nothing without a LoRA (and runs saved before it resume)
+        settings.pop("lora_lr", None)
     identity = {"fingerprint": fingerprint(em), "elastic_config": elastic, "distill": settings,
                 "data": {"n": len(data)}}
     if torch.is_tensor(data):
@@ -86,7 +88,7 @@ def run_identity(em, data, cfg) -> dict:
 def save_trainer_state(folder: Path, em, optimizer, rng: random.Random, position: dict, run: dict,
                        cfg, log: list[dict]) -> Path:
     """Write ``trainer_state.safetensors`` atomically: one file, so its parts never disagree."""
-    tensors = {f"routers.{k}": v.detach().cpu().contiguous().clone() for k, v in em.router_state().items()}
+    tensors = {f"routers.{k}": v.detach().cpu().contiguous().clone() for k, v in em.trainable_state().items()}
     for i, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{i}.{k}": v.detach().cpu().contiguous().clone() for k, v in state.items()})
     tensors["rng.torch"] = torch.get_rng_state()
@@ -119,10 +121,11 @@ def restore_trainer_state(folder: Path, em, optimizer, rng: random.Random, data_
     if meta["step"] > cfg.steps:
         raise ValueError(f"the checkpoint in {folder} is at step {meta['step']}, past steps={cfg.steps}; "
                          f"resume with steps >= {meta['step']}")
-    own = em.router_state()
+    own = em.trainable_state()  # routers and LoRA factors
     saved = {k[len("routers."):]: v for k, v in tensors.items() if k.startswith("routers.")}
     if saved.keys() != own.keys() or any(saved[k].shape != v.shape for k, v in own.items()):
-        raise ValueError(f"the routers in {folder / TRAINER_STATE_FILE} do not fit this model's elastic layout")
+        raise ValueError(f"the routers (and LoRA) in {folder / TRAINER_STATE_FILE} do not fit this model's "
+                         "elastic layout")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(saved[k])
