@@ -4,6 +4,7 @@ the README's result tables, generated from the committed frontier CSVs.
     elastilab frontier --routers data/routers/smollm2-135m --domain licenses --out runs/f1
     elastilab frontier --model HuggingFaceTB/SmolLM2-360M --text my.txt --scorers random,oracle,magnitude
     elastilab frontier --model dinov2-small --images my_photos/ --json
+    elastilab frontier --model tiny-llava --routers data/routers/tiny-llava-visual --domain scenes --n-images 400
     elastilab report --results benchmarks/results
 """
 from __future__ import annotations
@@ -112,8 +113,14 @@ def build(args):
                          "are chosen once, before the language model")
     from .tasks import vlm
     from .zoo import tiny_llava
+    if args.images is not None or args.text is not None or args.domain not in (None, "digits", "scenes"):
+        raise ValueError("tiny-llava takes --domain digits (held-out digit and face questions, the default) or "
+                         "--domain scenes (held-out synthetic scenes, --n-images of them)")
     model, tok = tiny_llava.load()
-    items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
+    if args.domain == "scenes":
+        items, feats = vlm.tiny_llava_data(model, tok, "test", tasks="scenes", scenes=args.n_images)
+    else:
+        items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
     comps = args.components or ("visual_tokens",)
     return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
 
@@ -156,9 +163,12 @@ def cmd_frontier(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "frontier.csv", lambda f: df.to_csv(f, index=False))
         atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
+        if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
+            atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
         fig = fr.plot_frontier(df, title=meta["command"][:90])
         atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
-        print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png", file=sys.stderr)
+        print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png"
+              + (", per_item.csv" if getattr(task, "records", None) else ""), file=sys.stderr)
     if args.json:
         print(json.dumps({**meta, "rows": df.drop(columns=["command", "date", "machine", "torch"]).to_dict("records")},
                          indent=1, default=float))
@@ -267,7 +277,8 @@ def add_parsers(sub) -> None:
     src = f.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="any UTF-8 text file (language models)")
     src.add_argument("--images", type=Path, help="any folder of images (vision models)")
-    src.add_argument("--domain", help="a shipped domain: licenses, pydocs (text); digits, digits04, digits59, photos (images)")
+    src.add_argument("--domain", help="a shipped domain: licenses, pydocs (text); digits, digits04, digits59, photos "
+                                      "(images); digits (digits and faces) or scenes (tiny-llava)")
     f.add_argument("--components", type=names, help="comma-separated; default: every elastic component")
     f.add_argument("--capacities", type=capacities, default=default_of(frontier, "capacities"), help="comma-separated")
     f.add_argument("--scorers", type=names, default=None,
@@ -277,7 +288,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of text")
     f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
                    help="part of the text: eval = the last 10%%, train = the first 90%%")
-    f.add_argument("--n-images", type=positive_int, default=64, help="images (vision)")
+    f.add_argument("--n-images", type=positive_int, default=64,
+                   help="images (vision; tiny-llava --domain scenes: held-out scenes, one question each)")
     f.add_argument("--size", type=positive_int, default=112, help="image side in pixels (a multiple of 14)")
     f.add_argument("--per-class", type=positive_int, default=6, help="tiny-llava: digit questions per class")
     f.add_argument("--faces", type=positive_int, default=20, help="tiny-llava: face questions per answer")

@@ -103,6 +103,19 @@ class VLMTask:
             raise ValueError(f"VLMTask needs one image per item, got {len(items)} items and "
                              f"{len(image_features)} images")
         self.tokenizer, self.items, self.features, self.batch_size = tokenizer, items, image_features, batch_size
+        self._teacher: dict = {}  # the teacher's logits per batch, computed once per model
+        self._teacher_of = None
+        self.records: list[dict] = []
+
+    def per_item_table(self) -> pd.DataFrame:
+        """One row per item (task, answer), the teacher's hit, and per evaluation so far
+        ("<selector>@<capacity>") the student's hit and its agreement with the teacher (0/1)."""
+        cols = {"task": [it["task"] for it in self.items], "answer": [it["answer"] for it in self.items]}
+        for rec in self.records:
+            cols.setdefault("teacher", rec["teacher"])
+            name = f"{rec['selector']}@{rec['capacity']:g}"
+            cols[name], cols[f"{name}_agree"] = rec["student"], rec["agree"]
+        return pd.DataFrame(cols)
 
     def measure_input(self, em):
         from .zoo.tiny_llava import text_batch
@@ -112,7 +125,13 @@ class VLMTask:
 
     def evaluate(self, em) -> dict:
         from .tasks.vlm import evaluate
-        r = evaluate(em, self.tokenizer, self.items, self.features, self.batch_size, measure=False)
+        if self._teacher_of is not em:
+            self._teacher, self._teacher_of = {}, em
+        r = evaluate(em, self.tokenizer, self.items, self.features, self.batch_size, measure=False,
+                     teacher_cache=self._teacher, per_item=True)
+        # per-item hits of each evaluation, for paired comparisons between scorers (``per_item_table``)
+        self.records.append({"selector": getattr(em, "selector", None),
+                             "capacity": getattr(em, "visual_capacity", None), **r.pop("per_item")})
         return {"quality": r["acc"], **r}
 
 

@@ -253,5 +253,8 @@ def test_vlm_commands_run_the_library_with_the_functions_defaults(monkeypatch, t
         monkeypatch.setattr(commands, name, functools.wraps(getattr(commands, name))(fake))
     assert cli.main(["vlm", "train", "--steps", 2, "--out", tmp_path / "r"]) == 0
     assert calls["train_visual_router"][0] == (2, 8, 1e-2, (0.15, 0.85), str(tmp_path / "r"), 0)
+    assert calls["train_visual_router"][1] == {"tasks": commands.TRAIN_TASKS} == {"tasks": ("digit", "face", "scenes")}
+    assert cli.main(["vlm", "train", "--tasks", "scenes,digit", "--out", tmp_path / "r"]) == 0
+    assert calls["train_visual_router"][1] == {"tasks": ("scenes", "digit")}
     assert cli.main(["vlm", "bench", "--faces", 3, "--out", tmp_path / "b.json"]) == 0
     assert calls["bench"][0] == (commands.SHIPPED_ROUTERS, str(tmp_path / "b.json"), 10, 3)

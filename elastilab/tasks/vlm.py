@@ -38,17 +38,36 @@ def answer_loss(em, wrapped, batch: dict, cfg) -> tuple[Tensor, dict]:
     return kl, {"kl": kl.detach().item(), "agreement": agree.item()}
 
 
-def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, faces: int | None = None):
-    """(items, projected image features) of tiny-llava's digit and face questions (captions are left
-    out: one answer length keeps batches unpadded). ``per_class``/``faces`` take the first few."""
+def expand_tasks(tasks) -> tuple[str, ...]:
+    """Task names with "scenes" standing for every scene question type (zoo.scenes.TASKS)."""
+    from ..zoo import scenes
+    names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    out = tuple(dict.fromkeys(t for n in names for t in (scenes.TASKS if n == "scenes" else (n,))))
+    known = ("digit", "face") + scenes.TASKS
+    bad = [t for t in out if t not in known]
+    if bad or not out:
+        raise ValueError(f"unknown tasks {bad or names}; choose from digit, face, scenes, {', '.join(scenes.TASKS)}")
+    return out
+
+
+def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, faces: int | None = None,
+                    tasks=("digit", "face"), scenes: int | None = None):
+    """(items, projected image features) of tiny-llava's questions of the given ``tasks`` (digit, face,
+    "scenes" or single scene question types; captions are left out: one answer length keeps batches
+    unpadded). ``per_class``/``faces``/``scenes`` take the first few digits per class, faces per
+    answer, scene questions (the first 16k scenes hold every answer of every type equally often)."""
     items, tower = tiny_llava.cached_features(model, split)
-    pick = [i for i, it in enumerate(items) if it["task"] in ("digit", "face")]
+    tasks = expand_tasks(tasks)
+    pick = [i for i, it in enumerate(items) if it["task"] in tasks]
+    if scenes:
+        scene_idx = set([i for i in pick if it_is_scene(items[i])][:scenes])
+        pick = [i for i in pick if not it_is_scene(items[i]) or i in scene_idx]
     if per_class or faces:
         seen: dict = {}
         keep = []
         for i in pick:
-            key = items[i]["answer"]
-            limit = per_class if items[i]["task"] == "digit" else faces
+            key = (items[i]["task"], items[i]["answer"])
+            limit = {"digit": per_class, "face": faces}.get(items[i]["task"])
             if limit is None or seen.get(key, 0) < limit:
                 seen[key] = seen.get(key, 0) + 1
                 keep.append(i)
@@ -56,6 +75,10 @@ def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, 
     with torch.no_grad():
         feats = model.model.multi_modal_projector(tower[pick])
     return [items[i] for i in pick], feats
+
+
+def it_is_scene(item) -> bool:
+    return item["task"].startswith("scene_")
 
 
 def answer_dataset(tokenizer, items, image_features: Tensor) -> list[dict]:
@@ -66,13 +89,22 @@ def answer_dataset(tokenizer, items, image_features: Tensor) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16, measure: bool = True) -> dict:
+def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16, measure: bool = True,
+             teacher_cache: dict | None = None, per_item: bool = False) -> dict:
     """Accuracy of the greedy answer's first token (per task) for teacher and student, student-teacher
-    agreement on it, KL on it, image tokens kept, and the measured FLOPs of the LM + head relative to
-    the teacher (first batch; features are precomputed so the tower does not count)."""
+    agreement on it (overall and per task), KL on it, image tokens kept, and the measured FLOPs of the
+    LM + head relative to the teacher (first batch; features are precomputed so the tower does not count).
+    Items with object patches (zoo.scenes) also give ``object_patches_kept`` / ``target_patches_kept``:
+    the share of the patches covered by any object / by the object asked about whose image token was
+    kept (token 1 + patch; token 0 is CLS). ``teacher_cache``: a dict kept between calls on the same
+    items and model, so the teacher runs once (not with ``measure``). ``per_item``: also ``res["per_item"]``,
+    the teacher's and the student's hits and their agreement per item (0/1 lists, for paired comparisons)."""
     res: dict = {"n": len(items)}
     acc_t: dict = {}
     acc_s: dict = {}
+    agree_t: dict = {}
+    items_out: dict = {"teacher": [], "student": [], "agree": []}
+    patch_hits = {"object": [0, 0], "target": [0, 0]}
     agree = kl = 0.0
     flops = {}
     for s in range(0, len(items), batch_size):
@@ -81,7 +113,11 @@ def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16,
         first = b["answer_mask"] & ~torch.roll(b["answer_mask"], 1, 1)
         kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                   image_features=image_features[s:s + batch_size], logits_at=predicting_positions(first))
-        for who in ("teacher", "student"):
+        key = (s, batch_size, len(items))
+        cached = teacher_cache is not None and not (measure and s == 0) and key in teacher_cache
+        if cached:
+            t_logits = teacher_cache[key]
+        for who in ("student",) if cached else ("teacher", "student"):
             ctx = em.routers_disabled() if who == "teacher" else contextlib.nullcontext()
             with ctx:
                 if measure and s == 0:
@@ -92,17 +128,34 @@ def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16,
                     out = em(**kw)
             if who == "teacher":
                 t_logits = out.logits
+                if teacher_cache is not None:
+                    teacher_cache[key] = t_logits
             else:
                 s_logits, kept = out.logits, out.image_keep
         gold = tiny_llava.first_token_ids(tokenizer, [it["answer"] for it in chunk])
-        for it, ot, os_ in zip(chunk, (t_logits.argmax(-1) == gold).tolist(), (s_logits.argmax(-1) == gold).tolist()):
+        same = (t_logits.argmax(-1) == s_logits.argmax(-1)).tolist()
+        for j, (it, ot, os_) in enumerate(zip(chunk, (t_logits.argmax(-1) == gold).tolist(),
+                                              (s_logits.argmax(-1) == gold).tolist())):
             acc_t.setdefault(it["task"], []).append(ot)
             acc_s.setdefault(it["task"], []).append(os_)
+            agree_t.setdefault(it["task"], []).append(same[j])
+            for k, v in (("teacher", ot), ("student", os_), ("agree", same[j])):
+                items_out[k].append(int(v))
+            if "patches" in it:
+                for name, field in (("object", "patches"), ("target", "target_patches")):
+                    p = torch.tensor(it[field], dtype=torch.long) + 1
+                    patch_hits[name][0] += int(kept[j, p].sum()) if kept is not None else len(p)
+                    patch_hits[name][1] += len(p)
         agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
         kl += kl_loss(s_logits, t_logits).item() * len(chunk)
     for t in acc_t:
         res[f"teacher_acc_{t}"] = sum(acc_t[t]) / len(acc_t[t])
         res[f"acc_{t}"] = sum(acc_s[t]) / len(acc_s[t])
+    for t in acc_t:
+        res[f"agreement_{t}"] = sum(agree_t[t]) / len(agree_t[t])
+    for name, (hit, total) in patch_hits.items():
+        if total:
+            res[f"{name}_patches_kept"] = hit / total
     res["teacher_acc"] = sum(sum(v) for v in acc_t.values()) / len(items)
     res["acc"] = sum(sum(v) for v in acc_s.values()) / len(items)
     res["agreement"] = agree / len(items)
@@ -110,6 +163,8 @@ def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16,
     res["image_tokens_kept"] = int(kept[0].sum()) if kept is not None else image_features.shape[1]
     if flops:
         res["flops_fraction"] = flops["student"] / flops["teacher"]
+    if per_item:
+        res["per_item"] = items_out
     return res
 
 

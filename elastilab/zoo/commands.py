@@ -31,8 +31,28 @@ def cmd_dinov2_probe(args) -> int:
 
 def cmd_tiny_llava_train(args) -> int:
     from .tiny_llava import train
-    train(args.steps, args.batch_size, args.lr, args.seed, out=args.out, init=args.init)
+    kw = {"task_weights": args.task_weights} if args.task_weights else {}
+    train(args.steps, args.batch_size, args.lr, args.seed, out=args.out, init=args.init, **kw)
     return 0
+
+
+def _task_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """argparse type of --task-weights: "digit=0.3,face=0.1,..." -> (("digit", 0.3), ("face", 0.1), ...)."""
+    from .tiny_llava import TASK_WEIGHTS
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if name not in dict(TASK_WEIGHTS) or not w > 0:
+            raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT pairs with tasks from "
+                                             f"{', '.join(dict(TASK_WEIGHTS))} and weights > 0, got {part!r}")
+        out.append((name, w))
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one TASK=WEIGHT pair")
+    return tuple(out)
 
 
 def _patch_multiple(text: str) -> int:
@@ -74,4 +94,7 @@ def add_parsers(sub) -> None:
                    help="folder for projector.safetensors and tiny-llava.json (the shipped one is data/tiny-llava; "
                         "el.zoo.load('tiny-llava') reads it from there)")
     t.add_argument("--init", default=d("init"), help="continue from this projector.safetensors")
+    t.add_argument("--task-weights", type=_task_weights, default=None, metavar="TASK=W,...",
+                   help="share of steps per task (default: tiny_llava.TASK_WEIGHTS: "
+                        + ", ".join(f"{k}={v:g}" for k, v in tiny_llava.TASK_WEIGHTS) + ")")
     t.set_defaults(func=cmd_tiny_llava_train)
