@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget across layers": "frontier-smollm2-135m-budget.csv",
                 "language, 64 MLP slices": "frontier-smollm2-135m-mlp64.csv",
                 "language, single MLP units (CATS)": "frontier-smollm2-135m-units.csv",
-                "language, attention heads: oracle warm start + budget (smollm2-135m-heads)": "frontier-smollm2-135m-heads.csv",
+                "language, attention heads: oracle warm start, budget, 40 distillation steps (smollm2-135m-heads)": "frontier-smollm2-135m-heads.csv",
                 "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
                 "vision, single MLP units (CATS)": "frontier-dinov2-small-units.csv",
                 "vision, token routers trained to merge": "frontier-dinov2-small-merge-trained.csv",
