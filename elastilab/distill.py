@@ -152,7 +152,10 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
                                          generator=data_order)
     groups = [{"params": params, "lr": lr} for params, lr in  # the routers, then a LoRA at its own rate
               ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
-    optimizer = torch.optim.AdamW(groups or em.router_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not groups:  # e.g. only mlp_units, which its gate chooses: torch would only say "empty parameter list"
+        raise ValueError(f"nothing to train: no routed component of this model has a router (elastic: "
+                         f"{', '.join(em.capacities)}; mlp_units is chosen by the MLP's gate and needs no training)")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = run_identity(em, data, cfg) if cfg.checkpoint_dir else None  # before set_mode: the caller's config
     em.model.eval()  # frozen base: no dropout; routers have none
     mode = em.elastic_config.mode

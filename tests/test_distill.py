@@ -63,6 +63,9 @@ def test_bad_distill_settings_are_refused():
         el.distill(em, torch.randn(8, 8), progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         el.distill(em, "some text", progress=False)
+    units = el.elastify(CASES["llama"]().model, el.ElasticConfig(mlp_units=0.5))
+    with pytest.raises(ValueError, match="nothing to train.*mlp_units"):
+        el.distill(units, torch.randint(0, 101, (8, 8)), batch_size=4, progress=False)
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),

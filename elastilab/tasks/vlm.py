@@ -60,8 +60,8 @@ def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, 
     tasks = expand_tasks(tasks)
     pick = [i for i, it in enumerate(items) if it["task"] in tasks]
     if scenes:
-        scene_idx = set([i for i in pick if it_is_scene(items[i])][:scenes])
-        pick = [i for i in pick if not it_is_scene(items[i]) or i in scene_idx]
+        scene_idx = set([i for i in pick if is_scene(items[i])][:scenes])
+        pick = [i for i in pick if not is_scene(items[i]) or i in scene_idx]
     if per_class or faces:
         seen: dict = {}
         keep = []
@@ -77,7 +77,7 @@ def tiny_llava_data(model, tokenizer, split: str, per_class: int | None = None, 
     return [items[i] for i in pick], feats
 
 
-def it_is_scene(item) -> bool:
+def is_scene(item) -> bool:
     return item["task"].startswith("scene_")
 
 
@@ -146,7 +146,7 @@ def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16,
                     p = torch.tensor(it[field], dtype=torch.long) + 1
                     patch_hits[name][0] += int(kept[j, p].sum()) if kept is not None else len(p)
                     patch_hits[name][1] += len(p)
-        agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
+        agree += sum(same)
         kl += kl_loss(s_logits, t_logits).item() * len(chunk)
     for t in acc_t:
         res[f"teacher_acc_{t}"] = sum(acc_t[t]) / len(acc_t[t])

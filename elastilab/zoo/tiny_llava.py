@@ -10,7 +10,7 @@ captions, and synthetic scenes (zoo.scenes: "What colour is the circle?" -> "red
 there?" -> "two", "Is there a triangle?" -> "yes", "Is the red shape on the left or the right?" -> "left").
 Its weights ship in data/tiny-llava/ (2 MB), so set-up trains nothing; the assembled model is cached
 under zoo.cache_dir("tiny-llava"). A projector from scratch (about 8 minutes on 2 quiet CPU cores; the
-shipped one is four such runs, each continuing the last: data/tiny-llava/README.md):
+shipped one is six such runs, each continuing the last: data/tiny-llava/README.md):
 
     elastilab zoo tiny-llava-train --steps 120 --out runs/tiny-llava
 
@@ -40,8 +40,7 @@ N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1  # patches + CLS ("full" feature se
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = {"digit": "What digit is this?", "face": "Is there a face in this picture?",
              "caption": "Describe the image in one sentence."}
-TRAIN_COMMAND = ("elastilab zoo tiny-llava-train --steps 120 --out data/tiny-llava (the shipped projector's "
-                 "recipe, four runs each continuing the last: data/tiny-llava/README.md)")
+TRAIN_COMMAND = "elastilab zoo tiny-llava-train --steps 120 --out data/tiny-llava"
 #: the share of training steps drawn from each task (scene questions: zoo.scenes, one weight per question type)
 TASK_WEIGHTS = (("digit", 0.35), ("face", 0.1), ("caption", 0.03), ("scene_colour", 0.13), ("scene_count", 0.13),
                 ("scene_exists", 0.13), ("scene_position", 0.13))
@@ -170,7 +169,8 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     from . import cache_dir, sha256
     src = Path(projector_path) if projector_path else SHIP_DIR / PROJECTOR_FILE
     if not src.is_file():
-        raise FileNotFoundError(f"no projector weights at {src}; train them with: {TRAIN_COMMAND}")
+        raise FileNotFoundError(f"no projector weights at {src}; train them with: {TRAIN_COMMAND} "
+                                f"(the shipped projector took six such runs: data/tiny-llava/README.md)")
     digest = sha256(src)
     cache = cache_dir(NAME)
     stamp = cache / "projector.sha256"
