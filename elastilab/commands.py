@@ -87,14 +87,14 @@ def build(args):
         return _elastic(model, args, comps), fr.LMTask(blocks), comps, calibration
     if kind == "vision":
         from .tasks import vit as vision
-        from .zoo import dinov2
+        from .zoo import dinov2, pretrained
         if args.text is not None:
             raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
         if args.model in VISION_MODELS:
             model, probe = dinov2.load_hf(), dinov2.load_probe()
         else:
             from transformers import AutoModel
-            model, probe = AutoModel.from_pretrained(args.model), None
+            model, probe = pretrained(AutoModel, args.model), None
         if args.images is not None:
             images, labels = read_images(args.images, args.n_images), None
         else:

@@ -281,6 +281,46 @@ def test_zoo_load_of_an_unreachable_hub_id_says_so(fake_zoo):
         el.zoo.load("HuggingFaceTB/not-cached")
 
 
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub unreachable"])
+def test_a_hub_id_without_network_fails_fast_with_what_works(offline, monkeypatch):
+    """No ~50 s of retries: with HF_HUB_OFFLINE nothing is looked up, with the Hub unreachable one probe."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror("network cut by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as read at import
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1") if offline else monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    reason = r"HF_HUB_OFFLINE is set" if offline else r"no connection to huggingface.co:443: network cut by the test"
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match=rf"'elastilab-tests/no-such-model' is not cached locally and the Hugging Face "
+                                      rf"Hub cannot be reached \({reason}\); offline defaults that need no network: "
+                                      rf"smollm2-135m, dinov2-small, tiny-llava; or pass a local model folder"):
+        el.zoo.load("elastilab-tests/no-such-model")
+    assert time.perf_counter() - t0 < 10
+    assert lookups == ([] if offline else ["huggingface.co"])
+
+
+def test_a_wrong_typed_field_in_a_model_folders_config_names_the_file_and_the_field(tmp_path, capsys):
+    from transformers import LlamaConfig
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "64"}))
+    message = rf"{tmp_path / 'config.json'}: Field 'hidden_size' expected int, got str \(value: '64'\)"
+    with pytest.raises(ValueError, match=message):
+        el.zoo.load(str(tmp_path))
+    rc, out, err = run_cli(["eval", "--model", tmp_path, "--mlp-tokens", 0.5], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert __import__("re").search(message, err), err
+
+
 # ------------------------------------------------------------------ issue 9: honest CLI output
 def test_eval_prints_the_effective_selection_and_warns_when_nothing_is_skipped(fake_zoo, capsys):
     rc, out, err = run_cli(EVAL + ["--text", fake_zoo / "long.txt", "--attn-heads", 0.9, "--mlp-experts", 0.75,
