@@ -302,7 +302,7 @@ def test_a_hub_id_without_network_fails_fast_with_what_works(offline, monkeypatc
     t0 = time.perf_counter()
     with pytest.raises(OSError, match=rf"'elastilab-tests/no-such-model' is not cached locally and the Hugging Face "
                                       rf"Hub cannot be reached \({reason}\); offline defaults that need no network: "
-                                      rf"smollm2-135m, dinov2-small, tiny-llava; or pass a local model folder"):
+                                      rf"{', '.join(el.zoo.OFFLINE)}; or pass a local model folder"):
         el.zoo.load("elastilab-tests/no-such-model")
     assert time.perf_counter() - t0 < 10
     assert lookups == ([] if offline else ["huggingface.co"])
