@@ -114,13 +114,22 @@ class ElasticBlock(nn.Module):
             return self.base_layer(*args, **kwargs)
         call = self.adapter.parse_call(args, kwargs)
         if self.estimator and torch.is_grad_enabled():
-            if call.cache is not None or self.adapter.bool_mask(call.mask) is not None:
+            if call.cache is not None or self._padded(call.mask):
                 raise ValueError("router training takes unpadded batches without a KV cache "
                                  "(pass input_ids only, use_cache=False)")
             out = self.estimate(call.hidden, call.rope)
         else:
             out = self.routed(call.hidden, call.mask, call.cache, call.rope)
         return self.adapter.pack_output(out, args, kwargs)
+
+    def _padded(self, mask) -> bool:
+        """Whether the model's mask hides more than causality and the sliding window do (padding)."""
+        mask = self.adapter.bool_mask(mask)
+        if mask is None:
+            return False
+        pos = torch.arange(mask.shape[-2], device=mask.device)[None]
+        seen = self.adapter.block_spec(self.base_layer, self.layer_idx).attn.visible(pos, pos)
+        return seen is None or mask.shape[-1] != pos.shape[1] or not bool((mask == seen[:, None]).all())
 
     def _spec(self):
         with effective_weights(self) as stamp:  # with a LoRA, the spec holds views of W + ΔW
@@ -167,6 +176,11 @@ class ElasticBlock(nn.Module):
         else:
             idx, valid, gate, take = None, torch.ones(B, T, dtype=torch.bool, device=x.device), None, None
         pad_mask = self.adapter.bool_mask(mask)
+        if pad_mask is not None and spec.attn.window is not None and pad_mask.shape[-1] < start + T:
+            # a sliding layer's mask covers its window only: its columns end at this chunk's last position;
+            # older positions are outside the window anyway (AttnWeights.visible), so False
+            pad_mask = torch.cat([pad_mask.new_zeros(*pad_mask.shape[:-1], start + T - pad_mask.shape[-1]),
+                                  pad_mask], -1)
         if pad_mask is not None:
             pad_mask = pad_mask[:, 0] if take is None else take(pad_mask[:, 0])
         heads = None
@@ -183,8 +197,7 @@ class ElasticBlock(nn.Module):
         y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads, keys)
         counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys,
                       kv_rows=B * T if keys is not None else int(valid.sum()))
-        if spec.ls1 is not None:
-            y = y * spec.ls1
+        y = spec.attn_out(y)  # post-norm (Gemma), LayerScale (DINOv2)
         if idx is None:
             x = x + y
         elif merged is not None:  # every token receives its group's output
@@ -217,12 +230,12 @@ class ElasticBlock(nn.Module):
             counts["unit_pairs"] = h.shape[0] * n_kept(units[0], spec.mlp.width)
         counts["mlp_rows"] = h.shape[0]
         self.counts = counts
-        if rows is not None and experts is None and units is None and spec.ls2 is None and merged is None:
+        if rows is not None and experts is None and units is None and spec.ls2 is None \
+                and spec.post_mlp_norm is None and merged is None:
             x = self.mlp(spec.mlp, h_all, residual=(x, rows, gate))  # gather, MLP, residual add: fused
         else:
             y = self.mlp(spec.mlp, h, experts, self.n_experts, units=units)
-            if spec.ls2 is not None:
-                y = y * spec.ls2
+            y = spec.mlp_out(y)
             if merged is not None:  # every token receives its group's output
                 x = x + unmerge(y, keep, merged)
             else:
@@ -269,8 +282,7 @@ class ElasticBlock(nn.Module):
             self.aux["attn_heads"] = (hs.reshape(B * T, -1), ids.reshape(B * T, -1))
             head_gates = hard_gates(ids, hs)
         y = estimator_attention(spec.attn, h, pos, rope, key_idx, head_gates)
-        if spec.ls1 is not None:
-            y = y * spec.ls1
+        y = spec.attn_out(y)  # post-norm (Gemma), LayerScale (DINOv2)
         x = x + self._gated_tokens(y, tok_gate, h, keep if self._active("attn_tokens") and not probe else None)
 
         h = spec.mlp_norm(x).reshape(B * T, d)
@@ -290,8 +302,7 @@ class ElasticBlock(nn.Module):
         elif units is not None and units[1] is not None:
             raise ValueError("router training chooses mlp_units by their gate activations; leave em.scoring() first")
         y = estimator_mlp(spec.mlp, h, unit_gates, units)
-        if spec.ls2 is not None:
-            y = y * spec.ls2
+        y = spec.mlp_out(y)
         return x + self._gated_tokens(y.view(B, T, d), tok_gate, h.view(B, T, d), keep)
 
     def _gated_tokens(self, y: Tensor, gate: Tensor | None, h: Tensor, keep: Tensor | None) -> Tensor:

@@ -133,21 +133,20 @@ class RoutedAttention(nn.Module):
         S = hk.shape[1]
         k = F.linear(hk, w.w_k, w.b_k).view(B, S, w.n_kv_heads, hd).transpose(1, 2)
         v = F.linear(hk, w.w_v, w.b_v).view(B, S, w.n_kv_heads, hd).transpose(1, 2)
-        if rk is not None:
-            k = w.rope(k, *rk)
+        k = w.heads(k, "k", rk)
         kpos = torch.where(valid, pos, torch.full_like(pos, _FAR)) if keys is None else keys[1]
         if cache is not None:
             if cache.get_seq_length(self.layer_idx) == 0:
                 self._kpos = None
             k, v = cache.update(k, v, self.layer_idx)
             kpos = kpos if self._kpos is None else torch.cat([self._kpos, kpos], 1)
-            self._kpos = kpos
+            # remember the positions of the keys the cache holds: a sliding-window layer keeps its last ones only
+            held = cache.layers[self.layer_idx].keys.shape[-2]
+            self._kpos = kpos[:, max(0, kpos.shape[1] - held):]
         self.last_keys = k.shape[2]
         allowed = self._allowed(w, pos, valid, kpos, pad_mask)
         if heads is None:
-            q = F.linear(h, w.w_q, w.b_q).view(B, K, w.n_heads, hd).transpose(1, 2)
-            if rope is not None:
-                q = w.rope(q, *rope)
+            q = w.heads(F.linear(h, w.w_q, w.b_q).view(B, K, w.n_heads, hd).transpose(1, 2), "q", rope)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if allowed is None else allowed[:, None],
                 scale=w.scaling, enable_gqa=w.n_heads != w.n_kv_heads)
@@ -159,8 +158,8 @@ class RoutedAttention(nn.Module):
         if not w.causal and pad_mask is None and bool((kpos < _FAR).all()):
             return None  # plain full attention (padding queries, if any, are discarded): sdpa's fastest path
         allowed = (kpos < _FAR)[:, None, :].expand(-1, pos.shape[1], -1)
-        if w.causal:
-            allowed = allowed & (kpos[:, None, :] <= pos[:, :, None])
+        if (seen := w.visible(pos, kpos)) is not None:  # causal, within the sliding window
+            allowed = allowed & seen
         if pad_mask is not None:
             cols = kpos.clamp(max=pad_mask.shape[-1] - 1)
             allowed = allowed & torch.gather(pad_mask, 2, cols[:, None, :].expand(-1, pos.shape[1], -1))
@@ -186,9 +185,9 @@ def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: T
     q = F.linear(h, w.w_q, w.b_q).view(B, T, w.n_heads, hd).transpose(1, 2)
     k = F.linear(hk, w.w_k, w.b_k).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
     v = F.linear(hk, w.w_v, w.b_v).view(B, K, w.n_kv_heads, hd).transpose(1, 2)
-    if rope is not None:
-        q, k = w.rope(q, *rope), w.rope(k, *rk)
-    mask = (kpos[:, None, :] <= pos[:, :, None])[:, None] if w.causal else None
+    q, k = w.heads(q, "q", rope), w.heads(k, "k", rk)
+    mask = w.visible(pos, kpos)
+    mask = None if mask is None else mask[:, None]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling,
                                        enable_gqa=w.n_heads != w.n_kv_heads)
     if head_gates is not None:

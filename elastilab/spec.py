@@ -81,15 +81,37 @@ class AttnWeights:
     #: callable(x [B, H, K, hd], cos [B, K, hd], sin) -> rotated x, for rotary models; None otherwise
     rope: object = None
     scaling: float | None = None
+    #: per-head norms of queries / keys (Qwen3, Gemma 3): callables on [..., hd], before RoPE; None otherwise
+    q_norm: object = None
+    k_norm: object = None
+    #: sliding-window layers (Mistral, Gemma 3): a query sees keys less than ``window`` positions back
+    window: int | None = None
 
     def __post_init__(self):
         if self.scaling is None:
             self.scaling = self.head_dim ** -0.5
 
+    def heads(self, x: Tensor, part: str, rope=None) -> Tensor:
+        """Query ("q") or key ("k") heads x [B, n, K, hd] as attention uses them: through the per-head
+        norm, then rotated when rope=(cos, sin) is given. Every path that projects q or k calls this."""
+        norm = self.q_norm if part == "q" else self.k_norm
+        if norm is not None:
+            x = norm(x)
+        return x if rope is None else self.rope(x, *rope)
+
+    def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor | None:
+        """Which keys each query may see, by position: qpos [B, Q], kpos [B, S] -> [B, Q, S] bool
+        (causal, and within the sliding window); None for full bidirectional attention."""
+        if not self.causal:
+            return None
+        gap = qpos[:, :, None] - kpos[:, None, :]
+        return (gap >= 0) if self.window is None else (gap >= 0) & (gap < self.window)
+
 
 @dataclass
 class BlockSpec:
-    """Pre-norm block: x + ls1*attn(attn_norm(x)), then + ls2*mlp(mlp_norm(.))."""
+    """Pre-norm block: x + attn_out(attn(attn_norm(x))), then + mlp_out(mlp(mlp_norm(.))), where the
+    outputs go through the post-norm (Gemma) and the LayerScale (DINOv2) when the family has them."""
 
     attn_norm: nn.Module
     mlp_norm: nn.Module
@@ -100,6 +122,17 @@ class BlockSpec:
     #: leading positions never routed away (CLS and registers of ViTs; the attention sink of LMs)
     n_protected: int = 0
     extra: dict = field(default_factory=dict)
+    post_attn_norm: nn.Module | None = None  # norms of the sub-layer outputs, before the residual add (Gemma)
+    post_mlp_norm: nn.Module | None = None
+
+    def attn_out(self, y: Tensor) -> Tensor:
+        """The attention sub-layer's output rows y [..., d] as they are added to the residual stream."""
+        y = y if self.post_attn_norm is None else self.post_attn_norm(y)
+        return y if self.ls1 is None else y * self.ls1
+
+    def mlp_out(self, y: Tensor) -> Tensor:
+        y = y if self.post_mlp_norm is None else self.post_mlp_norm(y)
+        return y if self.ls2 is None else y * self.ls2
 
 
 def mlp_gate(w: MLPWeights, h: Tensor) -> Tensor:

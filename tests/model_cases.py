@@ -85,6 +85,32 @@ def mistral():  # head_dim other than hidden/heads (as Mistral-Nemo); sliding wi
                 lambda out: out.logits, distill=_lm_distill)
 
 
+def _randomize_norms(model, std=0.3):
+    """Norm weights start at 1 (or at 0 for Gemma's 1 + w): random ones prove each norm is applied where it belongs."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.add_(torch.randn_like(p) * std)
+    return model
+
+
+GEMMA3_WINDOW = 6  # shorter than the inputs, so sliding layers really drop keys (in the mask and in the KV cache)
+
+
+@case("gemma3")
+def gemma3():
+    """Sliding layers (window 6) around a global one; pre- and post-norms, q/k norms, GeGLU, scaled embeddings,
+    query_pre_attn_scalar other than head_dim, logit soft-capping; every norm and bias random."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    cfg = Gemma3TextConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                           query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, final_logit_softcapping=30.0,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           attention_bias=True)
+    model = _randomize_norms(_randomize_biases(Gemma3ForCausalLM(cfg))).eval()
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 @case("gpt2")
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel

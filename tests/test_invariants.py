@@ -115,12 +115,33 @@ def test_threshold_mode_is_causal_and_generates_with_cache(name, variant, mode):
     assert 0.2 < sum(kept) / len(kept) < 0.8
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="known limitation: past a sliding window (Mistral v0.1's "
-                   "4096, Qwen2's use_sliding_window), transformers' KV cache drops the oldest keys while "
-                   "routing.RoutedAttention still counts the positions of every key it cached: keys and mask disagree")
 def test_sliding_window_shorter_than_the_sequence(monkeypatch):
+    """Past a sliding window (Mistral v0.1's 4096, here 8), transformers' KV cache drops the oldest keys of a
+    sliding layer; the routed attention drops their positions with them (Gemma 3's case runs past its window
+    of 6 in every invariant)."""
     monkeypatch.setattr(model_cases, "SLIDING_WINDOW", 8)  # the prompt and generation run past it
     test_threshold_mode_is_causal_and_generates_with_cache("mistral", "keep_kv", "threshold")
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_sliding_layers_remember_the_positions_of_the_keys_their_cache_keeps(name, monkeypatch):
+    monkeypatch.setattr(model_cases, "SLIDING_WINDOW", 8)
+    _, em, _ = make(name, "keep_kv", attn_tokens=0.5, mlp_tokens=0.5)  # keep_kv: every token is cached
+    em.calibrate(torch.randint(0, 101, (4, 24)))
+    em.set_mode("threshold")
+    ids = torch.randint(0, 101, (1, 21))
+    with torch.no_grad():
+        cache = em.model(ids[:, :20], use_cache=True).past_key_values
+        em.model(ids[:, 20:], cache=cache, use_cache=True)  # one decoding step
+    windows = []
+    for b in em.blocks:
+        window = b.adapter.block_spec(b.base_layer, b.layer_idx).attn.window
+        windows.append(window)
+        # a sliding layer keeps its last window - 1 keys (transformers' DynamicSlidingWindowLayer), a global one all
+        expected = torch.arange(21 - (window - 1), 21) if window else torch.arange(21)
+        assert torch.equal(b.attn._kpos[0], expected), (b.layer_idx, b.attn._kpos)
+        assert cache.layers[b.layer_idx].keys.shape[-2] == len(expected)
+    assert any(windows) and (name == "mistral" or None in windows)  # Gemma 3: sliding and global layers
 
 
 def test_running_mode_keeps_the_capacity_on_text_unlike_the_calibration_text():

@@ -1,4 +1,5 @@
-"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2): pre-norm RMSNorm, GQA, RoPE, SwiGLU."""
+"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2): pre-norm RMSNorm, GQA, RoPE, SwiGLU;
+Mistral's and Qwen2's sliding windows."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,20 @@ def _rotate_half(x):
 
 
 def rope(x, cos, sin):
-    """Rotary embedding of x [B, H, K, hd] with cos/sin [B, K, hd] (as transformers' Llama)."""
+    """Rotary embedding of x [B, H, K, hd] with cos/sin [B, K, r] (as transformers' Llama); r < hd: only
+    the first r dims rotate, the rest pass (partial rotary, Phi-4-mini)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([rope(x[..., :r], cos, sin), x[..., r:]], -1)
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def window(attn) -> int | None:
+    """The layer's sliding window: Qwen2/3 and Gemma set one per layer (None on full layers), Mistral
+    and Phi-3 one in the config for every layer."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
 
 
 @register
@@ -38,7 +51,8 @@ class LlamaAdapter(Adapter):
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,
             a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-            causal=True, rope=rope, scaling=a.scaling)
+            causal=True, rope=rope, scaling=a.scaling, q_norm=getattr(a, "q_norm", None),
+            k_norm=getattr(a, "k_norm", None), window=window(a))
         mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight,
                          m.up_proj.bias, m.down_proj.bias, b_gate=m.gate_proj.bias)  # every bias (mlp_bias=True)
         # position 0 is the attention sink: its hidden state carries the massive activations

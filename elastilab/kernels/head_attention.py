@@ -44,8 +44,7 @@ def head_routed_attention(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | 
         take = lambda t: t.index_select(0, rows).view(B, M, *t.shape[1:])
         sl = slice(head * hd, (head + 1) * hd)
         q = F.linear(take(h_f), w.w_q[sl], None if w.b_q is None else w.b_q[sl])[:, None]  # [B, 1, M, hd]
-        if rope_f is not None:
-            q = w.rope(q, take(rope_f[0]), take(rope_f[1]))
+        q = w.heads(q, "q", None if rope_f is None else (take(rope_f[0]), take(rope_f[1])))
         mask = None
         if allowed_f is not None:
             mask = (take(allowed_f) | ~valid[..., None])[:, None]       # padding rows see every key

@@ -95,8 +95,7 @@ def head_attention_reference(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor
                 continue
             sl = slice(head * hd, (head + 1) * hd)
             q = F.linear(h[b, rows], w.w_q[sl], None if w.b_q is None else w.b_q[sl])[None, None]
-            if rope is not None:
-                q = w.rope(q, rope[0][b:b + 1, rows], rope[1][b:b + 1, rows])
+            q = w.heads(q, "q", None if rope is None else (rope[0][b:b + 1, rows], rope[1][b:b + 1, rows]))
             g = head // group
             mask = None if allowed is None else allowed[b:b + 1, rows][:, None]
             o = F.scaled_dot_product_attention(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],

@@ -118,21 +118,19 @@ class Random(Scorer):
 
 
 def _project(a, h: Tensor, part: str, rope=None) -> Tensor:
-    """Rows h [B, K, d] through the q, k or v projection, split into heads [B, n, K, hd] (rotated
-    when rope is given)."""
+    """Rows h [B, K, d] through the q, k or v projection, split into heads [B, n, K, hd] (q and k through
+    the per-head norm, if any, and rotated when rope is given)."""
     w, b, n = {"q": (a.w_q, a.b_q, a.n_heads), "k": (a.w_k, a.b_k, a.n_kv_heads), "v": (a.w_v, a.b_v, a.n_kv_heads)}[part]
     x = F.linear(h, w, b).view(*h.shape[:2], n, a.head_dim).transpose(1, 2)
-    return x if rope is None else a.rope(x, *rope)
+    return x if part == "v" else a.heads(x, part, rope)
 
 
 def _heads(a, h: Tensor, pos: Tensor, rope, valid: Tensor | None) -> Tensor:
     """Per-head attention outputs o [B, H, K, hd] of rows h [B, K, d] attending to each other
-    (causal by position when the model is causal; padding rows are never keys)."""
+    (causal and windowed by position when the model is; padding rows are never keys)."""
     K = h.shape[1]
     q, k, v = _project(a, h, "q", rope), _project(a, h, "k", rope), _project(a, h, "v")
-    mask = None
-    if a.causal:
-        mask = pos[:, None, :] <= pos[:, :, None]
+    mask = a.visible(pos, pos)
     if valid is not None and not bool(valid.all()):
         keys = valid[:, None, :].expand(-1, K, -1)
         mask = keys if mask is None else mask & keys

@@ -27,7 +27,7 @@ class Oracle(Scorer):
             o = _heads(spec.attn, h, _positions(c), c.rope, None)
             B, T = h.shape[:2]
             y = F.linear(o.transpose(1, 2).reshape(B, T, -1), spec.attn.w_o)
-            return _scaled(y, spec.ls1).norm(dim=-1)
+            return spec.attn_out(y).norm(dim=-1)  # through the post-norm too, where the family has one
         if comp == "attn_heads":
             a = spec.attn
             o = _heads(a, h, _positions(c), c.rope, c.valid)                  # [B, H, K, hd]
@@ -36,7 +36,7 @@ class Oracle(Scorer):
             return _scaled(y, spec.ls1).norm(dim=-1)                         # [B, K, H]
         hidden = mlp_hidden(spec.mlp, h)
         if comp == "mlp_tokens":
-            return _scaled(F.linear(hidden, spec.mlp.w_out), spec.ls2).norm(dim=-1)
+            return spec.mlp_out(F.linear(hidden, spec.mlp.w_out)).norm(dim=-1)
         if comp == "mlp_units":  # |hidden unit| x the norm of its output weights
             return hidden.abs() * _scaled(spec.mlp.w_out.t(), spec.ls2).norm(dim=-1)
         E = c.n_out()

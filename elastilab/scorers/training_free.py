@@ -46,8 +46,8 @@ class AttentionReceived(Scorer):
         q, k = _project(a, c.h, "q", c.rope), _project(a, c.h, "k", c.rope)
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
         s = (q @ k.transpose(-1, -2)) * a.scaling                          # [B, H, T(q), T(k)]
-        if a.causal:
-            s = s.masked_fill(~(pos[:, None, None, :] <= pos[:, None, :, None]), float("-inf"))
+        if (seen := a.visible(pos, pos)) is not None:
+            s = s.masked_fill(~seen[:, None], float("-inf"))
         return s.softmax(-1).mean(1).sum(1)
 
 
