@@ -94,6 +94,15 @@ def _randomize_norms(model, std=0.3):
     return model
 
 
+@case("qwen3")
+def qwen3():  # per-head q/k RMSNorm before RoPE; q/k/v/o biases (attention_bias)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attention_bias=True)
+    model = _randomize_norms(_randomize_biases(Qwen3ForCausalLM(cfg))).eval()
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 GEMMA3_WINDOW = 6  # shorter than the inputs, so sliding layers really drop keys (in the mask and in the KV cache)
 
 
@@ -108,6 +117,17 @@ def gemma3():
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                            attention_bias=True)
     model = _randomize_norms(_randomize_biases(Gemma3ForCausalLM(cfg))).eval()
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
+@case("phi3")
+def phi3():  # fused qkv_proj and gate_up_proj; partial rotary (as Phi-4-mini); a sliding window past the inputs
+    from transformers import Phi3Config, Phi3ForCausalLM
+    cfg = Phi3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, partial_rotary_factor=0.5,
+                     sliding_window=SLIDING_WINDOW,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _randomize_norms(Phi3ForCausalLM(cfg)).eval()
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
 
 

@@ -185,4 +185,10 @@ def test_adapter_hooks_describe_the_model(name):
     for _ in range(2):
         specs = [adapter.block_spec(layer, i) for i, layer in enumerate(adapter.layers(case.model))]
     assert {s.n_protected for s in specs} == {max(1, case.prefix)}
+    # the spec reads the model's own weights (fused ones through slices): views, never copies
+    storages = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
+    for s in specs:
+        for t in (*vars(s.attn).values(), *vars(s.mlp).values()):
+            if torch.is_tensor(t):
+                assert t.untyped_storage().data_ptr() in storages
     adapter.check_inputs(case.model, (), case.inputs)  # accepts the case's own inputs

@@ -54,7 +54,7 @@ ROUTED = [  # (capacities, ElasticConfig extras): each routed path at 0.5, and e
 
 
 @pytest.mark.parametrize("caps,extra", ROUTED)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "timm_vit"])  # q/k/v/o + SwiGLU; Conv1D [in, out]; fused qkv
+@pytest.mark.parametrize("name", ["llama", "gpt2", "timm_vit", "phi3"])  # SwiGLU; Conv1D [in, out]; fused qkv (and up)
 def test_lora_acts_in_every_routed_path_as_the_merged_weights(name, caps, extra):
     case, pretrained, em = lora_model(name, **caps, **extra)
     ref = merged_twin(em, **caps, **extra, n_experts=case.n_experts)

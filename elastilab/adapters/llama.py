@@ -1,5 +1,5 @@
-"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2): pre-norm RMSNorm, GQA, RoPE, SwiGLU;
-Mistral's and Qwen2's sliding windows."""
+"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2, Qwen3): pre-norm RMSNorm, GQA, RoPE, SwiGLU;
+Qwen3's per-head q/k norms; Mistral's and Qwen's sliding windows."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +35,7 @@ def window(attn) -> int | None:
 @register
 class LlamaAdapter(Adapter):
     name = "llama"
-    model_classes = tuple(f"{f}{k}" for f in ("Llama", "Mistral", "Qwen2")
+    model_classes = tuple(f"{f}{k}" for f in ("Llama", "Mistral", "Qwen2", "Qwen3")
                           for k in ("ForCausalLM", "Model"))
 
     def layers(self, model):
