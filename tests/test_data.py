@@ -56,6 +56,21 @@ def test_token_blocks_shape_and_contiguity():
     assert hf_like.shape == (10, 6) and 0 not in hf_like  # no special tokens added
 
 
+class BosTokenizer(EncodeTokenizer):  # Gemma-like: every encoded text starts with <bos> = 2
+    bos_token_id = 2
+
+    def encode(self, s, add_special_tokens=True, verbose=True):
+        return ([2] if add_special_tokens else []) + [100 + ord(c) for c in s]
+
+
+def test_token_blocks_start_with_the_bos_a_tokenizer_adds():
+    blocks = data.token_blocks(BosTokenizer(), "abcdefghij", seq_len=4)
+    assert blocks.tolist() == [[2, 197, 198, 199], [2, 200, 201, 202], [2, 203, 204, 205]]  # contiguous text
+    assert data.leading_bos(BosTokenizer()) == 2 and data.leading_bos(EncodeTokenizer()) is None
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        data.token_blocks(BosTokenizer(), "abc", 1)
+
+
 def test_split_is_by_position_and_disjoint():
     s = data.text("pydocs")
     train, ev = data.split_text(s, "train"), data.split_text(s, "eval", eval_fraction=0.1)

