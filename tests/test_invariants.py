@@ -144,6 +144,24 @@ def test_sliding_layers_remember_the_positions_of_the_keys_their_cache_keeps(nam
     assert any(windows) and (name == "mistral" or None in windows)  # Gemma 3: sliding and global layers
 
 
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_left_padded_generation_past_the_window_is_the_pretrained_model(name, monkeypatch):
+    """Capacity 1.0 with a padded batch: a sliding layer's mask covers its window only, the routed path reads it
+    by absolute key position (block.py realigns it)."""
+    monkeypatch.setattr(model_cases, "SLIDING_WINDOW", 8)
+    _, em, _ = make(name)
+    ids = torch.randint(3, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # the second row is left-padded: its padding stays inside the window a while
+    run = lambda: em.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = run()
+        with em.routers_disabled():
+            ref = run()
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=0, atol=1e-4)
+
+
 def test_running_mode_keeps_the_capacity_on_text_unlike_the_calibration_text():
     """Scores shifted after calibration (text from another domain): threshold mode's fixed bar keeps
     almost every token, running mode's per-sequence quantile keeps about the capacity."""
