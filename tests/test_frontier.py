@@ -132,3 +132,51 @@ def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
     assert set(df.scorer) == {"random", "oracle"} and (tmp_path / "f" / "frontier.png").stat().st_size > 1000
     assert main(["frontier", "--scorers", "learned", "--blocks", "1"]) == 2  # learned needs routers
     assert "needs --routers" in capsys.readouterr().err
+
+
+
+def _save_char_tokenizer(folder, text):
+    """A character tokenizer of ``text`` (< 101 ids, every case's vocabulary), saved as a Hugging Face one."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(set(text)))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture
+def fox(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    return text
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+def test_cli_frontier_on_a_model_folder_of_each_new_family(name, fox, tmp_path, capsys):
+    from elastilab.cli import main
+    torch.manual_seed(0)
+    CASES[name]().model.save_pretrained(tmp_path / name)
+    _save_char_tokenizer(tmp_path / name, fox.read_text())
+    assert main(["frontier", "--model", str(tmp_path / name), "--text", str(fox), "--capacities", "0.5",
+                 "--scorers", "random,oracle", "--blocks", "2", "--seq-len", "24", "--split", "all", "--json"]) == 0
+    rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
+    assert set(rows.component) == set(LAYER_COMPONENTS) and set(rows.scorer) == {"random", "oracle"}
+    assert (rows[rows.capacity == 1.0].ppl_ratio == 1.0).all()  # the folder's model, routed at 1.0, is itself
+    routed = rows[rows.capacity == 0.5]
+    assert (routed.sublayer_compute < 1).all() and (routed.ppl_ratio != 1.0).any()
+
+
+def test_cli_frontier_names_the_supported_architectures(fox, tmp_path, capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from elastilab.cli import main
+    cfg = GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    _save_char_tokenizer(tmp_path / "neox", fox.read_text())
+    assert main(["frontier", "--model", str(tmp_path / "neox"), "--text", str(fox), "--blocks", "1",
+                 "--seq-len", "16", "--split", "all", "--scorers", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "no adapter for GPTNeoXForCausalLM" in err
+    for supported in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPT2Model"):
+        assert supported in err
