@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli_args import HelpFormatter, capacity, default_of, int_at_least, load_lm, positive_int, recommended_capacities
-from .config import LAYER_COMPONENTS, TOKEN_COMPONENTS
+from .config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS
 
 #: (module, function adding its subcommands to the subparsers), in the order --help lists them
 SUBCOMMANDS = (
@@ -41,7 +41,11 @@ _CAPACITY_HELP = {
                   "(0.9 of 9 heads computes all 9)",
     "mlp_experts": "fraction of the MLP expert slices each token uses, in (0, 1]; rounded up to whole "
                    "experts (0.9 of 8 experts computes all 8)",
+    "mlp_units": "fraction of the MLP hidden units each token computes, in (0, 1], chosen by the size of the "
+                 "MLP's own gate activations (no router, nothing to train: CATS); rounded up to whole units",
 }
+#: the capacity flags of train and eval: the routed components, then mlp_units (the MLP's gate chooses)
+CAPACITY_COMPONENTS = LAYER_COMPONENTS + GATED_COMPONENTS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -52,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text", type=Path, help="any UTF-8 text file")
     p.add_argument("--seq-len", type=int_at_least(2), default=128,
                    help="tokens per block (at least 2: each block predicts its tokens 2..n)")
-    for comp in LAYER_COMPONENTS:
+    for comp in CAPACITY_COMPONENTS:
         p.add_argument("--" + comp.replace("_", "-"), type=capacity, metavar="C",
                        help=_CAPACITY_HELP[comp])
 
@@ -65,20 +69,27 @@ def _text(args) -> str:
 
 
 def _capacities(args) -> dict:
-    return {c: getattr(args, c) for c in LAYER_COMPONENTS if getattr(args, c) is not None}
+    return {c: getattr(args, c) for c in CAPACITY_COMPONENTS if getattr(args, c) is not None}
 
 
 def cmd_train(args) -> int:
-    import elastilab as el
-    from .trainer_state import check_checkpoint_dir
+    from .files import folder_lock
     caps = _capacities(args)
     if not caps:
         raise SystemExit("elastilab train: give at least one capacity, e.g. --mlp-tokens 0.75 "
-                         f"(components: {', '.join(LAYER_COMPONENTS)})")
+                         f"(components: {', '.join(CAPACITY_COMPONENTS)})")
     _check_trainable(caps, args.capacity_range)
     if args.steps == 0 and not args.warm_start:
         raise ValueError("--steps 0 trains nothing; add --warm-start BLOCKS to only fit the routers to the oracle")
     cfg = _train_config(args)
+    with folder_lock(args.out, "--out"):  # a second run on the same --out is refused, not silently mixed in
+        return _train(args, caps, cfg)
+
+
+def _train(args, caps: dict, cfg) -> int:
+    import elastilab as el
+    from .distill import TrainingInterrupted
+    from .trainer_state import check_checkpoint_dir
     check_checkpoint_dir(cfg)  # --out is usable: checked before minutes go into loading and training
     model, tok = _load_lm(args.model)
     if args.init_from:  # start from saved routers (the optimizer state starts afresh)
@@ -100,7 +111,10 @@ def cmd_train(args) -> int:
         print(f"warm start: {warm}", file=sys.stderr)
     trained = {}
     if args.steps:  # (--steps 0 --warm-start N: the fit alone)
-        log = el.distill(em, blocks, cfg)
+        try:
+            log = el.distill(em, blocks, cfg)
+        except TrainingInterrupted as exc:
+            raise KeyboardInterrupt(f"{exc}; {_continue(args, exc.saved)}") from None
         seconds = float(log.seconds.iloc[-1])  # training time, summed over a --resume
         trained = {"seconds": round(seconds, 1), "seconds_per_step": round(seconds / args.steps, 2),
                    "final_kl": float(log.kl.tail(10).mean())}
@@ -110,6 +124,19 @@ def cmd_train(args) -> int:
     em.save_routers(args.out, command="elastilab " + " ".join(args.argv), steps=args.steps, **trained, **warm)
     print(json.dumps({"out": str(args.out), **trained, **warm, **em.parameter_summary()}, indent=2))
     return 0
+
+
+def _continue(args, saved: int | None) -> str:
+    """How an interrupted run goes on: the same command with --resume, once it wrote a checkpoint."""
+    import shlex
+    command = lambda argv: "elastilab " + shlex.join(argv)  # noqa: E731
+    if saved is None:
+        return f"start again with: {command(args.argv)}"
+    if args.init_from:  # --resume takes the routers from --out, --init-from from elsewhere: they exclude each other
+        again = args.argv if args.overwrite else [*args.argv, "--overwrite"]
+        return f"a run started with --init-from cannot be resumed; start again with: {command(again)}"
+    again = [a for a in args.argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
+    return f"resume with: {command(again)}"
 
 
 def _init_lora(em, args) -> None:
@@ -139,10 +166,15 @@ def _train_config(args):
 
 
 def _check_trainable(caps: dict, capacity_range) -> None:
-    """Routers learn from what they skip: at least one capacity (or the range's low end) must be below 1.0."""
-    low = capacity_range[0] if capacity_range else min(caps.values())
+    """Routers learn from what they skip: at least one routed component's capacity (or the range's low end)
+    must be below 1.0."""
+    routed = {c: v for c, v in caps.items() if c in LAYER_COMPONENTS}
+    if not routed:  # as el.distill would say, but before the model is loaded
+        raise ValueError("nothing to train: mlp_units has no router (the MLP's gate chooses its units); evaluate "
+                         "it with `elastilab eval --mlp-units C`, or add a routed component, e.g. --mlp-tokens 0.75")
+    low = capacity_range[0] if capacity_range else min(routed.values())
     if low >= 1.0:
-        given = " ".join(f"--{c.replace('_', '-')} {v:g}" for c, v in caps.items())
+        given = " ".join(f"--{c.replace('_', '-')} {v:g}" for c, v in routed.items())
         raise ValueError(f"every capacity is 1.0 ({given}{' with --capacity-range 1 1' if capacity_range else ''}), "
                          "so nothing is skipped and the routers get no training signal; give at least one "
                          "component a capacity below 1.0, e.g. --mlp-tokens 0.75, or --capacity-range 0.5 1.0")
@@ -154,7 +186,7 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
     lines, warnings = [], []
     threshold = em.elastic_config.mode != "topk"
     for comp, cap in em.capacities.items():
-        block = next((b for b in em.blocks if comp in b.routers), None)
+        block = next((b for b in em.blocks if comp in b.capacity), None)
         if block is None:
             continue
         if cap >= 1.0:
@@ -170,8 +202,8 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
             if always:
                 unit += f" (the first {always} always computed)"
         else:
-            n = block.routers[comp].proj.out_features  # one score per head / expert
-            k, unit = n_kept(cap, n), ("heads" if comp == "attn_heads" else "experts") + " per token"
+            n, name = _slots(block, comp)
+            k, unit = n_kept(cap, n), name + " per token"
         line = f"{comp} {cap:g} -> {k}/{n} {unit}"
         lines.append(line)
         if k == n:
@@ -179,6 +211,13 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
             warnings.append(f"{line}: nothing skipped (capacities round up to whole {unit.split()[0]}; "
                             f"{below:g} or less skips one)")
     return lines, warnings
+
+
+def _slots(block, comp: str) -> tuple[int, str]:
+    """What ``comp`` chooses among in each token of ``block``: (how many, their name)."""
+    if comp == "mlp_units":
+        return block.adapter.block_spec(block.base_layer, block.layer_idx).mlp.width, "units"
+    return block.routers[comp].proj.out_features, "heads" if comp == "attn_heads" else "experts"
 
 
 @contextmanager
@@ -192,11 +231,11 @@ def _measured_capacities(em):
         if not block.enabled:  # the teacher pass
             return
         c = block.counts
-        for comp in block.routers:
+        for comp in block.capacity:
             if comp in ("attn_tokens", "mlp_tokens"):
                 frac = c["attn_rows" if comp == "attn_tokens" else "mlp_rows"] / (c["B"] * c["T"])
             else:
-                n = block.routers[comp].proj.out_features
+                n = _slots(block, comp)[0]
                 frac = n_kept(block.capacity[comp], n) / n
             total = sums.setdefault(comp, [0.0, 0])
             total[0] += frac
@@ -364,6 +403,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, ModuleNotFoundError, RuntimeError) as exc:
         print(f"elastilab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, not a traceback; 130 = 128 + SIGINT, as shells report it
+        print(f"elastilab {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # also `python -m elastilab.cli` (torchrun)

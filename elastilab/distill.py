@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .data import token_blocks
+from .files import interrupts_deferred
 from .lora import reset as reset_lora
 from .losses import kl_loss, router_aux_losses
 from .routers import Router
@@ -30,6 +31,15 @@ from .trainer_state import (RESUMABLE_CHANGES, TRAINER_STATE_FILE, check_checkpo
 
 class TrainingDiverged(RuntimeError):
     """The loss or the router weights became non-finite; nothing non-finite was saved."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``distill``, after ``step`` steps; the last checkpoint (of step ``saved``, or None:
+    none was written) stays whole, and ``resume=True`` continues from it."""
+
+    def __init__(self, message: str, step: int, saved: int | None):
+        super().__init__(message)
+        self.step, self.saved = step, saved
 
 
 @dataclass
@@ -200,15 +210,17 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
                 bar.set_postfix(kl=f"{metrics['kl']:.3f}", agree=f"{metrics['agreement']:.2f}")
                 every = cfg.checkpoint_every
                 if cfg.checkpoint_dir and acc.is_main_process and (step == cfg.steps or every and step % every == 0):
-                    with em.capacity(**base_caps):  # not this step's sampled capacities
+                    with interrupts_deferred(), em.capacity(**base_caps):  # not this step's sampled capacities
                         em.save_routers(Path(cfg.checkpoint_dir), step=step, distill=asdict(cfg))
-                    position = {"step": step, "batch_in_epoch": in_epoch, "epoch_start": epoch_start}
-                    save_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng, position, run, cfg, log)
-                    last_saved = step
+                        position = {"step": step, "batch_in_epoch": in_epoch, "epoch_start": epoch_start}
+                        save_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng, position, run, cfg, log)
+                        last_saved = step
                 if step >= cfg.steps:
                     break
             else:
                 in_epoch = 0  # the epoch ran out: the next one starts from its first batch
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted at step {step}; {_kept(cfg, last_saved)}", step, last_saved) from None
     finally:
         estimator.__exit__(None, None, None)
         bar.close()

@@ -1,8 +1,12 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, cache or result."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, cache or result; and
+the lock that keeps two runs out of one output folder."""
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 #: written into every folder ``atomic_folder`` creates, listing the entries the library wrote there:
@@ -165,3 +169,66 @@ def _finish(pending: Path, names) -> None:
                 os.replace(pending / name, pending.parent / name)
         if not any(pending.iterdir()):
             pending.rmdir()
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends: files written together (a checkpoint's
+    routers and trainer state) are never left from two different steps. Main thread only (signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *sig: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])  # the handler that was there, e.g. Python's: raises KeyboardInterrupt
+
+
+#: the lock file ``folder_lock`` keeps in the folder it holds, with the holder's pid
+LOCK = ".elastilab.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "folder"):
+    """Hold ``folder`` (created if needed) for the block, or refuse with the pid of the process that holds
+    it. The lock is an flock on ``LOCK``, which the OS drops when its process dies: a lock file left by a
+    dead process is taken over at once, never waited on. The lock file is removed at the end, and the
+    folder too if it was created here and is still empty."""
+    import fcntl
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder} is a file, not a folder; choose another path")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"{what} {folder} is in use by another elastilab run (pid {holder}, which holds "
+                               f"{path}); wait for it to finish, or choose another folder") from None
+        try:  # the previous holder may have removed the file between our open and our lock: open it again
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: the next run creates a fresh file
+        os.close(fd)
+        if created:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass

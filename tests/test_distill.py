@@ -312,3 +312,106 @@ def test_cli_train_warm_start_alone_and_steps_zero_without_it(tiny_cli, tmp_path
     assert not (out / "train_log.csv").exists()
     assert run("--steps", "0", "--out", str(tmp_path / "nothing")) == 2
     assert "--steps 0 trains nothing" in capsys.readouterr().err
+
+
+# -- issue 21: Ctrl-C, two runs on one --out, --mlp-units ------------------------------------------
+def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninterrupted_routers(
+        tiny_cli, tmp_path, monkeypatch, capsys):
+    import re
+    import shlex
+
+    import elastilab.cli as cli
+    distill = sys.modules["elastilab.distill"]  # (el.distill is the function)
+    run, _ = tiny_cli
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert run("--steps", "5", "--checkpoint-every", "2", "--out", str(full)) == 0
+    calls = []
+
+    def ctrl_c_in_step_4(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return lm_loss(*args)
+
+    monkeypatch.setattr(distill, "lm_loss", ctrl_c_in_step_4)
+    capsys.readouterr()
+    assert run("--steps", "5", "--checkpoint-every", "2", "--out", str(out)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    done = re.fullmatch(rf"elastilab train: interrupted at step 3; the checkpoint of step 2 in {re.escape(str(out))} "
+                        r"is kept; resume with: (elastilab train .*)", err.strip().splitlines()[-1])
+    assert done and done.group(1).endswith(f"--out {out} --resume"), err
+    monkeypatch.setattr(distill, "lm_loss", lm_loss)
+    assert cli.main(shlex.split(done.group(1))[1:]) == 0  # the printed command, as a shell would split it
+    assert_same_routers(load_file(out / "routers.safetensors"), load_file(full / "routers.safetensors"))
+    assert pd.read_csv(out / "train_log.csv").step.tolist() == [1, 2, 3, 4, 5]
+    assert not (out / ".elastilab.lock").exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_once_it_is_whole(tmp_path, monkeypatch):
+    import signal
+
+    from elastilab.trainer_state import read_trainer_state
+    save = el.ElasticModel.save_routers
+
+    def save_then_ctrl_c(self, *args, **kwargs):  # Ctrl-C between the routers and the trainer state
+        done = save(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(el.ElasticModel, "save_routers", save_then_ctrl_c)
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        el.distill(tiny_elastic(), DATA, steps=6, checkpoint_dir=str(ck), checkpoint_every=2, **SAMPLED)
+    assert json.loads((ck / "routers.json").read_text())["metadata"]["step"] == read_trainer_state(ck)[1]["step"] == 2
+    assert str(interrupt.value) == f"interrupted at step 2; the checkpoint of step 2 in {ck} is kept"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_second_train_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(
+        tiny_cli, tmp_path, monkeypatch, capsys):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    LOCK = ".elastilab.lock"  # what the error names
+    run, loads = tiny_cli
+    out = tmp_path / "out"
+    training, finish = threading.Event(), threading.Event()
+
+    def first_run_waits(*args):  # the first run (in a thread) stays in training until the second one is done
+        if threading.current_thread() is not threading.main_thread():
+            training.set()
+            finish.wait(60)
+        return lm_loss(*args)
+
+    monkeypatch.setattr(sys.modules["elastilab.distill"], "lm_loss", first_run_waits)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(run, "--steps", "1", "--out", str(out))
+        assert training.wait(60)
+        try:
+            second = [run("--steps", "1", "--out", str(out), *extra) for extra in ([], ["--overwrite"])]
+        finally:
+            finish.set()
+        assert first.result(60) == 0 and second == [2, 2]
+    assert (f"elastilab train: error: --out {out} is in use by another elastilab run (pid {os.getpid()}, which holds "
+            f"{out / LOCK}); wait for it to finish, or choose another folder") in capsys.readouterr().err
+    assert len(loads) == 1 and not (out / LOCK).exists()  # the second was refused before loading a model
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK).write_text(f"{dead.pid}\n")  # left by a run that was killed
+    assert run("--steps", "1", "--out", str(out), "--overwrite") == 0
+    assert not (out / LOCK).exists()
+
+
+def test_train_takes_mlp_units_beside_a_routed_component_and_refuses_it_alone(tiny_cli, tmp_path, capsys):
+    run, loads = tiny_cli
+    out = tmp_path / "units"
+    assert run("--steps", "2", "--mlp-units", "0.5", "--out", str(out)) == 0
+    assert json.loads((out / "routers.json").read_text())["elastic_config"]["mlp_units"] == 0.5
+    import elastilab.cli as cli
+    text = tmp_path / "text.txt"
+    n = len(loads)
+    assert cli.main(["train", "--text", str(text), "--mlp-units", "0.5", "--out", str(tmp_path / "alone")]) == 2
+    assert ("nothing to train: mlp_units has no router (the MLP's gate chooses its units); evaluate it with "
+            "`elastilab eval --mlp-units C`") in capsys.readouterr().err
+    assert len(loads) == n and not (tmp_path / "alone").exists()  # refused before loading

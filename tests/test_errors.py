@@ -181,7 +181,7 @@ CLI_ERRORS = [
      r"\(0 blocks\); use a longer text, a smaller seq_len"),
     (["eval", "--model", "HuggingFaceTB/not-cached", "--mlp-tokens", 0.5],
      r"'HuggingFaceTB/not-cached' is not cached locally and the Hugging Face Hub cannot be reached .*"
-     r"offline defaults that need no network: smollm2-135m, dinov2-small, tiny-llava"),
+     r"offline defaults that need no network: smollm2-135m, .*tiny-llava"),
 ]
 
 
@@ -436,3 +436,12 @@ def test_no_elastic_layer_says_why():
 def test_a_broken_models_perplexity_is_inf_not_an_overflow():
     from elastilab.distill import safe_exp
     assert safe_exp(1e6) == float("inf") and safe_exp(0.0) == 1.0
+
+
+def test_eval_takes_mlp_units_and_reports_what_they_select_and_measure(fake_zoo, capsys):
+    rc, out, err = run_cli(EVAL + ["--text", fake_zoo / "long.txt", "--mlp-units", 0.5, "--json"], capsys)
+    assert rc == 0, err
+    assert "capacities mlp_units=0.5, mode topk" in err and "mlp_units 0.5 -> 48/96 units per token" in err
+    res = json.loads(out)
+    assert res["requested_capacities"] == {"mlp_units": 0.5} and res["measured_capacities"] == {"mlp_units": 0.5}
+    assert res["compute_fraction"]["mlp"] < 0.9 and res["compute_fraction"]["attention"] == 1.0
