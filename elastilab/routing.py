@@ -147,9 +147,7 @@ class RoutedAttention(nn.Module):
         allowed = self._allowed(w, pos, valid, kpos, pad_mask)
         if heads is None:
             q = w.heads(F.linear(h, w.w_q, w.b_q).view(B, K, w.n_heads, hd).transpose(1, 2), "q", rope)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if allowed is None else allowed[:, None],
-                scale=w.scaling, enable_gqa=w.n_heads != w.n_kv_heads)
+            o = w.attend(q, k, v, None if allowed is None else allowed[:, None])
             return F.linear(o.transpose(1, 2).reshape(B, K, w.n_heads * hd), w.w_o, w.b_o)  # K may be 0
         return self.head_attention(w, h, k, v, allowed, rope, heads)
 
@@ -188,8 +186,7 @@ def estimator_attention(w: AttnWeights, h: Tensor, pos: Tensor, rope, key_idx: T
     q, k = w.heads(q, "q", rope), w.heads(k, "k", rk)
     mask = w.visible(pos, kpos)
     mask = None if mask is None else mask[:, None]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling,
-                                       enable_gqa=w.n_heads != w.n_kv_heads)
+    o = w.attend(q, k, v, mask)
     if head_gates is not None:
         o = o * head_gates.transpose(1, 2)[..., None].to(o.dtype)
     return F.linear(o.transpose(1, 2).reshape(B, T, -1), w.w_o, w.b_o)

@@ -86,6 +86,8 @@ class AttnWeights:
     k_norm: object = None
     #: sliding-window layers (Mistral, Gemma 3): a query sees keys less than ``window`` positions back
     window: int | None = None
+    #: attention-logit soft-capping (Gemma 2): logits become softcap * tanh(logits / softcap)
+    softcap: float | None = None
 
     def __post_init__(self):
         if self.scaling is None:
@@ -98,6 +100,25 @@ class AttnWeights:
         if norm is not None:
             x = norm(x)
         return x if rope is None else self.rope(x, *rope)
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Attention logits [B, H, Q, S] of heads q [B, H, Q, hd] and k [B, H, S, hd]: scaled, soft-capped."""
+        s = (q @ k.transpose(-1, -2)) * self.scaling
+        return s if self.softcap is None else torch.tanh(s / self.softcap) * self.softcap
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention outputs [B, H, Q, hd] of q [B, H, Q, hd] over k, v [B, Hkv, S, hd] (GQA when Hkv < H);
+        mask: bool, broadcastable to [B, H, Q, S], True = may attend. torch's sdpa, or the same in plain ops
+        with soft-capping, which sdpa lacks. Every routed and scoring path attends through this."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        if q.shape[1] != k.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        s = self.scores(q, k)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
     def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor | None:
         """Which keys each query may see, by position: qpos [B, Q], kpos [B, S] -> [B, Q, S] bool

@@ -120,6 +120,21 @@ def gemma3():
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
 
 
+@case("gemma2")
+def gemma2():  # Gemma 3 without q/k norms, with attention-logit soft-capping (small, so that it bites)
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    cfg = Gemma2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, query_pre_attn_scalar=24,
+                       sliding_window=GEMMA3_WINDOW, attn_logit_softcapping=1.5, final_logit_softcapping=30.0,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"], attention_bias=True)
+    model = _randomize_norms(_randomize_biases(Gemma2ForCausalLM(cfg))).eval()
+    with torch.no_grad():  # attention logits of a few units (a random init gives ~0.02), where the cap bends them
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 @case("phi3")
 def phi3():  # fused qkv_proj and gate_up_proj; partial rotary (as Phi-4-mini); a sliding window past the inputs
     from transformers import Phi3Config, Phi3ForCausalLM

@@ -17,7 +17,7 @@ def make(name, variant, **caps):
     return case, em
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "timm_vit", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "timm_vit", "gemma3", "gemma2"])
 @pytest.mark.parametrize("variant", ["drop", "keep_kv"])
 @pytest.mark.parametrize("heads", [False, True])
 def test_training_estimator_has_the_routed_forward_value(name, variant, heads):

@@ -152,7 +152,7 @@ def fox(tmp_path):
     return text
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_cli_frontier_on_a_model_folder_of_each_new_family(name, fox, tmp_path, capsys):
     from elastilab.cli import main
     torch.manual_seed(0)
@@ -178,5 +178,5 @@ def test_cli_frontier_names_the_supported_architectures(fox, tmp_path, capsys):
                  "--seq-len", "16", "--split", "all", "--scorers", "random"]) == 2
     err = capsys.readouterr().err
     assert "no adapter for GPTNeoXForCausalLM" in err
-    for supported in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPT2Model"):
+    for supported in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3Model"):
         assert supported in err

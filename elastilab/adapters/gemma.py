@@ -1,9 +1,9 @@
-"""Gemma 3 text models: (1 + w) RMSNorms before *and after* each sub-layer, per-head q/k norms, GeGLU
-(gelu_tanh), attention scaled by query_pre_attn_scalar, sliding-window layers between global ones.
+"""Gemma 2 and Gemma 3 text models: (1 + w) RMSNorms before *and after* each sub-layer, GeGLU (gelu_tanh),
+attention scaled by query_pre_attn_scalar, sliding-window layers between global ones; Gemma 2's
+attention-logit soft-capping, Gemma 3's per-head q/k norms.
 
 The scaled embeddings and the final logit soft-capping happen outside the blocks (in the model), so
-they need nothing here. Attention-logit soft-capping (Gemma 2's, None in Gemma 3) is refused: every
-routed attention path runs torch's scaled_dot_product_attention, which has no soft-capping.
+they need nothing here.
 """
 from __future__ import annotations
 
@@ -13,18 +13,15 @@ from .llama import _ACTS, LlamaAdapter, rope, window
 
 
 @register
-class Gemma3Adapter(LlamaAdapter):  # layers, final norm and call as in Llama
-    name = "gemma3"
-    model_classes = ("Gemma3ForCausalLM", "Gemma3TextModel")
+class GemmaAdapter(LlamaAdapter):  # layers, final norm and call as in Llama
+    name = "gemma"
+    model_classes = ("Gemma2ForCausalLM", "Gemma2Model", "Gemma3ForCausalLM", "Gemma3TextModel")
 
     def block_spec(self, layer, layer_idx):
         a, m = layer.self_attn, layer.mlp
         cfg = a.config
-        if cfg.attn_logit_softcapping is not None:
-            raise ValueError(f"Gemma 3 with attn_logit_softcapping={cfg.attn_logit_softcapping} is not supported: the "
-                             "routed attention (torch sdpa) has no logit soft-capping")
         if not a.is_causal:
-            raise ValueError("Gemma 3 with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is "
+            raise ValueError("Gemma with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is "
                              "not supported; elastilab routes the causal language model")
         act = _ACTS.get(cfg.hidden_activation)
         if act is None:
@@ -33,7 +30,8 @@ class Gemma3Adapter(LlamaAdapter):  # layers, final norm and call as in Llama
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,
             a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-            causal=True, rope=rope, scaling=a.scaling, q_norm=a.q_norm, k_norm=a.k_norm, window=window(a))
+            causal=True, rope=rope, scaling=a.scaling, q_norm=getattr(a, "q_norm", None),
+            k_norm=getattr(a, "k_norm", None), window=window(a), softcap=cfg.attn_logit_softcapping)
         mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight)  # GeGLU
         # Gemma's post_attention_layernorm normalises the attention *output* (Llama's is the MLP's input norm)
         return BlockSpec(layer.input_layernorm, layer.pre_feedforward_layernorm, attn, mlp, n_protected=1,

@@ -49,7 +49,7 @@ def head_routed_attention(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | 
         if allowed_f is not None:
             mask = (take(allowed_f) | ~valid[..., None])[:, None]       # padding rows see every key
         g = head // group
-        o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask, scale=w.scaling)[:, 0]
+        o = w.attend(q, k[:, g:g + 1], v[:, g:g + 1], mask)[:, 0]
         gate = take(gate_f[:, head]) * valid                            # 0 for padding slots
         y = F.linear(o * gate[..., None].to(o.dtype), w.w_o[:, sl])      # [B, M, d]
         # rows are distinct within a head (padding slots add 0): read-add-copy, no index_add (see reference.py)

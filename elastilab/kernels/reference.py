@@ -98,8 +98,7 @@ def head_attention_reference(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor
             q = w.heads(q, "q", None if rope is None else (rope[0][b:b + 1, rows], rope[1][b:b + 1, rows]))
             g = head // group
             mask = None if allowed is None else allowed[b:b + 1, rows][:, None]
-            o = F.scaled_dot_product_attention(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],
-                                               attn_mask=mask, scale=w.scaling)[0, 0]
+            o = w.attend(q, k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1], mask)[0, 0]
             gate = (gates[b, rows] * hit[rows]).sum(-1, keepdim=True)
             y = F.linear(o * gate, w.w_o[:, sl])
             out[b] = out[b].index_copy(0, rows, out[b].index_select(0, rows) + y)  # rows distinct

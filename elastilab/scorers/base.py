@@ -135,8 +135,7 @@ def _heads(a, h: Tensor, pos: Tensor, rope, valid: Tensor | None) -> Tensor:
         keys = valid[:, None, :].expand(-1, K, -1)
         mask = keys if mask is None else mask & keys
         mask = mask | ~valid[:, :, None]  # padding queries still see a key (no NaN)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                          scale=a.scaling, enable_gqa=a.n_heads != a.n_kv_heads)
+    return a.attend(q, k, v, None if mask is None else mask[:, None])
 
 
 def _positions(c: Candidates) -> Tensor:

@@ -45,7 +45,7 @@ class AttentionReceived(Scorer):
         a, pos = c.spec.attn, _positions(c)
         q, k = _project(a, c.h, "q", c.rope), _project(a, c.h, "k", c.rope)
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
-        s = (q @ k.transpose(-1, -2)) * a.scaling                          # [B, H, T(q), T(k)]
+        s = a.scores(q, k)                                                 # [B, H, T(q), T(k)]
         if (seen := a.visible(pos, pos)) is not None:
             s = s.masked_fill(~seen[:, None], float("-inf"))
         return s.softmax(-1).mean(1).sum(1)
@@ -71,7 +71,7 @@ class ClsAttention(Scorer):
         a = c.spec.attn
         q = _project(a, c.h[:, :1], "q")
         k = _project(a, c.h, "k").repeat_interleave(a.n_heads // a.n_kv_heads, 1)
-        att = torch.softmax((q @ k.transpose(-1, -2)) * a.scaling, dim=-1)  # [B, H, 1, T]
+        att = torch.softmax(a.scores(q, k), dim=-1)                         # [B, H, 1, T]
         return att.mean(1)[:, 0].clamp_min(1e-12).log()
 
 
