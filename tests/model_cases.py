@@ -123,9 +123,10 @@ def gemma3():
 @case("gemma2")
 def gemma2():  # Gemma 3 without q/k norms, with attention-logit soft-capping (small, so that it bites)
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    cfg = Gemma2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, query_pre_attn_scalar=24,
-                       sliding_window=GEMMA3_WINDOW, attn_logit_softcapping=1.5, final_logit_softcapping=30.0,
+    cfg = Gemma2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                       query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, attn_logit_softcapping=1.5,
+                       final_logit_softcapping=30.0,
                        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attention_bias=True)
     model = _randomize_norms(_randomize_biases(Gemma2ForCausalLM(cfg))).eval()
     with torch.no_grad():  # attention logits of a few units (a random init gives ~0.02), where the cap bends them
