@@ -8,7 +8,8 @@ from .lora import effective_weights
 from .routers import Router
 from .scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 from .routing import (RoutedAttention, RoutedMLP, choose_slots, estimator_attention, estimator_mlp,
-                      hard_gates, keep_to_index, n_kept, running_threshold, scatter_add_rows, select_tokens,
+                      gathers, hard_gates, keep_to_index, n_kept, running_threshold, scatter_add_rows,
+                      select_tokens,
                       straight_through)
 
 
@@ -46,6 +47,7 @@ class ElasticBlock(nn.Module):
         self.mlp = RoutedMLP()
         self.scoring = Scoring()  # another selection method than the routers (ElasticModel.scoring)
         self._permuted = None  # (weights' identity, the permuted MLPWeights) of clustered experts
+        self._copies: dict = {}  # {weight name: (its identity, unit-major copy)} for decoding (_transposed)
         self.lora: dict = {}  # {name in base_layer: peft LoRA layer}, set by elastilab.lora.attach
         self._lora_cache = None  # (factors' identity, stamp, {projection: W + ΔW}) built without a gradient
         if unit_order is not None:  # clustered experts: the MLP with its hidden units reordered
@@ -107,6 +109,15 @@ class ElasticBlock(nn.Module):
         keep = select_tokens(scores, self.capacity[comp], threshold, n_protected)
         self.aux[comp] = (scores, keep)
         return scores, keep
+
+    def _transposed(self, name: str, t: Tensor) -> Tensor:
+        """A contiguous copy of t.T (rows = hidden units or head dims: what the decode gather paths
+        read), made once per weight version. It costs that weight's memory again, only once decoded."""
+        key = (t.data_ptr(), t._version, t.dtype, t.device)
+        hit = self._copies.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._copies[name] = (key, t.detach().t().contiguous())
+        return hit[1]
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -228,6 +239,8 @@ class ElasticBlock(nn.Module):
         units = self._units(h, torch.arange(B * T, device=x.device) if rows is None else rows)
         if units is not None:
             counts["unit_pairs"] = h.shape[0] * n_kept(units[0], spec.mlp.width)
+        # decoding: the down projection reads only the chosen units' rows of a unit-major copy
+        spec.mlp.w_out_t = self._transposed("w_out", spec.mlp.w_out) if units and gathers(h.shape[0]) else None
         counts["mlp_rows"] = h.shape[0]
         self.counts = counts
         if rows is not None and experts is None and units is None and spec.ls2 is None \

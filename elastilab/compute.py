@@ -6,6 +6,8 @@ A LoRA (``elastilab.lora``) counts nothing: at inference it is merged into the w
 cached), so the routed path runs the same matmuls as without it."""
 from __future__ import annotations
 
+from math import prod
+
 import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count
@@ -39,6 +41,13 @@ if not getattr(_aten._scaled_dot_product_flash_attention_for_cpu, "_elastilab_fl
     @register_flop_formula(_aten._sparse_addmm, get_raw=True)
     def _sparse_addmm_flops(out, sparse, dense, *args, out_val=None, **kwargs) -> int:
         return 2 * sparse._nnz() * dense.shape[1]
+
+    # the decode gather path (kernels.reference.gather_sum): a weighted sum of the chosen rows
+    def _embedding_bag_flops(weight, indices, *args, out_shape=None, **kwargs) -> int:
+        return 2 * prod(indices) * weight[1]
+
+    for op in (_aten._embedding_bag, _aten._embedding_bag_forward_only):
+        register_flop_formula(op)(_embedding_bag_flops)
 
     _aten._scaled_dot_product_flash_attention_for_cpu._elastilab_flops = True
 

@@ -31,6 +31,16 @@ def n_kept(capacity: float, n: int) -> int:
     return min(n, max(1, math.ceil(capacity * n - 1e-9)))
 
 
+#: at most this many rows (tokens of a decode step) take the gather paths, which read only the chosen
+#: weight rows; more rows reuse each weight across rows in batched matmuls instead (prefill)
+GATHER_ROWS = 8
+
+
+def gathers(rows: int) -> bool:
+    """Whether a routed forward over ``rows`` rows takes the decode gather paths (inference only)."""
+    return rows <= GATHER_ROWS and not torch.is_grad_enabled()
+
+
 #: running mode: a sequence's first tokens use the calibrated threshold, until it has this many scores
 RUNNING_WARMUP = 16
 

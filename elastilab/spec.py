@@ -38,6 +38,9 @@ class MLPWeights:
     b_in: Tensor | None = None
     b_out: Tensor | None = None
     b_gate: Tensor | None = None  # e.g. Llama with mlp_bias=True
+    #: w_out transposed into a contiguous [F, d] copy (unit-major), set by ElasticBlock for the few-row
+    #: (decode) path of mlp_units, which then reads only the chosen units' rows; None elsewhere
+    w_out_t: Tensor | None = None
 
     @property
     def width(self) -> int:

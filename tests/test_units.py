@@ -124,3 +124,32 @@ def test_a_budget_across_layers_is_allocated_without_routers_and_saved(tmp_path)
     em.save_routers(tmp_path / "units")  # no router weights: the allocation is what is saved
     again = el.load_routers(em.unelastify(), tmp_path / "units")
     assert again.layer_capacities["mlp_units"] == caps
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_decode_gather_path_equals_the_sparse_path_in_value_and_measured_flops(name, monkeypatch):
+    """A few rows (a decode step) take the gather path (unit-major down projection, embedding_bag);
+    forced off (GATHER_ROWS = 0) the same rows take the sparse-matmul path: same output, same FLOPs."""
+    from elastilab import routing
+    case = CASES[name]()
+    em = el.elastify(case.model, el.ElasticConfig(mlp_units=0.5))
+    inputs = {k: v[:1, :routing.GATHER_ROWS] if k == "input_ids" else v[:1] for k, v in case.inputs.items()}
+    block = em.blocks[-1]
+    spec = block._spec()
+    h = torch.randn(3, spec.mlp.w_in.shape[1])
+    with torch.no_grad():
+        sparse = block.mlp(spec.mlp, h, units=(0.5, None))
+        spec.mlp.w_out_t = block._transposed("w_out", spec.mlp.w_out)
+        gathered = block.mlp(spec.mlp, h, units=(0.5, None))
+    torch.testing.assert_close(gathered, sparse, rtol=1e-5, atol=1e-5)
+    if not case.causal:  # a ViT forward has more rows than a decode step: the model-level check is for LMs
+        return
+    block._copies.clear()
+    with torch.no_grad():
+        fast_out, fast = case.output(em(**inputs)), measure_flops(em, **inputs)
+    assert block._copies  # the unit-major copy was made: the gather path ran
+    monkeypatch.setattr(routing, "GATHER_ROWS", 0)
+    with torch.no_grad():
+        slow_out, slow = case.output(em(**inputs)), measure_flops(em, **inputs)
+    torch.testing.assert_close(fast_out, slow_out, rtol=1e-4, atol=1e-5)
+    assert fast["mlp"] == slow["mlp"] == pytest.approx(fast["analytic_mlp"], rel=0.02)

@@ -71,7 +71,7 @@ def _check_mlp(w: MLPWeights, h: Tensor):
         raise ValueError("swiglu MLP needs w_gate")
     if h.dim() != 2 or h.shape[1] != w.w_in.shape[1]:
         raise ValueError(f"h must be [rows, d={w.w_in.shape[1]}], got {tuple(h.shape)}")
-    for name in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate"):
+    for name in ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate", "w_out_t"):
         t = getattr(w, name)
         if t is not None and (t.dtype != h.dtype or t.device != h.device):
             raise ValueError(f"MLP {name} is {t.dtype} on {t.device}; it must match h ({h.dtype} on {h.device})")

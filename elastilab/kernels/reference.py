@@ -55,26 +55,50 @@ def expert_mlp_sorted(w: MLPWeights, h: Tensor, experts: Tensor, gates: Tensor, 
     return out if w.b_out is None else out + w.b_out
 
 
+def gather_dot(h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+    """[n, k]: row idx[r, j] of w [N, d] dotted with h[r] (idx sorted within each row), reading only
+    those rows: a sampled dense-dense matmul over the CSR pattern of idx, 2 * n * k * d FLOPs."""
+    n, k = idx.shape
+    crow = torch.arange(0, n * k + 1, k, device=h.device)
+    with warnings.catch_warnings():  # "CSR support is in beta": the ops used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), h.new_zeros(n * k), size=(n, w.shape[0]),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, h, w.t(), beta=0.0).values().view(n, k)
+
+
+def gather_sum(weights: Tensor, w_t: Tensor, idx: Tensor) -> Tensor:
+    """[n, d]: sum over j of weights[r, j] * w_t[idx[r, j]], w_t [N, d] unit-major (a contiguous
+    transposed copy of a down projection): one fused gather-sum that reads only the chosen rows
+    (``embedding_bag``), 2 * n * k * d FLOPs (``compute`` counts them)."""
+    return F.embedding_bag(idx, w_t, per_sample_weights=weights.to(w_t.dtype), mode="sum")
+
+
 def unit_mlp_sparse(w: MLPWeights, h: Tensor, gate: Tensor, units: Tensor) -> Tensor:
     """Each row of h [n, d] computes only its k chosen hidden units (units [n, k] int64), given the
     activated gate [n, F] it was chosen from (``spec.mlp_gate``, computed once: CATS reuses it).
     SwiGLU: the up projection and the down projection run for the chosen units only; GELU: the gate
-    *is* the hidden unit, so only the down projection is saved. The (row, unit) pairs form a CSR
-    pattern: a sampled dense-dense matmul computes just those up values, a sparse x dense matmul the
-    down projection, 2 * n * k * d FLOPs each (``compute`` counts them). On this CPU, at k = F/2, this
-    runs at 0.39x the dense MLP's speed (``elastilab bench mlp``, 4096 rows); gathering each row's
-    weight rows instead was about 28x slower than dense."""
+    *is* the hidden unit, so only the down projection is saved. Up: ``gather_dot``. Down: with
+    ``w.w_out_t`` (the unit-major copy the decode path keeps), ``gather_sum``; else a sparse x dense
+    matmul over the same CSR pattern, which pays for many rows (prefill) but reads ``w_out`` with a
+    stride. 2 * n * k * d FLOPs each. On this CPU, at k = F/2 and 4096 rows, the sparse path runs at
+    0.39x the dense MLP's speed (``elastilab bench mlp``); gathering each row's weight rows instead
+    was about 28x slower than dense."""
     n, k = units.shape
-    cols = units.sort(-1).values.reshape(-1)  # CSR wants each row's columns in order
-    crow = torch.arange(0, n * k + 1, k, device=h.device)
-    csr = lambda v: torch.sparse_csr_tensor(crow, cols, v, size=(n, w.width), check_invariants=False)
-    hidden = gate.gather(1, cols.view(n, k)).reshape(-1)
-    with warnings.catch_warnings():  # "CSR support is in beta": the two ops used here are stable
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        if w.kind == "swiglu":
-            up = torch.sparse.sampled_addmm(csr(torch.zeros_like(hidden)), h, w.w_in.t(), beta=0.0).values()
-            hidden = hidden * (up if w.b_in is None else up + w.b_in[cols])
-        out = torch.sparse.mm(csr(hidden), w.w_out.t())
+    units = units.sort(-1).values  # CSR wants each row's columns in order; sorted rows are read in order
+    hidden = gate.gather(1, units)
+    if w.kind == "swiglu":
+        up = gather_dot(h, w.w_in, units)
+        hidden = hidden * (up if w.b_in is None else up + w.b_in[units])
+    if w.w_out_t is not None:
+        out = gather_sum(hidden, w.w_out_t, units)
+    else:
+        crow = torch.arange(0, n * k + 1, k, device=h.device)
+        csr = torch.sparse_csr_tensor(crow, units.reshape(-1), hidden.reshape(-1), size=(n, w.width),
+                                      check_invariants=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            out = torch.sparse.mm(csr, w.w_out.t())
     return out if w.b_out is None else out + w.b_out
 
 
