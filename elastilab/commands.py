@@ -77,6 +77,9 @@ def build(args):
         if args.images is not None:
             raise ValueError("--images needs a vision model (--model dinov2-small or a ViT folder)")
         model, tok = zoo.load(args.model)
+        if not args.components:  # every component the family supports (OLMo 2 has no attn_heads)
+            from .adapters import find_adapter
+            comps = [c for c in comps if c in find_adapter(model).components]
         text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
         blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
         calibration = None

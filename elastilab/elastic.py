@@ -31,8 +31,9 @@ class ElasticModel(nn.Module):
         layer_comps = [c for c in config.components if c in LAYER_COMPONENTS + GATED_COMPONENTS]
         unsupported = [c for c in config.components if c not in self.adapter.components]
         if unsupported:
+            why = "".join(f"; {c}: {self.adapter.why_not[c]}" for c in unsupported if c in self.adapter.why_not)
             raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
-                             f"supported components: {', '.join(self.adapter.components)}")
+                             f"supported components: {', '.join(self.adapter.components)}{why}")
         layers = self.adapter.layers(model)
         if any(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in model.named_modules()):
             raise ValueError("the model holds LoRA adapters (peft) already; merge them into its weights first "

@@ -136,6 +136,16 @@ def gemma2():  # Gemma 3 without q/k norms, with attention-logit soft-capping (s
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
 
 
+@case("olmo2")
+def olmo2():  # no pre-norms: post-norms of each sub-layer's output; q/k norms over the whole projection
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+    cfg = Olmo2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, attention_bias=True,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _randomize_norms(_randomize_biases(Olmo2ForCausalLM(cfg))).eval()
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 @case("phi3")
 def phi3():  # fused qkv_proj and gate_up_proj; partial rotary (as Phi-4-mini); a sliding window past the inputs
     from transformers import Phi3Config, Phi3ForCausalLM

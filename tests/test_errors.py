@@ -42,6 +42,13 @@ def test_unsupported_architecture_lists_the_supported_ones():
         el.elastify(bert, mlp_tokens=0.5)
 
 
+def test_a_component_the_family_cannot_route_is_refused_with_the_reason():
+    model = CASES["olmo2"]().model
+    with pytest.raises(ValueError, match=r"olmo2 models do not support \['attn_heads'\].*query over every head"):
+        el.elastify(model, attn_heads=0.5, mlp_tokens=0.5)
+    assert not any(type(m).__name__ == "ElasticBlock" for m in model.modules())  # left as it was
+
+
 def test_threshold_mode_needs_calibration():
     case = CASES["llama"]()
     em = el.elastify(case.model, el.ElasticConfig(mlp_tokens=0.5, mode="threshold"))

@@ -36,6 +36,8 @@ class Adapter:
     causal = True                         # False: bidirectional attention (ViTs)
     #: components this family supports (visual_tokens lives in the VLM wrapper)
     components = ("attn_tokens", "mlp_tokens", "attn_heads", "mlp_experts", "mlp_units")
+    #: why each component left out of ``components`` is not supported (elastify's error says it)
+    why_not: dict[str, str] = {}
     #: the ElasticModel subclass ``elastify`` wraps this family in; None: ElasticModel itself (a
     #: subclass cannot be named here: its module imports elastic, which imports the adapters)
     elastic_class: type | None = None
