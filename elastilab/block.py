@@ -200,11 +200,14 @@ class ElasticBlock(nn.Module):
             hs = self._scores("attn_heads", h, rows, pos=pos, rope=rope, valid=valid)
             heads = choose_slots(hs, self.capacity["attn_heads"])
             self.aux["attn_heads"] = (hs[valid], heads[0][valid])
-            # (token, head) pairs computed: per head, every batch row is padded to the row that
-            # chose it most often (kernels/head_attention.py groups by head); exact for B = 1
-            per_row = torch.zeros(*heads[0].shape[:2], spec.attn.n_heads, dtype=torch.bool,
-                                  device=x.device).scatter_(-1, heads[0], True).sum(1)
-            counts["head_pairs"] = B * int(per_row.max(0).values.sum())
+            if gathers(heads[0].shape[0] * heads[0].shape[1]):  # decoding: each row its own heads, no padding
+                spec.attn.w_o_t = self._transposed("w_o", spec.attn.w_o)
+                counts["head_pairs"] = heads[0].numel()
+            else:  # (token, head) pairs computed: per head, every batch row is padded to the row that
+                # chose it most often (kernels/head_attention.py groups by head); exact for B = 1
+                per_row = torch.zeros(*heads[0].shape[:2], spec.attn.n_heads, dtype=torch.bool,
+                                      device=x.device).scatter_(-1, heads[0], True).sum(1)
+                counts["head_pairs"] = B * int(per_row.max(0).values.sum())
         y = self.attn(spec.attn, h, pos, valid, rope, pad_mask, cache, heads, keys)
         counts.update(attn_rows=int(valid.sum()), attn_rows_padded=valid.numel(), keys=self.attn.last_keys,
                       kv_rows=B * T if keys is not None else int(valid.sum()))

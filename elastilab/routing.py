@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import ops
-from .kernels.head_attention import head_routed_attention
+from .kernels.head_attention import head_attention_gather, head_routed_attention
 from .spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_gate, mlp_hidden
 
 _FAR = torch.iinfo(torch.int64).max // 2  # key position of padding slots: never attended
@@ -159,6 +159,8 @@ class RoutedAttention(nn.Module):
             q = w.heads(F.linear(h, w.w_q, w.b_q).view(B, K, w.n_heads, hd).transpose(1, 2), "q", rope)
             o = w.attend(q, k, v, None if allowed is None else allowed[:, None])
             return F.linear(o.transpose(1, 2).reshape(B, K, w.n_heads * hd), w.w_o, w.b_o)  # K may be 0
+        if w.w_o_t is not None:  # a decode step (ElasticBlock set the copy): no loop over heads
+            return head_attention_gather(w, h, k, v, allowed, rope, heads)
         return self.head_attention(w, h, k, v, allowed, rope, heads)
 
     @staticmethod

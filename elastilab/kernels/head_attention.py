@@ -56,3 +56,33 @@ def head_routed_attention(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | 
         out.index_copy_(0, rows, out.index_select(0, rows) + y.reshape(B * M, d))
     out = out.view(B, K, d)
     return out if w.b_o is None else out + w.b_o
+
+
+def head_attention_gather(w, h: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, rope,
+                          heads: tuple[Tensor, Tensor]) -> Tensor:
+    """The decode path of head routing (a few rows; shapes as in ``head_routed_attention``): every row
+    is its own attention problem over its batch row's cached keys, so each row projects its kh chosen
+    query heads in one sampled matmul (only those rows of w_q are read), attends to their key/value
+    groups in one call, and sums its heads' o_proj slices in one gather-sum over ``w.w_o_t``, the
+    contiguous transpose of w_o (rows = head dims). No loop over heads; the cache stays whole."""
+    from .reference import gather_dot, gather_sum
+    ids, gates = heads
+    B, K, d = h.shape
+    kh, hd, n = ids.shape[-1], w.head_dim, B * K
+    if n == 0:  # token routing left no query in this step
+        return h.new_zeros(B, K, d) if w.b_o is None else h.new_zeros(B, K, d) + w.b_o
+    ids, order = ids.reshape(n, kh).sort(-1)  # sorted heads: their weight rows are read in order
+    gates = gates.reshape(n, kh).gather(1, order)
+    dims = (ids[..., None] * hd + torch.arange(hd, device=h.device)).reshape(n, kh * hd)  # rows of w_q, w_o_t
+    q = gather_dot(h.reshape(n, d), w.w_q, dims)
+    if w.b_q is not None:
+        q = q + w.b_q[dims]
+    q = q.view(n, kh, 1, hd)
+    q = w.heads(q, "q", None if rope is None else tuple(r.reshape(n, 1, r.shape[-1]) for r in rope))  # partial rotary
+    batch = torch.arange(B, device=h.device).repeat_interleave(K)[:, None]
+    groups = ids // (w.n_heads // w.n_kv_heads)
+    mask = None if allowed is None else allowed.reshape(n, 1, 1, allowed.shape[-1])
+    o = w.attend(q, k[batch, groups], v[batch, groups], mask)  # [n, kh, 1, hd]
+    y = gather_sum((o[:, :, 0] * gates[..., None].to(o.dtype)).reshape(n, kh * hd), w.w_o_t, dims)
+    y = y.view(B, K, d)
+    return y if w.b_o is None else y + w.b_o
