@@ -79,9 +79,8 @@ def _fastv_keep(spec, state, mask, slots, n_img, N, k):
     q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
     kk = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
     cos, sin = (t.expand(B, -1, -1) for t in state["rope"])
-    q, kk = a.rope(q, cos, sin), a.rope(kk, cos, sin)
-    kk = kk.repeat_interleave(a.n_heads // a.n_kv_heads, 1)
-    s = (q @ kk.transpose(-1, -2)) * a.scaling
+    q, kk = a.heads(q, "q", (cos, sin)), a.heads(kk, "k", (cos, sin))
+    s = a.scores(q, kk.repeat_interleave(a.n_heads // a.n_kv_heads, 1))
     valid = mask.bool()
     allowed = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None] & valid[:, None, :]
     att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, T(q), T(k)]
