@@ -81,7 +81,8 @@ class AttnWeights:
     b_v: Tensor | None = None
     b_o: Tensor | None = None
     causal: bool = True
-    #: callable(x [B, H, K, hd], cos [B, K, hd], sin) -> rotated x, for rotary models; None otherwise
+    #: callable(x [B, H, K, hd], cos [B, K, hd], sin) -> rotated x, for rotary models; None otherwise (and
+    #: for a rotary model's layers without position encoding, SmolLM3's NoPE layers)
     rope: object = None
     scaling: float | None = None
     #: per-head norms of queries / keys (Qwen3, Gemma 3): callables on [..., hd], before RoPE; None otherwise
@@ -105,7 +106,7 @@ class AttnWeights:
         norm = self.q_norm if part == "q" else self.k_norm
         if norm is not None:
             x = norm(x)
-        return x if rope is None else self.rope(x, *rope)
+        return x if rope is None or self.rope is None else self.rope(x, *rope)
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Attention logits [B, H, Q, S] of heads q [B, H, Q, hd] and k [B, H, S, hd]: scaled, soft-capped."""

@@ -103,6 +103,16 @@ def qwen3():  # per-head q/k RMSNorm before RoPE; q/k/v/o biases (attention_bias
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
 
 
+@case("smollm3")
+def smollm3():  # Llama with no RoPE in some layers (NoPE: here layer 1)
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+    cfg = SmolLM3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, no_rope_layers=[1, 0, 1],
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _randomize_norms(SmolLM3ForCausalLM(cfg)).eval()
+    return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
+
+
 GEMMA3_WINDOW = 6  # shorter than the inputs, so sliding layers really drop keys (in the mask and in the KV cache)
 
 

@@ -152,7 +152,7 @@ def fox(tmp_path):
     return text
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+@pytest.mark.parametrize("name", ["qwen3", "smollm3", "gemma2", "gemma3", "phi3", "olmo2"])
 def test_cli_frontier_on_a_model_folder_of_each_new_family(name, fox, tmp_path, capsys):
     from elastilab.cli import main
     torch.manual_seed(0)

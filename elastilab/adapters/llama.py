@@ -1,5 +1,5 @@
-"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2, Qwen3): pre-norm RMSNorm, GQA, RoPE, SwiGLU;
-Qwen3's per-head q/k norms; Mistral's and Qwen's sliding windows."""
+"""Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2, Qwen3, SmolLM3): pre-norm RMSNorm, GQA, RoPE,
+SwiGLU; Qwen3's per-head q/k norms; Mistral's and Qwen's sliding windows; SmolLM3's layers without RoPE."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +35,7 @@ def window(attn) -> int | None:
 @register
 class LlamaAdapter(Adapter):
     name = "llama"
-    model_classes = tuple(f"{f}{k}" for f in ("Llama", "Mistral", "Qwen2", "Qwen3")
+    model_classes = tuple(f"{f}{k}" for f in ("Llama", "Mistral", "Qwen2", "Qwen3", "SmolLM3")
                           for k in ("ForCausalLM", "Model"))
 
     def layers(self, model):
@@ -51,7 +51,8 @@ class LlamaAdapter(Adapter):
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,
             a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-            causal=True, rope=rope, scaling=a.scaling, q_norm=getattr(a, "q_norm", None),
+            causal=True, rope=rope if getattr(a, "use_rope", True) else None,  # SmolLM3: NoPE every 4th layer
+            scaling=a.scaling, q_norm=getattr(a, "q_norm", None),
             k_norm=getattr(a, "k_norm", None), window=window(a))
         mlp = MLPWeights("swiglu", act, m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight,
                          m.up_proj.bias, m.down_proj.bias, b_gate=m.gate_proj.bias)  # every bias (mlp_bias=True)
