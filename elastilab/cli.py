@@ -12,9 +12,10 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .cli_args import HelpFormatter, capacity, default_of, int_at_least, load_lm, positive_int, recommended_capacities
@@ -82,7 +83,8 @@ def cmd_train(args) -> int:
     if args.steps == 0 and not args.warm_start:
         raise ValueError("--steps 0 trains nothing; add --warm-start BLOCKS to only fit the routers to the oracle")
     cfg = _train_config(args)
-    with folder_lock(args.out, "--out"):  # a second run on the same --out is refused, not silently mixed in
+    # a second run on the same --out is refused, not silently mixed in; under torchrun, rank 0 holds it for the job
+    with folder_lock(args.out, "--out") if os.environ.get("RANK", "0") == "0" else nullcontext():
         return _train(args, caps, cfg)
 
 
