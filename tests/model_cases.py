@@ -107,7 +107,8 @@ def qwen3():  # per-head q/k RMSNorm before RoPE; q/k/v/o biases (attention_bias
 def smollm3():  # Llama with no RoPE in some layers (NoPE: here layer 1)
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
     cfg = SmolLM3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, no_rope_layers=[1, 0, 1],
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        no_rope_layers=[1, 0, 1],
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = _randomize_norms(SmolLM3ForCausalLM(cfg)).eval()
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 17))}, lambda out: out.logits, distill=_lm_distill)
@@ -245,6 +246,16 @@ def hf_dinov2_registers():  # CLS + 4 registers protected; the head reads CLS an
     model = _randomize_biases(_randomize_layer_scale(Dinov2WithRegistersForImageClassification(cfg))).eval()
     return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda out: out.logits, causal=False,
                 distill=_vit_distill, prefix=5)
+
+
+@case("siglip")
+def siglip():  # no CLS token (nothing protected), the final LayerNorm over every token, an attention-pooling head
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8)
+    model = _randomize_norms(_randomize_biases(SiglipVisionModel(cfg))).eval()
+    return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda out: out.last_hidden_state, causal=False,
+                distill=_vit_distill)
 
 
 # ---------------------------------------------------------------- visual-language (LLaVA)

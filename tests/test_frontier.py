@@ -181,3 +181,24 @@ def test_cli_frontier_names_the_supported_architectures(fox, tmp_path, capsys):
     assert "no adapter for GPTNeoXForCausalLM" in err
     for supported in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3Model"):
         assert supported in err
+
+
+def test_cli_frontier_on_a_siglip_folder(tmp_path, capsys):
+    """A vision tower without a CLS token, from a folder (224 px: the image pipeline resizes to a multiple of 14)."""
+    from PIL import Image
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from elastilab.cli import main
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=32)
+    SiglipVisionModel(cfg).save_pretrained(tmp_path / "siglip")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        pixels = (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
+    assert main(["frontier", "--model", str(tmp_path / "siglip"), "--images", str(tmp_path / "imgs"), "--size", "224",
+                 "--capacities", "0.5", "--scorers", "random,oracle", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = pd.DataFrame(out["rows"])
+    assert out["metric"] == "cosine" and set(rows.component) == set(LAYER_COMPONENTS)
+    assert (rows[rows.capacity == 1.0].cosine > 0.9999).all() and (rows[rows.capacity == 0.5].compute < 1).all()
