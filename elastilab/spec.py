@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # OpenAI CLIP's
 }
 
 

@@ -258,6 +258,16 @@ def siglip():  # no CLS token (nothing protected), the final LayerNorm over ever
                 distill=_vit_distill)
 
 
+@case("clip")
+def clip():  # CLS in front, a LayerNorm before the encoder, quick_gelu; with the projection head (not routed)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=16)
+    model = _randomize_norms(_randomize_biases(CLIPVisionModelWithProjection(cfg))).eval()
+    return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda out: out.last_hidden_state, causal=False,
+                distill=_vit_distill, prefix=1)
+
+
 # ---------------------------------------------------------------- visual-language (LLaVA)
 LLAVA_IMAGE_ID = 127   # outside the text ids the tests draw (0..100), so text-only prompts hold no image
 LLAVA_N_IMG = 5        # 28 px / patch 14 -> 4 patches + CLS ("full")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 BLOCK_M = 64  # slots per program; expert groups are padded to a multiple of it
 _FIXED_UP = dict(BF=64, BK=64)
 _FIXED_DOWN = dict(BN=64, BK=64)
@@ -34,9 +34,11 @@ def _activate(z, ACT: tl.constexpr):
         out = z * tl.sigmoid(z)
     elif ACT == 1:  # exact gelu
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    else:  # tanh gelu; tanh(u) = 2*sigmoid(2u) - 1 keeps to portable tl ops
+    elif ACT == 2:  # tanh gelu; tanh(u) = 2*sigmoid(2u) - 1 keeps to portable tl ops
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         out = z * tl.sigmoid(2.0 * u)  # = 0.5 * z * (1 + tanh(u))
+    else:  # quick gelu (OpenAI CLIP)
+        out = z * tl.sigmoid(1.702 * z)
     return out
 
 
