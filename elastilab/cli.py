@@ -43,7 +43,8 @@ _CAPACITY_HELP = {
     "mlp_experts": "fraction of the MLP expert slices each token uses, in (0, 1]; rounded up to whole "
                    "experts (0.9 of 8 experts computes all 8)",
     "mlp_units": "fraction of the MLP hidden units each token computes, in (0, 1], chosen by the size of the "
-                 "MLP's own gate activations (no router, nothing to train: CATS); rounded up to whole units",
+                 "MLP's own gate activations (CATS: no router of its own, so train needs a routed component "
+                 "beside it); rounded up to whole units",
 }
 #: the capacity flags of train and eval: the routed components, then mlp_units (the MLP's gate chooses)
 CAPACITY_COMPONENTS = LAYER_COMPONENTS + GATED_COMPONENTS

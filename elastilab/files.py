@@ -198,13 +198,32 @@ def folder_lock(folder: str | Path, what: str = "folder"):
     it. The lock is an flock on ``LOCK``, which the OS drops when its process dies: a lock file left by a
     dead process is taken over at once, never waited on. The lock file is removed at the end, and the
     folder too if it was created here and is still empty."""
-    import fcntl
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{what} {folder} is a file, not a folder; choose another path")
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(folder / LOCK, f"{what} {folder}")
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write to {what} {folder}: {exc.strerror or exc}") from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        (folder / LOCK).unlink(missing_ok=True)  # while still held: the next run creates a fresh file
+        os.close(fd)
+        if created:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock; RuntimeError naming the holder's pid."""
+    import fcntl
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -212,23 +231,11 @@ def folder_lock(folder: str | Path, what: str = "folder"):
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(f"{what} {folder} is in use by another elastilab run (pid {holder}, which holds "
-                               f"{path}); wait for it to finish, or choose another folder") from None
+            raise RuntimeError(f"{what} is in use by another elastilab run (pid {holder}, which holds {path}); "
+                               "wait for it to finish, or choose another folder") from None
         try:  # the previous holder may have removed the file between our open and our lock: open it again
             if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still held: the next run creates a fresh file
-        os.close(fd)
-        if created:
-            try:
-                folder.rmdir()  # only if empty
-            except OSError:
-                pass
