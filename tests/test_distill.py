@@ -266,7 +266,7 @@ def test_cli_train_refuses_bad_settings_and_outputs_before_loading(tiny_cli, tmp
     for extra, message in [(["--temperature", "nan"], "temperature must be a finite number > 0, got nan"),
                            (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
                            (["--out", str(a_file)], "is a file, not a folder"),
-                           (["--out", str(a_file / "sub")], f"cannot write to --out {a_file / 'sub'}: Not a directory"),
+                           (["--out", str(a_file / "sub")], f"cannot write to --out {a_file}/sub: Not a directory"),
                            (["--out", str(done)], "already holds a router checkpoint"),
                            (["--resume"], "nothing to resume"),
                            (["--resume", "--init-from", str(done)], "--resume continues the run in --out")]:
