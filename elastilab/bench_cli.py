@@ -91,6 +91,32 @@ def cmd_mlp(args) -> int:
     return 0
 
 
+def cmd_decode(args) -> int:
+    from . import bench_decode
+    from .cli_args import load_lm
+    torch.set_num_threads(args.threads)  # pinned: one setting for every configuration of the run
+    model, tok = load_lm(args.model)
+    em = bench_decode.elastic_model(model, args.point or [], args.routers)
+    info = {**bench.machine(), "model": args.model, "routers": args.routers, "command": _command(args),
+            "load_start": bench.load_average()}
+    df = bench_decode.decode_speed(em, tok, args.point or [], args.batches, args.prompt_len, args.new_tokens,
+                                   args.prefill, args.reps, args.warmup, args.domain, args.quality_blocks, args.seq_len)
+    info["load_end"] = bench.load_average()
+    path = bench.write(df, args.out, args.name, info)
+    bench_decode.plot_decode(df, f"{args.model} on {info['cpu']}, {info['threads']} thread(s), {info['date'][:10]}",
+                             args.out / f"{args.name}.png")
+    print(df[["point", "phase", "batch", "dense_tok_s", "routed_tok_s", "speedup", "ideal_speedup", "ppl_ratio",
+              "model_compute", "teacher_tokens_matched"]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def _prefill_shape(text: str):
+    if text == "none":
+        return None
+    return bench.parse_shape(text)[:2]
+
+
 def cmd_profile(args) -> int:
     _threads(args)
     table = profile(args.model, args.component, args.capacity, args.shape, args.device, args.top, args.n_experts, args.heads)
@@ -141,6 +167,34 @@ def add_parsers(sub) -> None:
     m.add_argument("--capacities", type=capacities, default=default_of(bench.mlp_speed, "capacities"),
                    help="comma-separated")
     m.set_defaults(func=cmd_mlp)
+    from .bench_decode import decode_speed
+    from .generation_points import point_spec
+    c = bsub.add_parser("decode", help="greedy decoding with the KV cache and a long prefill: dense vs operating "
+                                       "points, with their held-out quality", formatter_class=HelpFormatter)
+    c.add_argument("--model", default="smollm2-135m", help="a causal LM: an offline zoo name or a local folder")
+    c.add_argument("--routers", type=Path, help="router checkpoint for points that name routed components")
+    c.add_argument("--point", type=point_spec, action="append",
+                   help="an operating point, e.g. mlp_units=0.75 or attn_heads=0.9,mlp_units=0.875 (repeatable)")
+    c.add_argument("--batches", type=positive_int, nargs="+", default=list(default_of(decode_speed, "batches")),
+                   help="decode batch sizes")
+    c.add_argument("--prompt-len", type=positive_int, default=default_of(decode_speed, "prompt_len"),
+                   help="tokens of held-out text in each prompt")
+    c.add_argument("--new-tokens", type=positive_int, default=default_of(decode_speed, "new_tokens"),
+                   help="greedy tokens generated per prompt")
+    c.add_argument("--prefill", type=_prefill_shape, default=default_of(decode_speed, "prefill"),
+                   help="BATCHxSEQ of the prefill timed next to decoding, or none")
+    c.add_argument("--reps", type=positive_int, default=default_of(decode_speed, "reps"), help="timed rounds (medians)")
+    c.add_argument("--warmup", type=int, default=default_of(decode_speed, "warmup"), help="untimed rounds first")
+    c.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads, pinned for the whole run")
+    c.add_argument("--domain", default=default_of(decode_speed, "domain"),
+                   help="text whose held-out (eval) split gives the prompts and the quality blocks")
+    c.add_argument("--quality-blocks", type=positive_int, default=default_of(decode_speed, "quality_blocks"),
+                   help="held-out blocks for the perplexity ratio and measured compute")
+    c.add_argument("--seq-len", type=positive_int, default=default_of(decode_speed, "seq_len"),
+                   help="tokens per quality block")
+    c.add_argument("--out", type=Path, required=True, help=f"folder for the CSV and plot (committed: {bench.RESULTS}/)")
+    c.add_argument("--name", default=f"decode_{bench.device_kind(DEVICE)}", help="file name stem")
+    c.set_defaults(func=cmd_decode)
     f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one",
                         formatter_class=HelpFormatter)
     f.add_argument("--model", default=default_of(profile, "model"), choices=bench.MODELS, help="as for speed")

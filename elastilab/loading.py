@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ROUTERS_FILE, config_of, fingerprint, read_checkpoint
-from .config import ElasticConfig
+from .config import GATED_COMPONENTS, ElasticConfig
 from .elastic import ElasticModel, elastify
 
 
@@ -40,14 +40,19 @@ def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torc
     return em
 
 
-def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True) -> ElasticModel:
+def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True,
+                 add_components=()) -> ElasticModel:
     """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model.
-    Everything is checked before the model is changed: on any error it is left as it was."""
+    ``add_components``: components that need no router (mlp_units) added at capacity 1.0, to combine
+    with the checkpoint's. Everything is checked before the model is changed: on any error it is left as it was."""
     path = Path(path)
     if isinstance(model, ElasticModel):
         raise TypeError("model is already elastic; call .unelastify() first to load other routers into it")
     meta, state = read_checkpoint(path)
-    config = config_of(meta, path)
+    config = config_of(meta, path, **{c: 1.0 for c in add_components if c in GATED_COMPONENTS})
+    if other := [c for c in add_components if c not in GATED_COMPONENTS]:
+        raise ValueError(f"only components without routers ({', '.join(GATED_COMPONENTS)}) can be added to the "
+                         f"routers in {path}, not {', '.join(other)}")
     found = fingerprint(model)
     if strict_fingerprint and meta["fingerprint"] != found:
         raise ValueError(

@@ -94,10 +94,10 @@ def unit_mlp_sparse(w: MLPWeights, h: Tensor, gate: Tensor, units: Tensor) -> Te
         out = gather_sum(hidden, w.w_out_t, units)
     else:
         crow = torch.arange(0, n * k + 1, k, device=h.device)
-        csr = torch.sparse_csr_tensor(crow, units.reshape(-1), hidden.reshape(-1), size=(n, w.width),
-                                      check_invariants=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = torch.sparse_csr_tensor(crow, units.reshape(-1), hidden.reshape(-1), size=(n, w.width),
+                                          check_invariants=False)
             out = torch.sparse.mm(csr, w.w_out.t())
     return out if w.b_out is None else out + w.b_out
 

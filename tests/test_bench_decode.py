@@ -1,0 +1,40 @@
+"""``elastilab bench decode`` on the offline SmolLM2 at toy size: rows, FLOPs behind the ideal speedup,
+quality columns, files, and clear errors (no timing assertions: speed is the benchmark's job)."""
+import pytest
+
+from elastilab import bench, cli
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decode")
+    code = cli.main(["bench", "decode", "--routers", "data/routers/smollm2-135m-heads",
+                     "--point", "mlp_units=0.5", "--point", "attn_heads=0.75,mlp_units=0.75", "--batches", "1", "2",
+                     "--prompt-len", "16", "--new-tokens", "4", "--prefill", "1x16", "--reps", "1", "--warmup", "0",
+                     "--quality-blocks", "1", "--seq-len", "32", "--out", str(out)])
+    assert code == 0
+    return bench.read(out / "decode_cpu.csv"), bench.read_info(out / "decode_cpu.csv"), out
+
+
+def test_one_row_per_point_and_phase_with_quality_next_to_speed(table):
+    df, info, out = table
+    assert (out / "decode_cpu.png").stat().st_size > 0
+    assert {"torch", "transformers", "cpu", "date", "command", "threads"} <= set(info)
+    assert info["threads"] == "1"  # pinned by default
+    assert set(zip(df.phase, df.batch)) == {("decode", 1), ("decode", 2), ("prefill", 1)}
+    assert list(df.point.unique()) == ["dense", "mlp_units=0.5", "attn_heads=0.75 mlp_units=0.75"]
+    dense = df[df.point == "dense"]
+    assert (dense.speedup == 1).all() and (dense.ideal_speedup == 1).all() and (dense.ppl_ratio == 1).all()
+    routed = df[df.point != "dense"]
+    # the routed points skip measured work in every phase, change the model, and the table says how much
+    assert (routed.ideal_speedup > 1.05).all() and (routed.model_compute < 0.95).all()
+    assert (routed.ppl_ratio != 1).all() and (routed.dense_tok_s > 0).all() and (routed.routed_tok_s > 0).all()
+    decode = df[df.phase == "decode"]
+    assert decode.teacher_tokens_matched.between(0, 4).all() and (decode[decode.point == "dense"]
+                                                                  .teacher_tokens_matched == 4).all()
+    assert (df[df.phase == "decode"].tokens == df[df.phase == "decode"].batch * 3).all()  # steps after the prefill
+
+
+def test_routed_components_without_routers_are_refused(tmp_path, capsys):
+    assert cli.main(["bench", "decode", "--point", "attn_heads=0.5", "--out", str(tmp_path)]) == 2
+    assert "need trained routers: give --routers" in capsys.readouterr().err
