@@ -8,7 +8,11 @@
    fp16, odd sizes, k = 1 and k = E, an empty selection -> gpu_kernels.csv (max abs errors);
 3. the MLP alone, torch gather path vs Triton, Llama-1B dims (d 2048, F 8192), 16384 rows, bf16 -> mlp_gpu_random-1b.csv;
 4. the whole model, random-init Llama-1B dims, 16 x 1024 tokens, bf16, torch vs Triton backends and
-   the two head-routing implementations -> speed_gpu_random-1b.csv/.png.
+   the two head-routing implementations -> speed_gpu_random-1b.csv/.png;
+5. decoding (batch 1, 64-token prompt, 64 greedy tokens with the KV cache), Llama-1B dims, bf16: dense vs
+   mlp_units at 0.875 / 0.75 / 0.5 (the gather-GEMV kernels of kernels/unit_triton.py), tokens/s and the
+   ideal speedup from the measured FLOPs of a decode step -> decode_gpu_random-1b.csv; and the MLP alone at
+   decode size (1 and 4 rows) -> mlp_gpu_random-1b_decode.csv.
 Random weights: the machine has no SmolLM2 package, and speed does not depend on the values.
 """
 import os
@@ -41,7 +45,8 @@ def cuda_errors(device="cuda", N=1000, D=200, F=520):
 
     from elastilab import spec
     from elastilab.kernels import ops
-    from elastilab.kernels.reference import routed_mlp_residual_reference
+    from elastilab.kernels.reference import routed_mlp_residual_reference, unit_mlp_sparse
+    from elastilab.routing import choose_units
     from elastilab.spec import MLPWeights
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -74,10 +79,66 @@ def cuda_errors(device="cuda", N=1000, D=200, F=520):
             rows.append(dict(op="expert_mlp", kind=kind, act=act, dtype=str(dt)[6:], n=N, k=k,
                              max_abs_err=float((out.float() - ref).abs().max()), ref_max=float(ref.abs().max()),
                              kernel_ran=ran))
+        for n in (1, 4):  # the decode gather-GEMV kernels of mlp_units
+            h1 = h[:n]
+            gate = spec.mlp_gate(w, h1)
+            units = choose_units(gate, 0.5)
+            before = ops.LAUNCHES
+            out = ops.unit_mlp(h1, gate, units, w, backend="triton")
+            ran = ops.LAUNCHES - before == 2
+            ref = unit_mlp_sparse(_f32(w), h1.float(), gate.float(), units)
+            rows.append(dict(op="unit_mlp", kind=kind, act=act, dtype=str(dt)[6:], n=n, k=units.shape[1],
+                             max_abs_err=float((out.float() - ref).abs().max()), ref_max=float(ref.abs().max()),
+                             kernel_ran=ran))
     df = pd.DataFrame(rows)
     tol = df.dtype.map({"float32": 1e-3, "bfloat16": 0.1, "float16": 2e-2})
     df["ok"] = (df.max_abs_err <= tol * df.ref_max.clip(lower=1)) & df.kernel_ran
     return df
+
+
+def decode(model: str, device: str, dtype: str, capacities=(0.875, 0.75, 0.5), reps=5, warmup=1, new_tokens=64):
+    """Greedy decoding tokens/s, dense vs mlp_units points (backend auto: the Triton kernels on CUDA)."""
+    import statistics
+
+    import pandas as pd
+    import torch
+
+    import elastilab as el
+    from elastilab import bench
+    from elastilab.bench_decode import _step_flops, greedy
+    net, vocab = bench.load_model(model, device, getattr(torch, dtype))
+    em = el.elastify(net, el.ElasticConfig(mlp_units=1.0))
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run(c):
+        em.set_capacity(mlp_units=c)
+        with torch.no_grad():
+            if c == 1.0:
+                with em.routers_disabled():
+                    return greedy(em, ids, new_tokens)[1]
+            return greedy(em, ids, new_tokens)[1]
+
+    caps = (1.0, *capacities)
+    times = {c: [] for c in caps}
+    for r in range(warmup + reps):
+        for c in caps:
+            sync()
+            t = run(c)
+            sync()
+            if r >= warmup:
+                times[c].append(t)
+    flops = {}
+    for c in caps:
+        em.set_capacity(mlp_units=c)
+        flops[c] = _step_flops(em, ids)
+    d = statistics.median(times[1.0])
+    steps = new_tokens - 1
+    return pd.DataFrame([{"model": model, "dtype": dtype, "point": "dense" if c == 1.0 else f"mlp_units={c:g}",
+                          "dense_tok_s": steps / d, "routed_tok_s": steps / statistics.median(times[c]),
+                          "speedup": d / statistics.median(times[c]), "ideal_speedup": flops[1.0] / flops[c],
+                          "realised": d / statistics.median(times[c]) * flops[c] / flops[1.0], "reps": reps}
+                         for c in caps])
 
 
 def _f32(w):
@@ -91,6 +152,7 @@ def main(dry: bool = False) -> int:
     if dry:  # before anything imports the kernels: the interpreter switch is read then
         os.environ["TRITON_INTERPRET"] = "1"
         OUT = Path("/tmp/gpu_check_dry_run")
+    import pandas as pd
     import torch
 
     import elastilab
@@ -121,6 +183,18 @@ def main(dry: bool = False) -> int:
     bench.write(df, OUT, f"speed_gpu_{model}", info)
     bench.plot_speed(df, f"random-init Llama-1B dims, bf16, {info['gpu']}", OUT / f"speed_gpu_{model}.png")
     say("whole model:\n" + bench._summary(df))
+    dec = bench.mlp_speed(dims, rows=1, capacities=(0.75, 0.5), backends=("torch", "triton"), reps=1 if dry else 50,
+                          warmup=0 if dry else 5, device=dev, dtype="float32" if dry else "bfloat16")
+    dec = pd.concat([dec, bench.mlp_speed(dims, rows=4, capacities=(0.75, 0.5), backends=("torch", "triton"),
+                                          reps=1 if dry else 50, warmup=0 if dry else 5, device=dev,
+                                          dtype="float32" if dry else "bfloat16")])
+    bench.write(dec, OUT, f"mlp_gpu_{dims}_decode", info)
+    say("MLP at decode size:\n" + dec[["component", "capacity", "backend", "rows", "speedup", "ideal_speedup", "realised"]]
+        .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    gen = decode(model, dev, "float32" if dry else "bfloat16", reps=1 if dry else 5, warmup=0 if dry else 1,
+                 new_tokens=4 if dry else 64)
+    bench.write(gen, OUT, f"decode_gpu_{model}", info)
+    say("decoding:\n" + gen.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     say("done, status", status, "; files in", OUT)
     return status
 

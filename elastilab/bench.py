@@ -238,11 +238,12 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
               seed: int = 0) -> pd.DataFrame:
     """A SwiGLU MLP of the model's dims on ``rows`` rows: dense (with the residual add) vs
     ``routed_mlp_residual`` on a capacity fraction of the rows, ``expert_mlp`` with k of E
-    slices per row and ``unit_mlp`` with the top hidden units of each row by gate (torch only), for each backend ("torch": the gather path; "triton": the kernels, CUDA only).
+    slices per row and ``unit_mlp`` with the top hidden units of each row by gate, for each backend ("torch":
+    the gather path; "triton": the kernels, CUDA only; at most GATHER_ROWS rows, mlp_units takes the decode path).
     Ideal speedup = dense FLOPs / routed FLOPs, counted on the same calls with the torch backend
     (the counter cannot see inside Triton kernels; both backends do the same matmul work)."""
     from .kernels import ops
-    from .routing import choose_units, n_kept
+    from .routing import GATHER_ROWS, choose_units, n_kept
     from .spec import MLPWeights, mlp_forward, mlp_gate
     units_mlp = lambda w, h, c, b: ops.unit_mlp(h, g := mlp_gate(w, h), choose_units(g, c), w, backend=b)  # noqa: E731
     if dims not in MLP_DIMS:
@@ -253,6 +254,8 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dt)
     w = MLPWeights("swiglu", "silu", r(F, d, scale=d ** -0.5), r(d, F, scale=F ** -0.5), r(F, d, scale=d ** -0.5))
     x, h = r(rows, d), r(rows, d)
+    # a decode-sized call: mlp_units reads the unit-major copy of w_out the block keeps (routing.gathers)
+    wu = MLPWeights(**{**vars(w), "w_out_t": w.w_out.t().contiguous()}) if rows <= GATHER_ROWS else w
     dense = lambda: x + mlp_forward(w, h)  # noqa: E731
     fns, flops = {"dense": dense}, {"dense": total_flops(dense)}
     for cap in capacities:
@@ -263,12 +266,10 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
         gates = torch.ones(rows, k, device=device, dtype=dt)
         routed = {"mlp_tokens": lambda b, idx=idx, gate=gate: ops.routed_mlp_residual(x, h, idx, w, gate, backend=b),
                   "mlp_experts": lambda b, e=experts, gs=gates: x + ops.expert_mlp(h, e, gs, w, n_experts, backend=b),
-                  "mlp_units": lambda b, c=cap: x + units_mlp(w, h, c, b)}  # choosing included: gate + top-k
+                  "mlp_units": lambda b, c=cap: x + units_mlp(wu, h, c, b)}  # choosing included: gate + top-k
         for comp, fn in routed.items():
             flops[comp, cap] = total_flops(lambda: fn("torch"))
-            # mlp_units has no Triton kernel (torch.sparse on every device)
-            fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends
-                        if comp != "mlp_units" or b != "triton"})
+            fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends})
     load0 = load_average()
     with torch.no_grad():
         times = interleaved(fns, reps, warmup, _sync(device))

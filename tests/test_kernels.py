@@ -264,3 +264,53 @@ def test_whole_model_on_the_triton_backend_matches_torch():
         out = em(**ids).logits
     assert ops.LAUNCHES - before >= len(em.blocks), "the Triton kernels did not run"
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- the decode gather-GEMV kernels of mlp_units (unit_triton) -----------------------------------
+
+@pytest.mark.parametrize("kind,act", KINDS_ACTS)
+@pytest.mark.parametrize("biases", [True, False])
+@pytest.mark.parametrize("n,capacity", [(1, 0.75), (3, 0.5)])
+def test_unit_gemv_kernels_match_the_torch_path(kind, act, biases, n, capacity, monkeypatch):
+    from elastilab.kernels import reference
+    from elastilab.routing import choose_units
+    w = make_mlp(kind, act, biases=biases)
+    h = rand(n, D, seed=6)
+    gate = spec.mlp_gate(w, h)
+    units = choose_units(gate, capacity)
+    expected = reference.unit_mlp_sparse(w, h, gate, units)
+    monkeypatch.setattr(ops, "unit_mlp_sparse", lambda *a: pytest.fail("the torch path ran, not the kernels"))
+    got = run_triton(ops.unit_mlp, h, gate, units, w)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    w.w_out_t = w.w_out.t().contiguous()  # the block's unit-major copy is used as it is
+    torch.testing.assert_close(run_triton(ops.unit_mlp, h, gate, units, w), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_gemv_kernels_in_bf16():
+    from elastilab.kernels import reference
+    from elastilab.routing import choose_units
+    w = cast(make_mlp("swiglu", "silu"), torch.bfloat16)
+    h = rand(2, D, seed=7, dtype=torch.bfloat16)
+    gate = spec.mlp_gate(w, h)
+    units = choose_units(gate, 0.5)
+    got = run_triton(ops.unit_mlp, h, gate, units, w)
+    expected = reference.unit_mlp_sparse(cast(w, torch.float32), h.float(), gate.float(), units)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_a_decode_step_of_the_routed_model_runs_the_unit_kernels_in_every_layer():
+    import elastilab as el
+    from model_cases import CASES
+    case = CASES["llama"]()
+    em = el.elastify(case.model, el.ElasticConfig(mlp_units=0.5))
+    ids = case.inputs["input_ids"][:1]
+    with torch.no_grad():
+        cache = em(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        torch_step = em(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits
+        cache = em(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        em.set_backend("triton")
+        before = ops.LAUNCHES
+        triton_step = em(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits
+    assert ops.LAUNCHES - before == 2 * len(em.blocks)
+    torch.testing.assert_close(triton_step, torch_step, rtol=1e-4, atol=1e-5)

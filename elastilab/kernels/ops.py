@@ -145,16 +145,22 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
 
 def unit_mlp(h: Tensor, gate: Tensor, units: Tensor, w: MLPWeights, backend: str = "auto") -> Tensor:
     """MLP where each row of h [n, d] computes only its k chosen hidden units (units [n, k] int64),
-    given its activated gate [n, F] (``spec.mlp_gate``); returns y [n, d], b_out included. Torch
-    only: per-row unit sets are sparse products (torch.sparse), not the grouped GEMMs the Triton
-    kernels run, so "auto" takes torch on every device and "triton" is refused."""
+    given its activated gate [n, F] (``spec.mlp_gate``); returns y [n, d], b_out included.
+    Triton (``unit_triton``: gather-GEMV kernels reading only the chosen units' rows): forced by
+    "triton", or under "auto" on CUDA for a decode step (``w.w_out_t`` set by the block). Otherwise torch:
+    the sampled / sparse products of ``reference.unit_mlp_sparse``."""
+    global LAUNCHES
     _check_mlp(w, h)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' has no kernel for mlp_units (per-row hidden units); use 'auto' or 'torch'")
     if gate.shape != (h.shape[0], w.width):
         raise ValueError(f"gate must be [n={h.shape[0]}, F={w.width}], got {tuple(gate.shape)}")
     if units.dim() != 2 or units.shape[0] != h.shape[0] or units.dtype != torch.int64:
         raise ValueError(f"units must be int64 [n={h.shape[0]}, k], got {units.dtype} {tuple(units.shape)}")
-    return unit_mlp_sparse(w, h, gate, units)
+    triton_ok = _use_triton(backend, h, h, gate, *vars(w).values())
+    if not triton_ok or (backend == "auto" and w.w_out_t is None):  # many rows on CUDA: batched products
+        return unit_mlp_sparse(w, h, gate, units)
+    from . import unit_triton
+    w_out_t = w.w_out_t if w.w_out_t is not None else w.w_out.t().contiguous()
+    if w.kind == "swiglu" and w.w_in.stride(1) != 1:
+        w = MLPWeights(**{**vars(w), "w_in": w.w_in.contiguous()})
+    LAUNCHES += 2
+    return unit_triton.unit_mlp(w, h, gate, units.sort(-1).values, w_out_t)
