@@ -49,7 +49,7 @@ def greedy(em, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, to
     out = em(input_ids=prompts, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t1 = time.perf_counter()
-    tokens, cache = [nxt], out.past_key_values
+    tokens, cache = [nxt], out.cache
     for _ in range(new_tokens - 1):
         out = em(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -60,7 +60,7 @@ def greedy(em, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, to
 def _step_flops(em, prompt: torch.Tensor) -> int:
     """Measured FLOPs of the decode step after ``prompt`` [1, T]."""
     with torch.no_grad():
-        cache = em(input_ids=prompt[:, :-1], use_cache=True).past_key_values
+        cache = em(input_ids=prompt[:, :-1], use_cache=True).cache
         return measure_flops(em, input_ids=prompt[:, -1:], cache=cache, use_cache=True)["total"]
 
 

@@ -18,13 +18,13 @@ POINTS = [{"attn_heads": 0.5}, {"attn_heads": 0.75, "mlp_units": 0.5}]
 def _decode_step(em, ids):
     """Logits and measured FLOPs of the last token's step after a cached prefill of the others (prefilled
     anew for each: the routed layers remember the positions of the keys they cached)."""
-    step = lambda fn: fn(em, input_ids=ids[:, -1:], past_key_values=_prefill(em, ids), use_cache=True)
+    step = lambda fn: fn(em, input_ids=ids[:, -1:], cache=_prefill(em, ids), use_cache=True)
     with torch.no_grad():
         return step(lambda em, **kw: em(**kw).logits), step(measure_flops)
 
 
 def _prefill(em, ids):
-    return em(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    return em(input_ids=ids[:, :-1], use_cache=True).cache
 
 
 @pytest.mark.parametrize("name", LMS)

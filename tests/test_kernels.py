@@ -306,9 +306,9 @@ def test_a_decode_step_of_the_routed_model_runs_the_unit_kernels_in_every_layer(
     em = el.elastify(case.model, el.ElasticConfig(mlp_units=0.5))
     ids = case.inputs["input_ids"][:1]
     with torch.no_grad():
-        cache = em(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = em(input_ids=ids[:, :-1], use_cache=True).cache
         torch_step = em(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits
-        cache = em(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = em(input_ids=ids[:, :-1], use_cache=True).cache
         em.set_backend("triton")
         before = ops.LAUNCHES
         triton_step = em(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits
