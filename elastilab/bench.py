@@ -340,6 +340,12 @@ def plot_speed(df: pd.DataFrame, title: str = "", path: Path | None = None):
     axes[0][0].set_ylabel("speedup over dense (dashed: ideal, FLOPs)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return finish_plot(fig, path)
+
+
+def finish_plot(fig, path=None):
+    """Lay the figure out; with a path, write it (PNG) and close it. Returns the figure."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from . import data
+from .bench import finish_plot
 from .compute import measure_flops
 from .config import GATED_COMPONENTS, ElasticConfig
 from .generation_points import apply_point, point_name
@@ -179,8 +180,4 @@ def plot_decode(df: pd.DataFrame, title: str = "", path=None):
     ax.set_ylabel("speedup over dense (black: ideal, FLOPs)")
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return finish_plot(fig, path)

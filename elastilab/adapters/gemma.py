@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..spec import AttnWeights, BlockSpec, MLPWeights
 from .base import register
-from .llama import _ACTS, LlamaAdapter, rope, window
+from .llama import LlamaAdapter, mlp_act, rope, window
 
 
 @register
@@ -23,9 +23,7 @@ class GemmaAdapter(LlamaAdapter):  # layers, final norm and call as in Llama
         if not a.is_causal:
             raise ValueError("Gemma with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is "
                              "not supported; elastilab routes the causal language model")
-        act = _ACTS.get(cfg.hidden_activation)
-        if act is None:
-            raise ValueError(f"unsupported MLP activation {cfg.hidden_activation!r}; supported: {sorted(_ACTS)}")
+        act = mlp_act(cfg.hidden_activation)
         attn = AttnWeights(
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,

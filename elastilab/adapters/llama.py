@@ -10,6 +10,13 @@ from .base import Adapter, Call, register
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+def mlp_act(name: str) -> str:
+    """The spec's activation for a Llama-like config's MLP activation name, or a clear refusal."""
+    if name not in _ACTS:
+        raise ValueError(f"unsupported MLP activation {name!r}; supported: {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -44,9 +51,7 @@ class LlamaAdapter(Adapter):
     def block_spec(self, layer, layer_idx):
         a, m = layer.self_attn, layer.mlp
         cfg = a.config
-        act = _ACTS.get(cfg.hidden_act)
-        if act is None:
-            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r}; supported: {sorted(_ACTS)}")
+        act = mlp_act(cfg.hidden_act)
         attn = AttnWeights(
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,

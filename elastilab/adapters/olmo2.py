@@ -6,7 +6,7 @@ from torch import nn
 
 from ..spec import AttnWeights, BlockSpec, MLPWeights
 from .base import register
-from .llama import _ACTS, LlamaAdapter, rope
+from .llama import LlamaAdapter, mlp_act, rope
 
 
 class _AcrossHeads(nn.Module):
@@ -32,9 +32,7 @@ class Olmo2Adapter(LlamaAdapter):  # layers, final norm and call as in Llama
     def block_spec(self, layer, layer_idx):
         a, m = layer.self_attn, layer.mlp
         cfg = a.config
-        act = _ACTS.get(cfg.hidden_act)
-        if act is None:
-            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r}; supported: {sorted(_ACTS)}")
+        act = mlp_act(cfg.hidden_act)
         attn = AttnWeights(
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
             cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim,

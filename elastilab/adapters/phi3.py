@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..spec import AttnWeights, BlockSpec, MLPWeights
 from .base import register
-from .llama import _ACTS, LlamaAdapter, rope, window
+from .llama import LlamaAdapter, mlp_act, rope, window
 
 
 def _rows(t, *bounds):
@@ -23,9 +23,7 @@ class Phi3Adapter(LlamaAdapter):  # layers, final norm and call as in Llama
     def block_spec(self, layer, layer_idx):
         a, m = layer.self_attn, layer.mlp
         cfg = a.config
-        act = _ACTS.get(cfg.hidden_act)
-        if act is None:
-            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r}; supported: {sorted(_ACTS)}")
+        act = mlp_act(cfg.hidden_act)
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim
         q, k, v = H * hd, H * hd + Hkv * hd, H * hd + 2 * Hkv * hd
         attn = AttnWeights(*_rows(a.qkv_proj.weight, 0, q, k, v), a.o_proj.weight, H, Hkv, hd,
