@@ -165,7 +165,7 @@ def plot_decode(df: pd.DataFrame, title: str = "", path=None):
     import matplotlib.pyplot as plt
     phases = list(df[["phase", "batch", "tokens"]].drop_duplicates().itertuples(index=False, name=None))
     names = [n for n in df.point.unique() if n != "dense"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(phases) * max(1, len(names)) / 2, 3.8))
+    fig, ax = plt.subplots(figsize=(5 + 0.45 * len(phases) * max(1, len(names)), 3.8))
     width = 0.8 / max(1, len(names))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(names):
@@ -178,6 +178,6 @@ def plot_decode(df: pd.DataFrame, title: str = "", path=None):
     ax.set_xticks(np.arange(len(phases)), [f"decode\nbatch {b}" if ph == "decode" else f"prefill\n{b} x {n // b}"
                                            for ph, b, n in phases])
     ax.set_ylabel("speedup over dense (black: ideal, FLOPs)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     ax.set_title(title, fontsize=9)
     return finish_plot(fig, path)
