@@ -26,6 +26,10 @@ REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget acros
                 "language, 64 MLP slices": "frontier-smollm2-135m-mlp64.csv",
                 "language, single MLP units (CATS)": "frontier-smollm2-135m-units.csv",
                 "language, attention heads: oracle warm start, budget, 40 distillation steps (smollm2-135m-heads)": "frontier-smollm2-135m-heads.csv",
+                "language, Gemma 3 270M, single MLP units (CATS)": "frontier-gemma3-270m-units.csv",
+                "language, Gemma 3 270M, attention heads": "frontier-gemma3-270m-heads.csv",
+                "language, Gemma 3 270M, MLP tokens": "frontier-gemma3-270m-mlp-tokens.csv",
+                "language, Gemma 3 270M, attention tokens": "frontier-gemma3-270m-attn-tokens.csv",
                 "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
                 "vision, single MLP units (CATS)": "frontier-dinov2-small-units.csv",
                 "vision, token routers trained to merge": "frontier-dinov2-small-merge-trained.csv",
@@ -182,7 +186,7 @@ def cmd_frontier(args) -> int:
 
 def report(results: Path) -> str:
     """The README's result tables (markdown), from the committed results in ``results``."""
-    parts = [frontier_tables(results), keep_dense_table(results), speed_table(results)]
+    parts = [frontier_tables(results), keep_dense_table(results), speed_table(results), decode_table(results)]
     if not parts[0]:
         raise FileNotFoundError(f"no frontier results ({', '.join(REPORT_FILES.values())}) in {results}")
     return "\n".join(p for p in parts if p).rstrip() + "\n"
@@ -263,6 +267,32 @@ def speed_table(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def decode_table(results: Path) -> str:
+    """Decode and prefill speed of each operating point next to its held-out quality (``bench decode``)."""
+    from .bench import read, read_info
+    path = results / "decode_cpu.csv"
+    if not path.exists():
+        return ""
+    df, info = read(path), read_info(path)
+    phases = list(df[["phase", "batch", "tokens"]].drop_duplicates().itertuples(index=False, name=None))
+    head = [f"decode batch {b}" if ph == "decode" else f"prefill {b}×{n // b}" for ph, b, n in phases]
+    out = [f"**time where users feel it** (`{info['command']}`, {info['cpu']}, {info['threads']} thread(s), "
+           f"{info['date'][:10]}): tokens/s and speedup over dense (ideal from measured FLOPs)", "",
+           "| point | held-out ppl ratio | model compute | " + " | ".join(head) + " | teacher tokens kept (of "
+           f"{int(df[df.phase == 'decode'].tokens.iloc[0] / df.batch.iloc[0]) + 1}) |",
+           "|---|---|---|" + "---|" * len(head) + "---|"]
+    for name, g in df.groupby("point", sort=False):
+        cells = []
+        for ph, b, _ in phases:
+            r = g[(g.phase == ph) & (g.batch == b)].iloc[0]
+            cells.append(f"{r.routed_tok_s:.1f}" if name == "dense" else
+                         f"{r.routed_tok_s:.1f} ({r.speedup:.2f}×, ideal {r.ideal_speedup:.2f}×)")
+        kept = g[(g.phase == "decode") & (g.batch == 1)].teacher_tokens_matched.iloc[0]
+        out.append(f"| {name} | {g.ppl_ratio.iloc[0]:.3f} | {g.model_compute.iloc[0]:.3f} | " + " | ".join(cells)
+                   + f" | {kept:g} |")
+    return "\n".join(out) + "\n"
+
+
 def cmd_report(args) -> int:
     print(report(args.results), end="")
     return 0
@@ -275,7 +305,8 @@ def add_parsers(sub) -> None:
     f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
                        formatter_class=HelpFormatter)
     f.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m, dinov2-small, tiny-llava, or a Hugging Face id / folder (causal LM or ViT)")
+                   help="an offline zoo model (smollm2-135m, gemma3-270m, dinov2-small, tiny-llava), or a Hugging "
+                        "Face id / folder (a causal LM or a vision tower of a supported family)")
     f.add_argument("--routers", type=Path, help="trained routers (needed for the 'learned' scorer)")
     src = f.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="any UTF-8 text file (language models)")
