@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -54,7 +55,7 @@ def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity
 
 
 def _command(args) -> str:
-    return "elastilab " + " ".join(args.argv)
+    return "elastilab " + shlex.join(args.argv)  # quoted: a JSON --point stays one argument when pasted
 
 
 def _threads(args) -> None:
