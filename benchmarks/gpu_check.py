@@ -43,11 +43,11 @@ def cuda_errors(device="cuda", N=1000, D=200, F=520):
     import pandas as pd
     import torch
 
-    from elastilab import spec
-    from elastilab.kernels import ops
-    from elastilab.kernels.reference import routed_mlp_residual_reference, unit_mlp_sparse
-    from elastilab.routing import choose_units
-    from elastilab.spec import MLPWeights
+    from elastilab.core import spec
+    from elastilab.core.routing import choose_units
+    from elastilab.core.spec import MLPWeights
+    from elastilab_kernels import ops
+    from elastilab_kernels.reference import routed_mlp_residual_reference, unit_mlp_sparse
 
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device=device).manual_seed(0)
@@ -104,8 +104,8 @@ def decode(model: str, device: str, dtype: str, capacities=(0.875, 0.75, 0.5), r
     import torch
 
     import elastilab as el
-    from elastilab import bench
-    from elastilab.bench_decode import _step_flops, greedy
+    from elastilab.analysis import bench
+    from elastilab.analysis.bench_decode import _step_flops, greedy
     net, vocab = bench.load_model(model, device, getattr(torch, dtype))
     em = el.elastify(net, el.ElasticConfig(mlp_units=1.0))
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0)).to(device)
@@ -143,7 +143,7 @@ def decode(model: str, device: str, dtype: str, capacities=(0.875, 0.75, 0.5), r
 
 def _f32(w):
     c = lambda t: None if t is None else t.float()
-    from elastilab.spec import MLPWeights
+    from elastilab.core.spec import MLPWeights
     return MLPWeights(w.kind, w.act, c(w.w_in), c(w.w_out), c(w.w_gate), c(w.b_in), c(w.b_out))
 
 
@@ -156,7 +156,7 @@ def main(dry: bool = False) -> int:
     import torch
 
     import elastilab
-    from elastilab import bench
+    from elastilab.analysis import bench
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; this script is for a GPU machine (try --dry-run)", file=sys.stderr)
         return 2

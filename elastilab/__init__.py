@@ -5,19 +5,21 @@
     em = el.elastify(model, el.ElasticConfig(mlp_experts=0.5, attn_tokens=0.75))
     log = el.distill(em, el.data.text("licenses"), tokenizer=tok, steps=200)
 """
-from . import data, zoo
-from .budget import allocate
-from .config import COMPONENTS, ElasticConfig
-from .distill import DistillConfig, distill, evaluate
-from .checkpoint import fingerprint
-from .elastic import ElasticModel, elastify
-from .loading import load_routers
-from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
-from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
-from . import scorers
-from .warm_start import warm_start
+from elastilab import data, scorers, zoo
+from elastilab.adapters.llava.model import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
+from elastilab.analysis.frontier import frontier, frontier_summary, plot_frontier
+from elastilab.core.budget import allocate
+from elastilab.core.checkpoint import fingerprint
+from elastilab.core.config import COMPONENTS, ElasticConfig
+from elastilab.core.loading import load_routers
+from elastilab.core.model import ElasticModel, elastify
+from elastilab.tasks.lm import LMTask, evaluate
+from elastilab.tasks.vit import ViTTask
+from elastilab.tasks.vlm import VLMTask
+from elastilab.training.distill import DistillConfig, distill
+from elastilab.training.warm_start import warm_start
 
 __all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
-           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "allocate", "warm_start"]
+           "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "VLMTask", "allocate", "warm_start"]
 __version__ = "0.1.0"

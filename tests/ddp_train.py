@@ -1,4 +1,4 @@
-"""Train routers of a tiny Llama with elastilab.distill; run alone or under torchrun.
+"""Train routers of a tiny Llama with elastilab.training.distill; run alone or under torchrun.
 
     python tests/ddp_train.py OUT.safetensors
     torchrun --nproc_per_node 2 tests/ddp_train.py OUT.safetensors

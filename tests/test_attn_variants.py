@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
 from elastilab.adapters import find_adapter
-from elastilab.compute import measure_flops
-from model_cases import CASES
+from elastilab.core.compute import measure_flops
 
 
 def make(name, variant, **caps):

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import elastilab as el
-from elastilab import bench, cli
-from elastilab.compute import measure_flops
-from elastilab.config import LAYER_COMPONENTS
-from elastilab.routing import n_kept
+from elastilab.analysis import bench
+from elastilab.cli import main as cli
+from elastilab.core.compute import measure_flops
+from elastilab.core.config import LAYER_COMPONENTS
+from elastilab.core.routing import n_kept
 
 COLUMNS = {"model", "device", "backend", "heads", "batch", "seq", "component", "capacity", "dense_s", "routed_s",
            "speedup", "speedup_paired", "dense_gflops", "routed_gflops", "ideal_speedup", "realised",
@@ -38,7 +39,7 @@ def test_speed_rows(rows):
 
 def test_speed_flops_are_the_work_the_blocks_kept(rows):
     """The FLOPs behind the ideal speedup are those of the rows, heads and slices each block really
-    computed (elastilab.compute's count from the block's choices), so routing at 0.5 cuts real work."""
+    computed (elastilab.core.compute's count from the block's choices), so routing at 0.5 cuts real work."""
     net, vocab = bench.load_model("tiny")
     em = el.elastify(net, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=8))
     ids = torch.randint(0, vocab, (1, 16))  # top-k keeps the same counts whatever the tokens

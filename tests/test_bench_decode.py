@@ -2,7 +2,8 @@
 quality columns, files, and clear errors (no timing assertions: speed is the benchmark's job)."""
 import pytest
 
-from elastilab import bench, cli
+from elastilab.analysis import bench
+from elastilab.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from browser import (chromium_page, jupyter_lab, move_slider, open_notebook, run_all, screenshot,
-                     wait_for_widget_text)
+from browser import chromium_page, jupyter_lab, move_slider, open_notebook, run_all, screenshot, wait_for_widget_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -3,9 +3,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-from browser import (chromium_page, jupyter_lab, move_slider, open_notebook, run_all, screenshot,
-                     wait_for_widget_text, widget_text)
+from browser import (
+    chromium_page,
+    jupyter_lab,
+    move_slider,
+    open_notebook,
+    run_all,
+    screenshot,
+    wait_for_widget_text,
+    widget_text,
+)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 SLIDER_CELL = """\

@@ -1,12 +1,12 @@
-"""A compute budget allocated across layers (elastilab.budget): the cheapest layers are cut first,
+"""A compute budget allocated across layers (elastilab.core.budget): the cheapest layers are cut first,
 the measured compute follows the budget, and the allocation is saved with the routers."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab.budget import capacities_at, greedy_schedule
-from elastilab.compute import measure_flops
-from model_cases import CASES
+from elastilab.core.budget import capacities_at, greedy_schedule
+from elastilab.core.compute import measure_flops
 
 LEVELS = [1.0, 0.75, 0.5, 0.25]
 

@@ -4,12 +4,12 @@ causal LM family, a cached decode step gives the same logits and the same measur
 paths (forced by GATHER_ROWS = 0), and the measured FLOPs match the analytic count."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab import routing
 from elastilab.adapters import find_adapter
-from elastilab.compute import measure_flops
-from model_cases import CASES
+from elastilab.core import routing
+from elastilab.core.compute import measure_flops
 
 LMS = [name for name in CASES if set(CASES[name]().inputs) == {"input_ids"} and CASES[name]().causal]
 POINTS = [{"attn_heads": 0.5}, {"attn_heads": 0.75, "mlp_units": 0.5}]

@@ -8,11 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from model_cases import CASES
 from safetensors.torch import load_file
 
 import elastilab as el
-from elastilab.distill import DistillConfig, TrainingDiverged, kl_loss, lm_loss
-from model_cases import CASES
+from elastilab.tasks.lm import lm_loss
+from elastilab.training.distill import DistillConfig, TrainingDiverged
+from elastilab.training.losses import kl_loss
 
 HERE = Path(__file__).parent
 
@@ -226,7 +228,8 @@ def test_checkpoint_folder_is_checked_before_step_1(tmp_path):
 @pytest.fixture
 def tiny_cli(monkeypatch, tmp_path):
     """cli.main with --model served by the tiny Llama (and a character tokenizer); returns (run, text)."""
-    import elastilab.cli as cli
+    import elastilab.cli.main as cli
+    import elastilab.cli.train as train_cli
 
     def load_tiny(name):
         torch.manual_seed(0)
@@ -236,7 +239,7 @@ def tiny_cli(monkeypatch, tmp_path):
         return model, lambda s: [ord(c) % 101 for c in s]
 
     calls = []
-    monkeypatch.setattr(cli, "_load_lm", load_tiny)
+    monkeypatch.setattr(train_cli, "_load_lm", load_tiny)
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
     args = ["--text", str(text), "--mlp-tokens", "0.5", "--attn-heads", "0.5", "--capacity-range", "0.3", "0.9",
@@ -295,7 +298,7 @@ def test_cli_train_warm_start_fits_the_routers_before_distilling(tiny_cli, tmp_p
 
 def test_cli_train_without_token_components_needs_no_calibration(tiny_cli, tmp_path):
     """Heads and slices only: there is no token router to calibrate, and the run still saves its routers."""
-    import elastilab.cli as cli
+    import elastilab.cli.main as cli
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
     out = tmp_path / "heads"
@@ -321,8 +324,8 @@ def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninter
     import re
     import shlex
 
-    import elastilab.cli as cli
-    distill = sys.modules["elastilab.distill"]  # (el.distill is the function)
+    import elastilab.cli.main as cli
+    distill = sys.modules["elastilab.training.distill"]  # (el.distill is the function)
     run, _ = tiny_cli
     full, out = tmp_path / "full", tmp_path / "out"
     assert run("--steps", "5", "--checkpoint-every", "2", "--out", str(full)) == 0
@@ -352,7 +355,7 @@ def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninter
 def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_once_it_is_whole(tmp_path, monkeypatch):
     import signal
 
-    from elastilab.trainer_state import read_trainer_state
+    from elastilab.training.trainer_state import read_trainer_state
     save = el.ElasticModel.save_routers
 
     def save_then_ctrl_c(self, *args, **kwargs):  # Ctrl-C between the routers and the trainer state
@@ -385,7 +388,7 @@ def test_a_second_train_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken
             finish.wait(60)
         return lm_loss(*args)
 
-    monkeypatch.setattr(sys.modules["elastilab.distill"], "lm_loss", first_run_waits)
+    monkeypatch.setattr(sys.modules["elastilab.training.distill"], "lm_loss", first_run_waits)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(run, "--steps", "1", "--out", str(out))
         assert training.wait(60)
@@ -409,7 +412,7 @@ def test_train_takes_mlp_units_beside_a_routed_component_and_refuses_it_alone(ti
     out = tmp_path / "units"
     assert run("--steps", "2", "--mlp-units", "0.5", "--out", str(out)) == 0
     assert json.loads((out / "routers.json").read_text())["elastic_config"]["mlp_units"] == 0.5
-    import elastilab.cli as cli
+    import elastilab.cli.main as cli
     text = tmp_path / "text.txt"
     n = len(loads)
     assert cli.main(["train", "--text", str(text), "--mlp-units", "0.5", "--out", str(tmp_path / "alone")]) == 2

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab import commands
-from elastilab.config import LAYER_COMPONENTS
-from model_cases import CASES
+from elastilab.analysis import report as commands
+from elastilab.core.config import LAYER_COMPONENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_report_without_results_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     text = tmp_path / "mine.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
     assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
@@ -154,7 +154,7 @@ def fox(tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3", "smollm3", "gemma2", "gemma3", "phi3", "olmo2"])
 def test_cli_frontier_on_a_model_folder_of_each_new_family(name, fox, tmp_path, capsys):
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     torch.manual_seed(0)
     CASES[name]().model.save_pretrained(tmp_path / name)
     _save_char_tokenizer(tmp_path / name, fox.read_text())
@@ -170,7 +170,8 @@ def test_cli_frontier_on_a_model_folder_of_each_new_family(name, fox, tmp_path, 
 
 def test_cli_frontier_names_the_supported_architectures(fox, tmp_path, capsys):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    from elastilab.cli import main
+
+    from elastilab.cli.main import main
     cfg = GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64)
     GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
@@ -187,7 +188,8 @@ def test_cli_frontier_on_a_siglip_folder(tmp_path, capsys):
     """A vision tower without a CLS token, from a folder (224 px: the image pipeline resizes to a multiple of 14)."""
     from PIL import Image
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    from elastilab.cli import main
+
+    from elastilab.cli.main import main
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              image_size=224, patch_size=32)

@@ -4,11 +4,11 @@ import json
 import pandas as pd
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab import generation as q
-from elastilab.config import LAYER_COMPONENTS
-from model_cases import CASES
+from elastilab.analysis import generation as q
+from elastilab.core.config import LAYER_COMPONENTS
 
 K = 8  # new tokens per prompt
 
@@ -134,7 +134,7 @@ def tiny_cli(tmp_path, monkeypatch):
 
 
 def test_cli_generation_writes_the_table(tiny_cli, capsys):
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     tmp, text = tiny_cli
     out = tmp / "gen"
     args = ["generation", "--routers", str(tmp / "routers"), "--text", str(text), "--split", "all",
@@ -165,7 +165,7 @@ def test_cli_generation_writes_the_table(tiny_cli, capsys):
 
 
 def test_cli_generation_refuses_bad_requests(tiny_cli, capsys):
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     tmp, text = tiny_cli
     common = ["generation", "--routers", str(tmp / "routers"), "--text", str(text), "--split", "all",
               "--prompt-len", "6", "--new-tokens", "3", "--no-bf16-reference"]
@@ -208,7 +208,7 @@ def test_token_routing_in_topk_mode_refuses_to_decode_with_a_cache():
 
 
 def test_cli_generation_of_mlp_units_needs_no_routers(tiny_cli, capsys):
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     tmp, text = tiny_cli
     out = tmp / "units"
     common = ["generation", "--text", str(text), "--split", "all", "--prompts", "2", "--prompt-len", "6",

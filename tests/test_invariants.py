@@ -1,14 +1,14 @@
-"""The five invariants of DESIGN.md and the adapter contract (adapters/base.py), run on every model family
+"""The five invariants of docs/DESIGN.md and the adapter contract (adapters/base.py), run on every model family
 registered in model_cases.py."""
+import model_cases
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-import model_cases
 from elastilab.adapters import REGISTRY, find_adapter
-from elastilab.compute import measure_flops
-from elastilab.config import GATED_COMPONENTS, LAYER_COMPONENTS
-from model_cases import CASES
+from elastilab.core.compute import measure_flops
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
 
 ALL = {c: 1.0 for c in LAYER_COMPONENTS}
 # (component, attn_tokens_variant): every component once, and the key/value-keeping variant of

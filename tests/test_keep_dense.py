@@ -1,10 +1,10 @@
 """keep_dense: chosen layers run a component dense whatever its capacity; saved with the routers."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab.compute import measure_flops
-from model_cases import CASES
+from elastilab.core.compute import measure_flops
 
 
 def test_kept_layers_run_dense_and_the_setting_round_trips(tmp_path):

@@ -1,4 +1,4 @@
-"""The LM experiments (elastilab.lm_experiments, `elastilab lm ...`) on a tiny Llama, and the CLI on the
+"""The LM experiments (elastilab.analysis.lm_experiments, `elastilab lm ...`) on a tiny Llama, and the CLI on the
 shipped SmolLM2: measured numbers, the committed CSVs' columns, and files written only into --out."""
 import argparse
 from pathlib import Path
@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab import cli
-from elastilab import lm_experiments as lx
-from elastilab.routing import n_kept
-from model_cases import CASES
+from elastilab.analysis import lm_experiments as lx
+from elastilab.cli import lm as lm_cli
+from elastilab.cli import main as cli
+from elastilab.core.routing import n_kept
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 STAMP = ["date", "machine", "torch"]
@@ -115,10 +116,10 @@ def test_routing_map_and_slot_usage(em, blocks):
 # ---------------------------------------------------------------- the command line, on SmolLM2
 def run(argv) -> int:
     """``elastilab ...`` through cli.main once cli registers the lm commands, else on a parser of our own."""
-    if any(m == "elastilab.lm_experiments" for m, _ in getattr(cli, "SUBCOMMANDS", ())):
+    if any(m == "elastilab.cli.lm" for m, _ in getattr(cli, "SUBCOMMANDS", ())):
         return cli.main(argv)
     p = argparse.ArgumentParser(prog="elastilab")
-    lx.add_parsers(p.add_subparsers(dest="command", required=True))
+    lm_cli.add_parsers(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
     return args.func(args)
 
@@ -139,6 +140,7 @@ def test_cli_writes_only_into_out(tmp_path, monkeypatch, capsys):
     assert list(written.columns) == list(pd.read_csv(RESULTS / "lm_threshold_modes.csv", nrows=1).columns)
     assert list(written["mode"]) == ["threshold", "running"] and (written.measured_compute < 1).all()
     assert written.command[0].startswith("elastilab lm threshold-modes --model smollm2-135m --blocks 1")
+    assert "--argv" not in written.command[0]  # every option spelled out, not the parsed argv again
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["lm_threshold_modes.csv", "res"]
     capsys.readouterr()
     assert run(["lm", "attn-variants", *small[:4], "--capacities", "0.5", "--scorers", "random"]) == 0

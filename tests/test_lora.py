@@ -1,4 +1,4 @@
-"""Rank-r LoRA trained with the routers (elastilab.lora): it acts in every routed path as the merged
+"""Rank-r LoRA trained with the routers (elastilab.core.lora): it acts in every routed path as the merged
 weights would, the teacher stays the pretrained model bit for bit, it is saved, loaded and resumed
 with the routers, and bad settings fail clearly."""
 import copy
@@ -9,11 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel test on CPU (read w
 
 import pytest
 import torch
+from model_cases import CASES
 from safetensors.torch import load_file
 
 import elastilab as el
-from elastilab.compute import measure_flops
-from model_cases import CASES
+from elastilab.core.compute import measure_flops
 
 
 def lora_model(name="llama", rank=1, **caps):
@@ -67,7 +67,7 @@ def test_lora_acts_in_every_routed_path_as_the_merged_weights(name, caps, extra)
 
 def test_lora_acts_in_the_triton_kernels():
     """The MLP kernels take the spec's weights: with the LoRA they run on W + ΔW (interpreter on CPU)."""
-    from elastilab.kernels import mlp_triton, ops
+    from elastilab_kernels import mlp_triton, ops
     if not mlp_triton.INTERPRET:
         pytest.skip("the Triton interpreter was off when the kernels were first imported")
     case, _, em = lora_model(mlp_experts=0.5)
@@ -207,13 +207,14 @@ def _peft_llama():
 # -- `elastilab train --lora-rank` on the tiny Llama ---------------------------------------------
 @pytest.fixture
 def tiny_cli(monkeypatch, tmp_path):
-    import elastilab.cli as cli
+    import elastilab.cli.main as cli
+    import elastilab.cli.train as train_cli
 
     def load_tiny(name):
         torch.manual_seed(0)
         return CASES["llama"]().model, lambda s: [ord(c) % 101 for c in s]
 
-    monkeypatch.setattr(cli, "_load_lm", load_tiny)
+    monkeypatch.setattr(train_cli, "_load_lm", load_tiny)
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
     args = ["--text", str(text), "--attn-heads", "0.5", "--mlp-experts", "0.5", "--n-experts", "4",

@@ -29,11 +29,11 @@ socket.getaddrinfo = _lookup
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [
-    ["-m", "elastilab.cli", "eval", "--domain", "licenses", "--blocks", "1", "--seq-len", "32",
+    ["-m", "elastilab.cli.main", "eval", "--domain", "licenses", "--blocks", "1", "--seq-len", "32",
      "--mlp-experts", "0.5", "--json"],
-    ["-m", "elastilab.cli", "eval", "--routers", "data/routers/smollm2-135m", "--domain", "licenses",
+    ["-m", "elastilab.cli.main", "eval", "--routers", "data/routers/smollm2-135m", "--domain", "licenses",
      "--blocks", "1", "--seq-len", "32", "--json"],
-    ["-m", "elastilab.cli", "frontier", "--model", "dinov2-small", "--domain", "digits", "--n-images", "4",
+    ["-m", "elastilab.cli.main", "frontier", "--model", "dinov2-small", "--domain", "digits", "--n-images", "4",
      "--components", "mlp_tokens", "--capacities", "0.5", "--scorers", "random", "--json"],
 ])
 def test_cli_makes_no_network_connection(tmp_path, command):

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cases import CASES
 from safetensors.torch import load_file, save_file
 
 import elastilab as el
-import elastilab.checkpoint
+import elastilab.core.checkpoint
 import elastilab.files
-from elastilab.block import ElasticBlock
-from model_cases import CASES
+from elastilab.core.block import ElasticBlock
 
 
 def tiny_llama():
@@ -169,7 +169,7 @@ def test_an_interrupted_save_leaves_the_old_pair(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # SIGTERM/Ctrl-C between writing the weights and the metadata
         return json.dumps(obj, **kwargs)
 
-    monkeypatch.setattr(elastilab.checkpoint, "json", types.SimpleNamespace(dumps=killed_writing_the_metadata))
+    monkeypatch.setattr(elastilab.core.checkpoint, "json", types.SimpleNamespace(dumps=killed_writing_the_metadata))
     with pytest.raises(KeyboardInterrupt):
         em.save_routers(path)
     monkeypatch.undo()
@@ -261,16 +261,17 @@ def test_the_library_never_calls_torch_load():
 
 # ---------------------------------------------------------------- 6. shipped results are never a default output
 @pytest.mark.parametrize("argv, module, runs", [
-    (["vit", "bench"], "elastilab.vision", "bench"), (["vit", "crossdomain"], "elastilab.vision", "crossdomain"),
+    (["vit", "bench"], "elastilab.analysis.vision", "bench"), (["vit", "crossdomain"], "elastilab.analysis.vision", "crossdomain"),
     (["vlm", "train"], "elastilab.zoo.tiny_llava", "load"), (["vlm", "bench"], "elastilab.zoo.tiny_llava", "load"),
     (["zoo", "tiny-llava-train"], "elastilab.zoo.tiny_llava", "train"),
     (["zoo", "dinov2-probe"], "elastilab.zoo.dinov2", "train_probe"),
-    (["bench", "speed", "--model", "tiny"], "elastilab.bench", "speed"),
+    (["bench", "speed", "--model", "tiny"], "elastilab.analysis.bench", "speed"),
 ])
 def test_benchmark_commands_write_only_where_out_says(monkeypatch, capsys, argv, module, runs):
     import functools
     import importlib
-    from elastilab import cli
+
+    from elastilab.cli import main as cli
     mod = importlib.import_module(module)  # wraps: the parser still reads the function's defaults
     monkeypatch.setattr(mod, runs, functools.wraps(getattr(mod, runs))(lambda *a, **k: pytest.fail("ran without --out")))
     with pytest.raises(SystemExit) as e:
@@ -279,7 +280,7 @@ def test_benchmark_commands_write_only_where_out_says(monkeypatch, capsys, argv,
 
 
 def test_benchmark_functions_write_nothing_by_default():
-    from elastilab import vlm
+    from elastilab.analysis import vlm
     with pytest.raises(ValueError, match="out is required"):
         vlm.train_visual_router()
     assert vlm.bench.__defaults__ is not None and "benchmarks/" not in str(vlm.bench.__defaults__)

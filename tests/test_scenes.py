@@ -101,7 +101,7 @@ def test_tiny_llava_examples_include_the_scenes():
 
 @pytest.mark.slow
 def test_the_scenes_frontier_runs_on_a_few_images(capsys):
-    from elastilab import cli
+    from elastilab.cli import main as cli
     assert cli.main(["frontier", "--model", "tiny-llava", "--routers", "data/routers/tiny-llava-visual",
                      "--domain", "scenes", "--n-images", "4", "--capacities", "0.5",
                      "--scorers", "learned,random,fastv", "--json"]) == 0

@@ -4,13 +4,13 @@ match the analytic count of what was chosen, and an oracle's own work is left ou
 unsupported components are refused clearly."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab.compute import measure_flops
-from elastilab.config import LAYER_COMPONENTS
-from elastilab.routing import n_kept
+from elastilab.core.compute import measure_flops
+from elastilab.core.config import LAYER_COMPONENTS
+from elastilab.core.routing import n_kept
 from elastilab.scorers import SCORERS, Scorer, supports
-from model_cases import CASES
 
 FAMILIES = ["llama", "gpt2", "hf_dinov2", "hf_vit_cls", "gemma3", "siglip", "clip"]  # windows, post-norms; no CLS
 SCORER_NAMES = ["learned", *SCORERS]
@@ -131,7 +131,7 @@ def test_oracle_beats_random_on_the_dense_contribution():
 def test_tome_merges_instead_of_dropping():
     """ToMe: nothing is dropped — a merged patch receives exactly its group's MLP output — the sub-layer
     runs on ceil(c * N) tokens, and one bipartite step refuses to merge more than half."""
-    from elastilab.routing import estimator_attention
+    from elastilab.core.routing import estimator_attention
     case, em, _ = elastic("hf_dinov2")
     block = em.blocks[0]
     x = torch.randn(2, 17, 64)  # CLS + 16 patches
@@ -159,7 +159,7 @@ def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_o
     """skipped_tokens="merge" (ViTs): the same routers choose, the same rows are computed, and a skipped
     token receives the MLP output of its most similar kept token instead of nothing; refused for causal
     models; switching back to "drop" restores the drop path exactly."""
-    from elastilab.routing import estimator_attention
+    from elastilab.core.routing import estimator_attention
     from elastilab.scorers import nearest_kept
     case, em, _ = elastic("hf_dinov2")
     block = em.blocks[0]

@@ -42,7 +42,7 @@ def test_unknown_model_and_missing_package_errors():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "elastilab.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "elastilab.cli.main", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cli_train_then_eval_json(tmp_path):

@@ -4,16 +4,13 @@ spec.mlp_experts_forward, the index_copy residual vs the textbook formula. Value
 import pytest
 import torch
 
-from elastilab import spec
-from elastilab.kernels import ops
-from elastilab.kernels.reference import (expert_mlp_sorted, head_attention_reference,
-                                        routed_mlp_residual_reference)
-from elastilab.spec import MLPWeights
-
 from elastilab.adapters.llama import rope as llama_rope
-from elastilab.kernels.head_attention import head_routed_attention
-from elastilab.routing import RoutedAttention, choose_slots
-from elastilab.spec import AttnWeights
+from elastilab.core import spec
+from elastilab.core.routing import choose_slots
+from elastilab.core.spec import AttnWeights, MLPWeights
+from elastilab_kernels import ops
+from elastilab_kernels.head_attention import head_routed_attention
+from elastilab_kernels.reference import expert_mlp_sorted, head_attention_reference, routed_mlp_residual_reference
 
 
 def make_case(B=3, K=11, S=11, H=4, Hkv=2, hd=8, kh=2, biases=True, with_rope=True, pad=True, seed=0):

@@ -2,13 +2,13 @@
 (CATS-style), with only the chosen units' up and down projections computed."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab.compute import measure_flops
-from elastilab.kernels import ops
-from elastilab.routing import n_kept
-from elastilab.spec import mlp_gate, mlp_hidden
-from model_cases import CASES
+from elastilab.core.compute import measure_flops
+from elastilab.core.routing import n_kept
+from elastilab.core.spec import mlp_gate, mlp_hidden
+from elastilab_kernels import ops
 
 FAMILIES = ["llama", "llama_biases", "gpt2", "hf_dinov2", "timm_vit"]
 
@@ -130,7 +130,7 @@ def test_a_budget_across_layers_is_allocated_without_routers_and_saved(tmp_path)
 def test_decode_gather_path_equals_the_sparse_path_in_value_and_measured_flops(name, monkeypatch):
     """A few rows (a decode step) take the gather path (unit-major down projection, embedding_bag);
     forced off (GATHER_ROWS = 0) the same rows take the sparse-matmul path: same output, same FLOPs."""
-    from elastilab import routing
+    from elastilab.core import routing
     case = CASES[name]()
     em = el.elastify(case.model, el.ElasticConfig(mlp_units=0.5))
     inputs = {k: v[:1, :routing.GATHER_ROWS] if k == "input_ids" else v[:1] for k, v in case.inputs.items()}

@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab import plots
+from elastilab.analysis import plots
 from elastilab.data import ROOT
 from elastilab.scorers import Candidates, ClsAttention
 from elastilab.tasks import vit as V
-from model_cases import CASES
 
 ALL_HALF = dict(attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
 
@@ -213,7 +213,8 @@ def test_vit_commands_run_the_library_with_their_own_command_line(monkeypatch, t
     given, the signatures' defaults, and the command line to record."""
     import functools
 
-    from elastilab import cli, vision
+    from elastilab.analysis import vision
+    from elastilab.cli import main as cli
     calls = {}
     for name in ("train", "bench", "crossdomain"):
         fake = lambda *a, _name=name, **k: calls.update({_name: (a, k)})  # noqa: E731

@@ -1,9 +1,9 @@
-"""Elastic LLaVA (elastilab.elastic_llava, tasks.vlm): the visual_tokens router, baselines, generation, errors, training."""
+"""Elastic LLaVA (elastilab.adapters.llava.model, tasks.vlm): the visual_tokens router, baselines, generation, errors, training."""
 import pytest
 import torch
 
 import elastilab as el
-from elastilab.elastic_llava import ElasticLlava
+from elastilab.adapters.llava.model import ElasticLlava
 from elastilab.tasks import vlm
 
 N_IMG = 5  # 28 px / patch 14 -> 4 patches + CLS ("full")
@@ -245,8 +245,8 @@ def test_image_tokens_through_the_scorer_registry_and_the_frontier():
 def test_vlm_commands_run_the_library_with_the_functions_defaults(monkeypatch, tmp_path):
     import functools
 
-    from elastilab import cli
-    from elastilab import vlm as commands
+    from elastilab.analysis import vlm as commands
+    from elastilab.cli import main as cli
     calls = {}
     for name in ("train_visual_router", "bench"):
         fake = lambda *a, _name=name, **k: calls.update({_name: (a, k)})  # noqa: E731

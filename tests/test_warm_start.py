@@ -1,11 +1,11 @@
-"""Oracle-supervised warm start (elastilab.warm_start): routers fitted on dense forward passes choose
+"""Oracle-supervised warm start (elastilab.training.warm_start): routers fitted on dense forward passes choose
 like the oracle, without touching the model."""
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
-from elastilab.warm_start import warm_start
-from model_cases import CASES
+from elastilab.training.warm_start import warm_start
 
 
 def chosen(em, comp, ids, scorer="learned"):

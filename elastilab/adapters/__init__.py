@@ -4,8 +4,9 @@ Every adapter registered here runs through the same invariant tests (tests/test_
 """
 from __future__ import annotations
 
-from .base import Adapter, Call, REGISTRY, register
-from . import llama, gemma, phi3, olmo2, gpt2, vit, hf_vit, siglip, llava  # noqa: F401  (registration)
+from elastilab.adapters import gemma, gpt2, hf_vit, llama, olmo2, phi3, siglip, vit  # noqa: F401  (registration)
+from elastilab.adapters.base import REGISTRY, Adapter, Call, register
+from elastilab.adapters.llava import adapter as llava  # noqa: F401  (registration)
 
 
 def find_adapter(model) -> Adapter:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..spec import BlockSpec
+from elastilab.core.spec import BlockSpec
 
 REGISTRY: dict[str, "Adapter"] = {}
 

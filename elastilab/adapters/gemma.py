@@ -7,9 +7,9 @@ they need nothing here.
 """
 from __future__ import annotations
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import register
-from .llama import LlamaAdapter, mlp_act, rope, window
+from elastilab.adapters.base import register
+from elastilab.adapters.llama import LlamaAdapter, mlp_act, rope, window
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 
 @register

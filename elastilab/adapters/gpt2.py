@@ -1,8 +1,8 @@
 """GPT-2: pre-norm LayerNorm, fused Conv1D qkv ([in, out] weights), learned positions, GELU MLP."""
 from __future__ import annotations
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import Adapter, Call, register
+from elastilab.adapters.base import Adapter, Call, register
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 

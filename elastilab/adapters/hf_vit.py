@@ -8,9 +8,9 @@ split into ``intermediate.dense`` + ``output.dense``. Both layouts are read.
 """
 from __future__ import annotations
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import Adapter, Call, register
-from .vit import check_image
+from elastilab.adapters.base import Adapter, Call, register
+from elastilab.adapters.vit import check_image
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _FAMILIES = ("ViT", "ViTMAE", "Dinov2", "Dinov2WithRegisters")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import Adapter, Call, register
+from elastilab.adapters.base import Adapter, Call, register
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 

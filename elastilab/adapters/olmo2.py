@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import register
-from .llama import LlamaAdapter, mlp_act, rope
+from elastilab.adapters.base import register
+from elastilab.adapters.llama import LlamaAdapter, mlp_act, rope
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 
 class _AcrossHeads(nn.Module):

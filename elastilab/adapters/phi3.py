@@ -5,9 +5,9 @@ head's or hidden unit's part of the fused matmul without copying a weight.
 """
 from __future__ import annotations
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import register
-from .llama import LlamaAdapter, mlp_act, rope, window
+from elastilab.adapters.base import register
+from elastilab.adapters.llama import LlamaAdapter, mlp_act, rope, window
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 
 def _rows(t, *bounds):

@@ -8,11 +8,10 @@ a LayerNorm *before* the encoder, and a final LayerNorm of the CLS token only (t
 final hidden states are the last block's output; OpenAI's checkpoints use quick_gelu."""
 from __future__ import annotations
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import Adapter, Call, register
-from .hf_vit import _ACTS as _HF_ACTS
-from .vit import check_image
-
+from elastilab.adapters.base import Adapter, Call, register
+from elastilab.adapters.hf_vit import _ACTS as _HF_ACTS
+from elastilab.adapters.vit import check_image
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 _ACTS = {**_HF_ACTS, "quick_gelu": "quick_gelu"}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import AttnWeights, BlockSpec, MLPWeights
-from .base import Adapter, Call, register
+from elastilab.adapters.base import Adapter, Call, register
+from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights
 
 PREFIX_ATTR = "_elastilab_prefix_tokens"  # set once on each block by layers(): CLS + registers of its model
 

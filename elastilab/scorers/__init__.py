@@ -31,10 +31,10 @@ from __future__ import annotations
 
 # imported in this order, the registry lists: random, oracle, taylor, magnitude, attention_received,
 # cls_attention, fastv, tome
-from .base import SCORERS, Candidates, Random, Scorer, Scoring, get_scorer, register, supports
-from .oracles import Oracle, Taylor
-from .training_free import AttentionReceived, ClsAttention, FastV, Magnitude
-from .merging import ToMe, merge_rows, nearest_kept, unmerge
+from elastilab.scorers.base import SCORERS, Candidates, Random, Scorer, Scoring, get_scorer, register, supports
+from elastilab.scorers.merging import ToMe, merge_rows, nearest_kept, unmerge
+from elastilab.scorers.oracles import Oracle, Taylor
+from elastilab.scorers.training_free import AttentionReceived, ClsAttention, FastV, Magnitude
 
 __all__ = ["SCORERS", "Candidates", "Scorer", "Scoring", "get_scorer", "register", "supports", "Random",
            "Oracle", "Taylor", "AttentionReceived", "ClsAttention", "FastV", "Magnitude", "ToMe",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import GATED_COMPONENTS, LAYER_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
 
 
 @dataclass

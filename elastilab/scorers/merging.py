@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import TOKEN_COMPONENTS
-from ..routing import n_kept
-from .base import Scorer, register
+from elastilab.core.config import TOKEN_COMPONENTS
+from elastilab.core.routing import n_kept
+from elastilab.scorers.base import Scorer, register
 
 
 @register

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import GATED_COMPONENTS, PARAM_COMPONENTS
-from ..spec import mlp_hidden
-from .base import Scorer, _heads, _positions, register
+from elastilab.core.config import GATED_COMPONENTS, PARAM_COMPONENTS
+from elastilab.core.spec import mlp_hidden
+from elastilab.scorers.base import Scorer, _heads, _positions, register
 
 
 @register

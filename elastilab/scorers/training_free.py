@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import TOKEN_COMPONENTS
-from ..spec import mlp_gate
-from .base import Scorer, _positions, _project, register
+from elastilab.core.config import TOKEN_COMPONENTS
+from elastilab.core.spec import mlp_gate
+from elastilab.scorers.base import Scorer, _positions, _project, register
 
 
 @register

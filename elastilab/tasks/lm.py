@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import kl_loss
+from elastilab.training.losses import kl_loss
 
 
 def lm_loss(em, wrapped, ids: Tensor, cfg) -> tuple[Tensor, dict]:
@@ -57,3 +57,30 @@ def teacher_logits(em, blocks: Tensor, batch_size: int = 4) -> list[Tensor]:
     """The frozen model's next-token logits [b, T-1, V] for each batch of token blocks."""
     with em.routers_disabled():
         return [em(ids.to(em.device)).logits[:, :-1].float() for ids in blocks.split(batch_size)]
+
+
+class LMTask:
+    """Causal LM quality on held-out token blocks [N, T] (``evaluate``); the teacher's logits
+    are computed once and reused for every point of a frontier."""
+
+    metric, higher_is_better = "ppl_ratio", False
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int = 4):
+        if not torch.is_tensor(blocks) or blocks.dim() != 2 or blocks.dtype != torch.long or len(blocks) == 0:
+            raise ValueError("LMTask takes token blocks: a non-empty LongTensor [n_blocks, seq_len]")
+        self.blocks, self.batch_size = blocks, batch_size
+        self.teacher: list | None = None
+
+    def measure_input(self, em):
+        return (self.blocks[:1],), {}
+
+    def evaluate(self, em) -> dict:
+        if self.teacher is None:
+            self.teacher = teacher_logits(em, self.blocks, self.batch_size)
+        r = evaluate(em, self.blocks, self.batch_size, teacher=self.teacher)
+        return {"quality": r["ppl_ratio"], **r}
+
+    def distance(self, em) -> float:
+        """How far the elastic model is from the teacher: mean KL of the next-token distributions
+        (what ``budget.allocate`` minimises)."""
+        return self.evaluate(em)["kl"]

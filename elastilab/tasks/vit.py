@@ -16,7 +16,7 @@ It runs in distill.py's loop (same capacities, sampling, logs and checkpoints as
 Baselines at matched measured compute come from the scorer registry (``elastilab.scorers``):
 ``with em.scoring("random")``, ``"cls_attention"`` (tokens ranked by the attention the CLS token pays
 them in that layer; its cost is measured as routing FLOPs), ``"oracle"``, ... Routing maps and their
-plots: ``elastilab.plots``; the commands that train and benchmark DINOv2-S: ``elastilab vit`` (``elastilab.vision``).
+plots: ``elastilab.analysis.plots``; the commands that train and benchmark DINOv2-S: ``elastilab vit`` (``elastilab.cli.vision``).
 """
 from __future__ import annotations
 
@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import data
-from ..adapters import find_adapter
-from ..adapters.hf_vit import base_model
-from ..compute import measure_flops
-from ..config import ElasticConfig
-from ..distill import DistillConfig, distill, kl_loss
-from ..elastic import elastify
-from ..loading import load_routers
-from ..zoo import dinov2
+from elastilab import data
+from elastilab.adapters import find_adapter
+from elastilab.adapters.hf_vit import base_model
+from elastilab.core.compute import measure_flops
+from elastilab.core.config import ElasticConfig
+from elastilab.core.loading import load_routers
+from elastilab.core.model import elastify
+from elastilab.training.distill import DistillConfig, distill
+from elastilab.training.losses import kl_loss
+from elastilab.zoo import dinov2
 
 SIZE = 112  # 8x8 patches of 14 px: the probe's resolution, cheap on a CPU
 DOMAINS = ("digits04", "digits59", "photos")
@@ -240,3 +241,34 @@ def pixels(images, size: int = SIZE) -> Tensor:
     if isinstance(images, np.ndarray) and images.ndim == 3:  # a stack of gray images
         images = list(images)
     return dinov2.preprocess(images, size)
+
+
+class ViTTask:
+    """ViT quality on held-out images: agreement of a probe's (or the model's own head's) top-1 with
+    the teacher's, accuracy when labels are given, and cosine of the final hidden states."""
+
+    higher_is_better = True
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor | None = None, probe=None, batch_size: int = 32):
+        if not torch.is_tensor(pixels) or pixels.dim() != 4 or not bool(torch.isfinite(pixels).all()):
+            raise ValueError("ViTTask takes finite preprocessed images [N, 3, H, W]")
+        self.pixels, self.labels, self.probe, self.batch_size = pixels, labels, probe, batch_size
+        self.teacher = None
+        self.metric = "agreement"
+
+    def measure_input(self, em):
+        return _call_kwargs(em, self.pixels[:4])
+
+    @torch.no_grad()
+    def evaluate(self, em) -> dict:
+        if self.teacher is None:
+            self.teacher = teacher_outputs(em, self.pixels, self.probe, self.batch_size)
+            if not self.teacher[1].numel():
+                self.metric = "cosine"
+        r = evaluate_vit(em, self.pixels, self.labels, self.probe, self.batch_size, teacher=self.teacher,
+                         measure=False)
+        return {"quality": r[self.metric], **r}
+
+    def distance(self, em) -> float:
+        """1 - cosine of the final hidden states with the teacher's (what ``budget.allocate`` minimises)."""
+        return 1.0 - self.evaluate(em)["cosine"]

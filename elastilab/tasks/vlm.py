@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 
+import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..distill import kl_loss
-from ..zoo import tiny_llava
+from elastilab.training.losses import kl_loss
+from elastilab.zoo import tiny_llava
 
 
 def predicting_positions(answer_mask: Tensor) -> Tensor:
@@ -40,7 +41,7 @@ def answer_loss(em, wrapped, batch: dict, cfg) -> tuple[Tensor, dict]:
 
 def expand_tasks(tasks) -> tuple[str, ...]:
     """Task names with "scenes" standing for every scene question type (zoo.scenes.TASKS)."""
-    from ..zoo import scenes
+    from elastilab.zoo import scenes
     names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     out = tuple(dict.fromkeys(t for n in names for t in (scenes.TASKS if n == "scenes" else (n,))))
     known = ("digit", "face") + scenes.TASKS
@@ -192,3 +193,46 @@ def llava_15_7b_config():
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                        vision_feature_select_strategy="default", projector_hidden_act="gelu",
                        tie_word_embeddings=False)
+
+
+class VLMTask:
+    """Visual-language quality on held-out questions: accuracy of the greedy answer's first token
+    (digits and faces of tiny-llava), agreement and KL with the teacher. ``items`` and the projected
+    ``image_features`` as ``elastilab.tasks.vlm.tiny_llava_data`` returns them."""
+
+    metric, higher_is_better = "acc", True
+
+    def __init__(self, tokenizer, items, image_features: torch.Tensor, batch_size: int = 16):
+        if len(items) != len(image_features) or not items:
+            raise ValueError(f"VLMTask needs one image per item, got {len(items)} items and "
+                             f"{len(image_features)} images")
+        self.tokenizer, self.items, self.features, self.batch_size = tokenizer, items, image_features, batch_size
+        self._teacher: dict = {}  # the teacher's logits per batch, computed once per model
+        self._teacher_of = None
+        self.records: list[dict] = []
+
+    def per_item_table(self) -> pd.DataFrame:
+        """One row per item (task, answer), the teacher's hit, and per evaluation so far
+        ("<selector>@<capacity>") the student's hit and its agreement with the teacher (0/1)."""
+        cols = {"task": [it["task"] for it in self.items], "answer": [it["answer"] for it in self.items]}
+        for rec in self.records:
+            cols.setdefault("teacher", rec["teacher"])
+            name = f"{rec['selector']}@{rec['capacity']:g}"
+            cols[name], cols[f"{name}_agree"] = rec["student"], rec["agree"]
+        return pd.DataFrame(cols)
+
+    def measure_input(self, em):
+        from elastilab.zoo.tiny_llava import text_batch
+        it = self.items[0]
+        b = text_batch(self.tokenizer, [it["question"]], [it["answer"]])
+        return (), dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], image_features=self.features[:1])
+
+    def evaluate(self, em) -> dict:
+        if self._teacher_of is not em:
+            self._teacher, self._teacher_of = {}, em
+        r = evaluate(em, self.tokenizer, self.items, self.features, self.batch_size, measure=False,
+                     teacher_cache=self._teacher, per_item=True)
+        # per-item hits of each evaluation, for paired comparisons between scorers (``per_item_table``)
+        self.records.append({"selector": getattr(em, "selector", None),
+                             "capacity": getattr(em, "visual_capacity", None), **r.pop("per_item")})
+        return {"quality": r["acc"], **r}

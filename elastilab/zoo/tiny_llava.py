@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_folder, atomic_write, check_replaceable
+from elastilab.files import atomic_folder, atomic_write, check_replaceable
 
 NAME = "tiny-llava"
 SHIP_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny-llava"
@@ -51,7 +51,7 @@ def build_config(lm_config):
     """LlavaConfig: Dinov2 tower (all 65 tokens of its last layer), MLP projector, the LM + <image>."""
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
-    from .dinov2 import CONFIG
+    from elastilab.zoo.dinov2 import CONFIG
     text = LlamaConfig(**{**lm_config.to_dict(), "vocab_size": lm_config.vocab_size + 1})
     return LlavaConfig(vision_config=Dinov2Config(**CONFIG), text_config=text,
                        image_token_id=lm_config.vocab_size, image_seq_length=N_IMAGE_TOKENS,
@@ -110,7 +110,7 @@ def text_batch(tokenizer, questions, answers=None, images_per_row=None, chat: bo
 def build_inputs(tokenizer, questions, images, answers=None, chat: bool = True) -> dict:
     """Model inputs for questions about images: text_batch(...) plus pixel_values [n_images, 3, 112, 112].
     ``chat=False`` takes the questions as full prompts (each with its own <image> placeholders)."""
-    from .dinov2 import preprocess
+    from elastilab.zoo.dinov2 import preprocess
 
     questions = [questions] if isinstance(questions, str) else list(questions)
     images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -129,7 +129,7 @@ def build_inputs(tokenizer, questions, images, answers=None, chat: bool = True) 
 # ---------------------------------------------------------------- assembly and cache
 def display_image(image) -> np.ndarray:
     """The image as the tower sees it (112 x 112, RGB floats in [0, 1], before normalisation)."""
-    from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from elastilab.zoo.dinov2 import IMAGENET_MEAN, IMAGENET_STD, preprocess
     x = preprocess(image, IMAGE_SIZE)[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -139,7 +139,7 @@ def assemble(projector: dict | None = None):
     given projector state (None: the untrained, randomly initialised projector)."""
     from transformers import LlavaForConditionalGeneration
 
-    from . import dinov2, smollm2
+    from elastilab.zoo import dinov2, smollm2
     lm, tok = smollm2.load()
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     config = build_config(lm.config)
@@ -166,7 +166,7 @@ def load(dtype: torch.dtype = torch.float32, projector_path: str | Path | None =
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from . import cache_dir, sha256
+    from elastilab.zoo import cache_dir, sha256
     src = Path(projector_path) if projector_path else SHIP_DIR / PROJECTOR_FILE
     if not src.is_file():
         raise FileNotFoundError(f"no projector weights at {src}; train them with: {TRAIN_COMMAND} "
@@ -196,7 +196,7 @@ def examples(split: str = "train", per_class: int | None = None, scenes: bool = 
     """
     import skimage.data
 
-    from .. import data
+    from elastilab import data
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     out = []
@@ -215,7 +215,7 @@ def examples(split: str = "train", per_class: int | None = None, scenes: bool = 
         out += [{"image": p["image"], "question": QUESTIONS["caption"], "answer": p["caption"], "task": "caption"}
                 for p in data.photos()]
     if scenes:
-        from . import scenes as sc
+        from elastilab.zoo import scenes as sc
         out += sc.examples(split)
     return out
 
@@ -223,7 +223,7 @@ def examples(split: str = "train", per_class: int | None = None, scenes: bool = 
 @torch.no_grad()
 def tower_features(model, images, batch_size: int = 50) -> torch.Tensor:
     """The vision tower's selected features (before the projector): [n, 65, 384]."""
-    from .dinov2 import preprocess
+    from elastilab.zoo.dinov2 import preprocess
     inner = model.model
     layer = model.config.vision_feature_layer
     out = []
@@ -248,7 +248,7 @@ def answer_logits(model, input_ids, attention_mask, answer_mask, image_embeds):
 
 def cached_features(model, split: str) -> tuple[list[dict], torch.Tensor]:
     """(examples(split), their tower features [n, 65, 384]), computed once into the zoo cache."""
-    from . import cache_dir
+    from elastilab.zoo import cache_dir
     items = examples(split)
     # safetensors, never a pickle: whoever can write to the cache must not be able to run code here
     from safetensors.torch import load_file, save_file

@@ -1,0 +1,135 @@
+"""Inside LLaVA's language model: the two ways ``ElasticLlava`` runs it on part of the image tokens
+without removing them from the input sequence first.
+
+FastV (training-free baseline): the layers before K see every token; after layer K-1 the image tokens
+that received the least attention are pruned by forward pre-hooks on the later layers.
+
+Key-gated attention (the router's training estimator): the forward value is the hard top-k selection,
+but while ``training_estimator()`` is on, the sequence keeps every token and each image token's *key*
+is gated inside softmax attention by g = keep + (p - p.detach()), p = sigmoid(score):
+    attn_i = sum_j g_j exp(s_ij) v_j / sum_j g_j exp(s_ij).
+In value g is 1/0, which is exactly removing the dropped tokens (same positions, same masks); its
+gradient d attn / d g_j = exp(s_ij) (v_j - attn_i) / Z tells a dropped token's score what it *would*
+have contributed. (Gradients on the kept tokens alone barely move a ranking from its random start.)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from elastilab.core.routing import keep_to_index
+
+_KEY_GATE: contextvars.ContextVar = contextvars.ContextVar("elastilab_key_gate", default=None)
+GATED_ATTENTION = "elastilab_gated"
+
+
+# -- FastV (training-free baseline) ----------------------------------------------------------------
+def fastv(lm, layers, K: int, spec, emb: Tensor, mask: Tensor, pos: Tensor, slots: Tensor, n_img: int, N: int,
+          k: int) -> tuple[Tensor, Tensor]:
+    """Run ``lm`` (a LlamaModel whose decoder ``layers`` are given) FastV's way: layers < K see every
+    token; at layer K the image tokens that received the least attention in layer K-1 (``spec``: its
+    BlockSpec; mean over heads and over the text tokens after the images) are dropped, k kept per
+    image, and layers >= K run on the rest (the mask and rotary tables are sliced to match).
+    Returns (last hidden state [B, T', d], idx [B, T']: the original positions of the tokens kept)."""
+    B, T = slots.shape
+    state = {}
+
+    def capture(module, args, kwargs):
+        state["x"] = args[0] if args else kwargs["hidden_states"]
+        state["rope"] = kwargs["position_embeddings"]
+
+    def prune(module, args, kwargs):
+        if "idx" not in state:
+            state["idx"] = _fastv_keep(spec, state, mask, slots, n_img, N, k)
+        idx = state["idx"]
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if x.shape[1] == T:
+            x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        cos, sin = kwargs["position_embeddings"]
+        g = lambda t: torch.gather(t.expand(B, -1, -1), 1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa
+        kwargs["position_embeddings"] = (g(cos), g(sin))
+        m = kwargs.get("attention_mask")
+        if torch.is_tensor(m) and m.dim() == 4:
+            m = m.expand(B, -1, -1, -1)
+            m = torch.gather(m, 2, idx[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+            kwargs["attention_mask"] = torch.gather(m, 3, idx[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+        kwargs.pop("position_ids", None)
+        return (x, *args[1:]), kwargs
+
+    hooks = [layers[K - 1].register_forward_pre_hook(capture, with_kwargs=True)]
+    hooks += [layers[i].register_forward_pre_hook(prune, with_kwargs=True) for i in range(K, len(layers))]
+    try:
+        out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return out.last_hidden_state, state["idx"]
+
+
+def _fastv_keep(spec, state, mask, slots, n_img, N, k):
+    """Indices [B, T'] of the tokens kept after layer K: all text, top-k image tokens per image by
+    the attention they received in layer K-1 (``spec``; recomputed from its input)."""
+    a = spec.attn
+    h = spec.attn_norm(state["x"])
+    B, T, _ = h.shape
+    q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    kk = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in state["rope"])
+    q, kk = a.heads(q, "q", (cos, sin)), a.heads(kk, "k", (cos, sin))
+    s = a.scores(q, kk.repeat_interleave(a.n_heads // a.n_kv_heads, 1))
+    valid = mask.bool()
+    allowed = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None] & valid[:, None, :]
+    att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, T(q), T(k)]
+    last = T - 1 - torch.flip(slots, [1]).float().argmax(1)                  # last image slot per row
+    after = (torch.arange(T, device=h.device)[None] > last[:, None]) & valid  # the text that follows
+    received = (att * after[..., None]).sum(1) / after.sum(1, keepdim=True).clamp(min=1)
+    img_scores = received[slots].view(n_img, N)
+    keep_img = torch.zeros_like(img_scores, dtype=torch.bool).scatter_(1, img_scores.topk(k, 1).indices, True)
+    keep = ~slots
+    keep[slots] = keep_img.reshape(-1)
+    return keep_to_index(keep)[0]
+
+
+# -- gated attention (the training estimator) ------------------------------------------------------
+def _gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax attention whose key j is weighted by gate[b, j] inside the softmax (see module doc)."""
+    gate = _KEY_GATE.get()
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    s = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    Tq, Tk = s.shape[-2:]
+    if attention_mask is None:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=s.device).tril(Tk - Tq)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask == 0
+    s = s.masked_fill(~allowed, float("-inf"))
+    w = (s - s.amax(-1, keepdim=True).detach()).exp() * gate[:, None, None, :Tk].to(s.dtype)
+    w = w / w.sum(-1, keepdim=True)
+    return (w @ value).transpose(1, 2).contiguous(), None
+
+
+def _register_gated():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(GATED_ATTENTION, _gated_attention)
+    AttentionMaskInterface.register(GATED_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def gated_attention(lm, gate: Tensor):
+    """Run ``lm`` (a LlamaModel) with every key gated by gate [B, T] inside its attention."""
+    _register_gated()
+    old = lm.config._attn_implementation
+    token = _KEY_GATE.set(gate)
+    lm.config._attn_implementation = GATED_ATTENTION
+    try:
+        yield
+    finally:
+        lm.config._attn_implementation = old
+        _KEY_GATE.reset(token)

@@ -1,0 +1,343 @@
+"""Elastic LLaVA: one tiny router chooses which image tokens the language model sees.
+
+``visual_tokens`` is a single ``Router(d_lm, 1)`` (Linear(d_lm, 1)) scoring the projected image tokens at
+the language model's input (as its first layer sees them, after the input RMSNorm). The top
+``ceil(c * N)`` tokens of each image are kept, in order; the others are *removed from the sequence*,
+so every LM layer (and the KV cache) holds fewer tokens. Kept tokens keep their original positions
+(RoPE sees the same relative distances as in the full model), the 2-D attention mask is gathered the
+same way, and decoding continues from the original length.
+
+The LM components (attn_tokens, mlp_tokens, attn_heads, mlp_experts) wrap the inner LlamaModel through
+the llama adapter, exactly as for a text LM:
+
+    model, tok = el.zoo.load("tiny-llava")
+    em = el.elastify(model, el.ElasticConfig(visual_tokens=0.5))      # an ElasticLlava
+    batch = build_inputs(tok, "What digit is this?", digit_image)
+    em.generate(**batch, max_new_tokens=3)                               # KV cache, dropped tokens
+    em.selector = "fastv"                                                # baselines: "random", "fastv"
+
+Training (self-distillation, KL on the answer tokens; ``elastilab.tasks.vlm``) keeps every token but
+gates the image tokens' keys inside attention, and the FastV baseline prunes inside the LM: both in
+``llava_lm.py``. ``elastify`` wraps a LLaVA in ``ElasticLlava`` through the llava adapter, whose
+``elastic_class`` this module sets (it builds on ElasticModel; elastic imports the adapters, so the
+adapter cannot import this module).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from elastilab.adapters.llava.adapter import LlavaAdapter
+from elastilab.adapters.llava.lm import fastv, gated_attention
+from elastilab.adapters.vit import check_finite
+from elastilab.core.checkpoint import config_of, fingerprint, read_checkpoint
+from elastilab.core.loading import elastify_with
+from elastilab.core.model import ElasticModel
+from elastilab.core.routers import Router
+from elastilab.core.routing import hard_gates, keep_to_index, n_kept
+
+SELECTORS = ("router", "random", "fastv")
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor
+    past_key_values: object = None
+    kept_positions: Tensor | None = None  #: [B, T'] original index of each token the LM saw
+    image_keep: Tensor | None = None      #: [n_images, N] bool, the image tokens kept
+    next_position: Tensor | None = None   #: [B] position id of the next token (for decoding)
+
+
+class ElasticLlava(ElasticModel):
+    """An ElasticModel for ``LlavaForConditionalGeneration``: LM components in the blocks of the inner
+    language model, plus the ``visual_tokens`` router (kept outside the wrapped model, like the block
+    routers it is the only thing that trains). ``selector`` picks the image tokens: "router" (learned),
+    "random" (seeded, training-free) or "fastv" (training-free: after LM layer ``fastv_layer``, keep
+    the image tokens that received the most attention from the text that follows the image)."""
+
+    def __init__(self, model, config, adapter=None):
+        super().__init__(model, config, adapter)
+        self.visual_router = None
+        if config.visual_tokens is not None:
+            self.visual_router = Router(model.config.text_config.hidden_size, 1)
+            self.visual_router.requires_grad_(True)
+        self.selector = "router"
+        self.fastv_layer = 2
+        self.random_seed = 0
+        self._visual_off = False
+        self._estimating = False
+
+    # -- routers and state -----------------------------------------------------------------------
+    def router_parameters(self):
+        router = getattr(self, "visual_router", None)  # (ElasticModel.__init__ asks before it exists)
+        own = [] if router is None else list(router.parameters())
+        return super().router_parameters() + own
+
+    def router_state(self):
+        state = super().router_state()
+        if getattr(self, "visual_router", None) is not None:
+            state.update({f"visual.{k}": v for k, v in self.visual_router.state_dict().items()})
+        return state
+
+    def visual_parameter_fraction(self) -> dict:
+        """The visual router's parameters against the whole LLaVA (tower + projector + LM)."""
+        n = 0 if self.visual_router is None else sum(p.numel() for p in self.visual_router.parameters())
+        base = self.parameter_summary()["base_params"]
+        return {"visual_router_params": n, "base_params": base, "fraction": n / base}
+
+    @contextlib.contextmanager
+    def routers_disabled(self):
+        with super().routers_disabled():
+            old, self._visual_off = self._visual_off, True
+            try:
+                yield self
+            finally:
+                self._visual_off = old
+
+    @contextlib.contextmanager
+    def training_estimator(self):
+        with super().training_estimator():
+            self._estimating = True
+            try:
+                yield self
+            finally:
+                self._estimating = False
+
+    @contextlib.contextmanager
+    def scoring(self, scorer="learned"):
+        """As ``ElasticModel.scoring``; image tokens are chosen by the router ("learned"), "random"
+        or "fastv" (attention received from the text in an early LM layer, ``fastv_layer``)."""
+        name = scorer if isinstance(scorer, str) else getattr(scorer, "name", "learned")
+        selector = {"learned": "router", "random": "random", "fastv": "fastv"}.get(name)
+        if selector is None and self.visual_capacity < 1.0:
+            raise ValueError(f"scorer {name!r} does not support visual_tokens; it supports learned, random, fastv")
+        old, self.selector = self.selector, selector or self.selector
+        try:
+            if name == "fastv":  # chooses image tokens only; the LM components keep their routers
+                yield None
+            else:
+                with super().scoring(scorer) as s:
+                    yield s
+        finally:
+            self.selector = old
+
+    @property
+    def visual_capacity(self) -> float:
+        c = self.elastic_config.visual_tokens
+        return 1.0 if (c is None or self._visual_off) else c
+
+    # -- the image tokens ------------------------------------------------------------------------
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Vision tower + projector: [n_images, N, d_lm]."""
+        check_finite(pixel_values, "pixel_values")
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def router_input(self, feats: Tensor) -> Tensor:
+        """The image tokens as the first LM layer sees them: after its input RMSNorm. (Projected
+        features have norms ~100x a word embedding's; unnormalised, a linear score saturates the
+        straight-through sigmoid within a few steps and the ranking freezes.)"""
+        layer = self.adapter.layers(self.model)[0]
+        return self.adapter.block_spec(getattr(layer, "base_layer", layer), 0).attn_norm(feats)
+
+    def _scores(self, feats: Tensor) -> Tensor:
+        if self.selector == "router":
+            if self.visual_router is None:
+                raise ValueError("this model has no visual_tokens router; elastify it with visual_tokens=...")
+            return self.visual_router(self.router_input(feats))
+        g = torch.Generator().manual_seed(self.random_seed)  # the same choice on every call
+        return torch.rand(feats.shape[:2], generator=g).to(feats.device)
+
+    def choose_image_tokens(self, feats: Tensor) -> tuple[Tensor, Tensor | None]:
+        """keep [n_images, N] bool (top ceil(c*N) per image) and the router scores (None otherwise)."""
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        n_img, N = feats.shape[:2]
+        k = n_kept(self.visual_capacity, N)
+        if k == N or self.selector == "fastv":  # fastv chooses inside the LM
+            return torch.ones(n_img, N, dtype=torch.bool, device=feats.device), None
+        scores = self._scores(feats)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+        return keep, scores if self.selector == "router" else None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None,
+                attention_mask: Tensor | None = None, past_key_values=None, position_ids: Tensor | None = None,
+                use_cache: bool = False, logits_at: Tensor | None = None, logits_to_keep: int = 0,
+                **kwargs) -> VLMOutput:
+        """input_ids [B, T] with N image tokens per image; pixel_values [n_images, 3, H, W] (or the
+        projected ``image_features`` [n_images, N, d]). ``logits_at`` [B, T] bool: return logits only
+        where True (original positions), flattened [n, V]; else logits of the tokens the LM saw."""
+        past_key_values = kwargs.pop("cache", past_key_values)
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        lm = self.model.model.language_model
+        image_id = self.model.config.image_token_id
+        slots = input_ids == image_id
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        emb = lm.embed_tokens(input_ids.masked_fill(slots, 0))
+        if pixel_values is None and image_features is None:
+            if slots.any():
+                raise ValueError(f"the prompt holds {int(slots.sum())} image tokens but no image was given; "
+                                 "pass pixel_values (or image_features)")
+            pos = position_ids if position_ids is not None else (attention_mask.cumsum(1) - 1).clamp(min=0)
+            return self._run_lm(emb, attention_mask, pos, past_key_values, use_cache, None, logits_at,
+                                logits_to_keep, None, None, None)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass either pixel_values or image_features, not both")
+        feats = image_features if image_features is not None else self.image_features(pixel_values)
+        n_img, N = feats.shape[:2]
+        if not slots.any():
+            raise ValueError(f"{n_img} image(s) given but the prompt has no image tokens; put the <image> "
+                             "placeholder where the image goes (tiny_llava.build_inputs expands it)")
+        if int(slots.sum()) != n_img * N:
+            raise ValueError(f"the prompts hold {int(slots.sum())} image tokens but {n_img} image(s) need "
+                             f"{n_img} x {N} = {n_img * N}; give one image per <image> placeholder, each "
+                             f"expanded to {N} tokens")
+        per_row = slots.sum(1)
+        if bool((per_row != per_row[0]).any()) or int(per_row[0]) % N:
+            raise ValueError(f"every sequence in a batch must hold the same number of images "
+                             f"(image tokens per row: {per_row.tolist()}, {N} per image)")
+        emb = emb.masked_scatter(slots[..., None], feats.to(emb.dtype))
+        pos = (attention_mask.cumsum(1) - 1).clamp(min=0) if position_ids is None else position_ids
+        keep_img, scores = self.choose_image_tokens(feats)
+        if self.selector == "fastv" and self.visual_capacity < 1.0:
+            if use_cache or past_key_values is not None:
+                raise ValueError("the FastV baseline runs without a KV cache (use_cache=False)")
+            return self._fastv(emb, attention_mask, pos, slots, n_img, N, logits_at, logits_to_keep)
+        keep = ~slots
+        keep[slots] = keep_img.reshape(-1)
+        if scores is not None and self._estimating and torch.is_grad_enabled():
+            if self.blocks and any(b.enabled for b in self.blocks):
+                raise ValueError("train the visual_tokens router and the LM components separately "
+                                 "(elastify with visual_tokens only to train it)")
+            gate = torch.ones(B, T, dtype=scores.dtype, device=emb.device)
+            gate = gate.masked_scatter(slots, hard_gates(keep_img, scores).reshape(-1))
+            return self._run_lm(emb, attention_mask, pos, None, False, gate, logits_at, logits_to_keep,
+                                None, keep_img, None)
+        idx = keep_to_index(keep)[0]
+        take = lambda t: torch.gather(t, 1, idx)  # noqa: E731
+        emb = torch.gather(emb, 1, idx[..., None].expand(-1, -1, emb.shape[-1]))
+        return self._run_lm(emb, take(attention_mask), take(pos), past_key_values, use_cache, None,
+                            logits_at, logits_to_keep, idx, keep_img, pos[:, -1] + 1)
+
+    def _run_lm(self, emb, mask, pos, cache, use_cache, gate, logits_at, logits_to_keep, idx, keep_img, nxt):
+        lm = self.model.model.language_model
+        if gate is None:
+            out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                     **{_cache_kwarg(lm): cache})
+        else:
+            with gated_attention(lm, gate):
+                out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+        h = out.last_hidden_state
+        logits = self._logits(h, idx, logits_at, logits_to_keep)
+        cache = out.cache if hasattr(type(out), "cache") or "cache" in out else getattr(out, "past_key_values", None)
+        return VLMOutput(logits, cache, idx, keep_img, nxt if nxt is not None else pos[:, -1] + 1)
+
+    def _logits(self, h, idx, logits_at, logits_to_keep):
+        if logits_at is not None:
+            sel = logits_at if idx is None else torch.gather(logits_at, 1, idx)
+            return self.model.lm_head(h[sel])
+        return self.model.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+
+    # -- FastV (training-free baseline) ----------------------------------------------------------
+    @torch.no_grad()
+    def _fastv(self, emb, mask, pos, slots, n_img, N, logits_at, logits_to_keep):
+        """``llava_lm.fastv`` after LM layer ``fastv_layer``, keeping the visual capacity's share of image tokens."""
+        layers, K = self.adapter.layers(self.model), self.fastv_layer
+        if not 1 <= K < len(layers):
+            raise ValueError(f"fastv_layer must be in [1, {len(layers) - 1}], got {K}")
+        spec = self.adapter.block_spec(getattr(layers[K - 1], "base_layer", layers[K - 1]), 0)
+        h, idx = fastv(self.model.model.language_model, layers, K, spec, emb, mask, pos, slots, n_img, N,
+                       n_kept(self.visual_capacity, N))
+        keep = torch.zeros_like(slots).scatter_(1, idx, True)
+        return VLMOutput(self._logits(h, idx, logits_at, logits_to_keep), None, idx, keep[slots].view(n_img, N),
+                         pos[:, -1] + 1)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None,
+                 attention_mask: Tensor | None = None, max_new_tokens: int = 20, eos_token_id=None,
+                 use_cache: bool = True, **kwargs) -> Tensor:
+        """Greedy decoding; returns the new tokens [B, n]. With the KV cache (default) the prompt is
+        prefilled once with its image tokens already dropped, and each new token gets the position
+        after the *original* prompt. use_cache=False recomputes everything each step (FastV)."""
+        kwargs.pop("answer_mask", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if eos_token_id is None:
+            eos_token_id = self.model.generation_config.eos_token_id or self.model.config.text_config.eos_token_id
+        eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        B = input_ids.shape[0]
+        new = input_ids.new_zeros(B, 0)
+        done = torch.zeros(B, dtype=torch.bool)
+        if use_cache and self.selector == "fastv" and self.visual_capacity < 1.0:
+            use_cache = False
+        out = self(input_ids, pixel_values, image_features, attention_mask, use_cache=use_cache, logits_to_keep=1)
+        mask = attention_mask if out.kept_positions is None else torch.gather(attention_mask, 1, out.kept_positions)
+        nxt_pos = out.next_position
+        for step in range(max_new_tokens):
+            tok = out.logits[:, -1].argmax(-1)
+            tok = torch.where(done, torch.full_like(tok, int(eos[0])), tok)
+            new = torch.cat([new, tok[:, None]], 1)
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                out = self(tok[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+                           position_ids=nxt_pos[:, None], use_cache=True, logits_to_keep=1)
+                nxt_pos = nxt_pos + 1
+            else:
+                ids = torch.cat([input_ids, new], 1)
+                am = torch.cat([attention_mask, attention_mask.new_ones(B, new.shape[1])], 1)
+                out = self(ids, pixel_values, image_features, am, logits_to_keep=1)
+        return new
+
+
+def _cache_kwarg(lm) -> str:
+    """transformers renamed past_key_values to cache (5.2x); use whichever this version takes."""
+    return _cache_kwarg_of(type(lm))
+
+
+@functools.cache
+def _cache_kwarg_of(lm_class) -> str:  # once per class, not once per decoding step
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+
+
+def load_lm_routers(model, path, visual_tokens: float | None = None, visual_from=None) -> ElasticLlava:
+    """A LLaVA with the LM-component routers trained for its language model *as a text LM* (e.g.
+    data/routers/smollm2-135m for tiny-llava, whose LM is the same SmolLM2 plus one <image> row),
+    optionally with a fresh visual_tokens router. The check is the router layout (layers, components,
+    shapes), since the LLaVA's fingerprint differs from the text LM's by construction.
+    ``visual_from``: a visual-router checkpoint of this very LLaVA (fingerprint checked) to load too."""
+    meta, state = read_checkpoint(path)  # everything is checked before the model is changed
+    state = {k: v for k, v in state.items() if not k.startswith("visual.")}
+    if visual_from is not None:
+        vmeta, vstate = read_checkpoint(visual_from)
+        if vmeta["fingerprint"] != fingerprint(model):
+            raise ValueError(f"the visual router in {visual_from} was trained for a different model")
+        state.update({k: v for k, v in vstate.items() if k.startswith("visual.")})
+        if visual_tokens is None:
+            visual_tokens = vmeta["elastic_config"].get("visual_tokens")
+    config = config_of(meta, path, visual_tokens=visual_tokens)
+    keep_fresh_visual = visual_from is None  # a new visual router (if any) keeps its initial weights
+    return elastify_with(model, config, state, path,
+                         select=lambda k: not (keep_fresh_visual and k.startswith("visual.")))
+
+
+LlavaAdapter.elastic_class = ElasticLlava  # what elastify wraps a LLaVA in (see the module doc)
+__all__ = ["ElasticLlava", "VLMOutput", "SELECTORS", "load_lm_routers"]

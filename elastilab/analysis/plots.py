@@ -1,0 +1,55 @@
+"""Routing made visible: which patches each layer kept, which heads/experts tokens chose, and the
+image overlays that show them. (The quality frontier plot is ``quality.plot_frontier``; the speed
+plot, ``bench.plot_speed``.)"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from elastilab.core.config import TOKEN_COMPONENTS
+from elastilab.tasks.vit import SIZE, prefix_tokens, vit_outputs
+
+
+@torch.no_grad()
+def routing_maps(em, x: Tensor) -> dict[str, np.ndarray]:
+    """After one forward on x: for each token component, keep masks [layers, B, patches] (bool, prefix
+    tokens dropped); a layer whose router is off (capacity 1.0, dense layer) shows every patch kept."""
+    hidden, _ = vit_outputs(em, x)
+    P, (B, T) = prefix_tokens(em), hidden.shape[:2]
+    layers = em.adapter.layers(em.model)
+    out = {}
+    for comp in TOKEN_COMPONENTS:
+        if comp in em.capacities:
+            maps = np.ones((len(layers), B, T - P), bool)
+            for b in em.blocks:
+                if comp in b.aux:
+                    maps[b.layer_idx] = b.aux[comp][1][:, P:].cpu().numpy()
+            out[comp] = maps
+    return out
+
+
+@torch.no_grad()
+def slot_usage(em, x: Tensor) -> dict[str, np.ndarray]:
+    """After one forward on x: fraction of tokens choosing each head [layers, H] / expert [layers, E]."""
+    vit_outputs(em, x)
+    out = {}
+    for comp in ("attn_heads", "mlp_experts"):
+        rows = [torch.bincount(b.aux[comp][1].reshape(-1), minlength=b.routers[comp].proj.out_features).float()
+                / len(b.aux[comp][1]) for b in em.blocks if comp in b.aux]
+        if rows:
+            out[comp] = torch.stack(rows).numpy()
+    return out
+
+
+def overlay(ax, image: np.ndarray, keep: np.ndarray, title: str = "", size: int = SIZE):
+    """Draw image (uint8 HxW[xC]) resized to size, darkening the patches that were skipped."""
+    from PIL import Image
+    im = np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR))
+    g = int(round(math.sqrt(keep.size)))
+    mask = np.kron(keep.reshape(g, g), np.ones((size // g, size // g)))[..., None]
+    ax.imshow((im * (0.25 + 0.75 * mask)).astype(np.uint8))
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([]), ax.set_yticks([])

@@ -1,0 +1,1 @@
+"""The ``elastilab`` command: ``main`` builds the parser from one module per subcommand group."""

@@ -1,0 +1,228 @@
+"""``elastilab frontier`` and ``elastilab report``: the quality frontier of any model on any data, and
+the README's result tables (``analysis.report``), generated from the committed frontier CSVs.
+
+    elastilab frontier --routers data/routers/smollm2-135m --domain licenses --out runs/f1
+    elastilab frontier --model HuggingFaceTB/SmolLM2-360M --text my.txt --scorers random,oracle,magnitude
+    elastilab frontier --model dinov2-small --images my_photos/ --json
+    elastilab frontier --model tiny-llava --routers data/routers/tiny-llava-visual --domain scenes --n-images 400
+    elastilab report --results benchmarks/results
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+from elastilab.analysis.report import report
+from elastilab.cli.args import HelpFormatter, capacities, command_line, default_of, int_at_least, names, positive_int
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
+
+VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def modality(args) -> str:
+    if args.model in VLM_MODELS:
+        return "vision-language"
+    if args.model in VISION_MODELS or args.images is not None:
+        return "vision"
+    return "language"
+
+
+def read_images(folder: Path, limit: int) -> list:
+    """uint8 arrays of the images in a folder (sorted by name, at most ``limit``)."""
+    import numpy as np
+    from PIL import Image
+    if not folder.is_dir():
+        raise ValueError(f"--images must be a folder of images, got {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+
+
+def _elastic(model, args, components, extra=None):
+    from elastilab.core.config import ElasticConfig
+    from elastilab.core.loading import load_routers
+    from elastilab.core.model import elastify
+    if args.routers:
+        return load_routers(model, args.routers)
+    if "learned" in args.scorers:
+        raise ValueError("the 'learned' scorer needs --routers DIR; without routers use random, oracle and "
+                         "the training-free scorers")
+    return elastify(model, ElasticConfig(**{c: 1.0 for c in components}, n_experts=args.n_experts, **(extra or {})))
+
+
+def build(args):
+    """(elastic model, task, components, calibration task or None) for the command's model and data.
+    The calibration task is what ``--allocate`` measures the layers' costs on: a domain's train split,
+    a text file or an image folder (never the data the frontier reports)."""
+    from elastilab.analysis import frontier as fr
+    kind = modality(args)
+    comps = args.components or LAYER_COMPONENTS
+    if kind == "language":
+        from elastilab import data, zoo
+        if args.images is not None:
+            raise ValueError("--images needs a vision model (--model dinov2-small or a ViT folder)")
+        model, tok = zoo.load(args.model)
+        if not args.components:  # every component the family supports (OLMo 2 has no attn_heads)
+            from elastilab.adapters import find_adapter
+            comps = [c for c in comps if c in find_adapter(model).components]
+        text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
+        blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
+        calibration = None
+        if args.allocate:
+            src = Path(args.allocate)
+            text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.allocate), "train")
+            calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:4])
+        return _elastic(model, args, comps), fr.LMTask(blocks), comps, calibration
+    if kind == "vision":
+        from elastilab.tasks import vit as vision
+        from elastilab.zoo import dinov2, pretrained
+        if args.text is not None:
+            raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
+        if args.model in VISION_MODELS:
+            model, probe = dinov2.load_hf(), dinov2.load_probe()
+        else:
+            from transformers import AutoModel
+            model, probe = pretrained(AutoModel, args.model), None
+        if args.images is not None:
+            images, labels = read_images(args.images, args.n_images), None
+        else:
+            images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
+        em = _elastic(model, args, comps)
+        if args.skipped_tokens:  # else the routers' own setting (drop for fresh ones)
+            em.set_skipped_tokens(args.skipped_tokens)
+        calibration = None
+        if args.allocate:
+            src = Path(args.allocate)
+            cal = read_images(src, 32) if src.is_dir() else vision.domain(args.allocate, "train", 32)[0]
+            calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
+        return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
+    if args.allocate:
+        raise ValueError("--allocate spreads a layer component's budget across layers; tiny-llava's visual_tokens "
+                         "are chosen once, before the language model")
+    from elastilab.tasks import vlm
+    from elastilab.zoo import tiny_llava
+    if args.images is not None or args.text is not None or args.domain not in (None, "digits", "scenes"):
+        raise ValueError("tiny-llava takes --domain digits (held-out digit and face questions, the default) or "
+                         "--domain scenes (held-out synthetic scenes, --n-images of them)")
+    model, tok = tiny_llava.load()
+    if args.domain == "scenes":
+        items, feats = vlm.tiny_llava_data(model, tok, "test", tasks="scenes", scenes=args.n_images)
+    else:
+        items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
+    comps = args.components or ("visual_tokens",)
+    return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
+
+
+def cmd_frontier(args) -> int:
+    import torch
+
+    from elastilab.analysis import frontier as fr
+    torch.manual_seed(0)
+    em, task, comps, calibration = build(args)
+    run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
+                              progress=not args.json)
+    if args.allocate:
+        import pandas as pd
+
+        from elastilab.core.budget import allocate
+        em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
+        uniform = run()
+        for comp in comps:
+            if comp in LAYER_COMPONENTS + GATED_COMPONENTS:
+                # the layers' costs as the routers (or mlp_units' gate) choose, else as the oracle does
+                allocate(em, comp, calibration, scorer="learned" if args.routers or comp in GATED_COMPONENTS
+                         else "oracle", progress=not args.json)
+        df = pd.concat([uniform, run()], ignore_index=True)
+        df.attrs.update(uniform.attrs)
+        if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
+            em.save_routers(args.out / "routers", command=command_line(args),
+                            allocated_on=args.allocate, source=str(args.routers))
+            print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+    else:
+        df = run()
+    meta = {"command": command_line(args), "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "metric": df.attrs["metric"], "skipped": [f"{s} x {c}" for s, c in df.attrs["skipped"]]}
+    for k in ("command", "date", "machine", "torch"):
+        df[k] = meta[k]
+    summary = fr.frontier_summary(df)
+    if args.out is not None:
+        from elastilab.files import atomic_write
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out / "frontier.csv", lambda f: df.to_csv(f, index=False))
+        atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
+        if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
+            atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
+        fig = fr.plot_frontier(df, title=meta["command"][:90])
+        atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
+        print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png"
+              + (", per_item.csv" if getattr(task, "records", None) else ""), file=sys.stderr)
+    if args.json:
+        print(json.dumps({**meta, "rows": df.drop(columns=["command", "date", "machine", "torch"]).to_dict("records")},
+                         indent=1, default=float))
+    else:
+        print(summary.round(4).to_string(index=False))
+    return 0
+
+
+def cmd_report(args) -> int:
+    print(report(args.results), end="")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """``elastilab frontier | report``."""
+    from elastilab.analysis.frontier import frontier
+    from elastilab.core.config import ElasticConfig
+    f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
+                       formatter_class=HelpFormatter)
+    f.add_argument("--model", default="smollm2-135m",
+                   help="an offline zoo model (smollm2-135m, gemma3-270m, dinov2-small, tiny-llava), or a Hugging "
+                        "Face id / folder (a causal LM or a vision tower of a supported family)")
+    f.add_argument("--routers", type=Path, help="trained routers (needed for the 'learned' scorer)")
+    src = f.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="any UTF-8 text file (language models)")
+    src.add_argument("--images", type=Path, help="any folder of images (vision models)")
+    src.add_argument("--domain", help="a shipped domain: licenses, pydocs (text); digits, digits04, digits59, photos "
+                                      "(images); digits (digits and faces) or scenes (tiny-llava)")
+    f.add_argument("--components", type=names, help="comma-separated; default: every elastic component")
+    f.add_argument("--capacities", type=capacities, default=default_of(frontier, "capacities"), help="comma-separated")
+    f.add_argument("--scorers", type=names, default=None,
+                   help="comma-separated (learned, random, oracle, taylor, magnitude, attention_received, "
+                        "cls_attention, fastv); default: all, 'learned' only with --routers")
+    f.add_argument("--seq-len", type=int_at_least(2), default=128, help="tokens per block (text)")
+    f.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of text")
+    f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
+                   help="part of the text: eval = the last 10%%, train = the first 90%%")
+    f.add_argument("--n-images", type=positive_int, default=64,
+                   help="images (vision; tiny-llava --domain scenes: held-out scenes, one question each)")
+    f.add_argument("--size", type=positive_int, default=112, help="image side in pixels (a multiple of 14)")
+    f.add_argument("--per-class", type=positive_int, default=6, help="tiny-llava: digit questions per class")
+    f.add_argument("--faces", type=positive_int, default=20, help="tiny-llava: face questions per answer")
+    f.add_argument("--n-experts", type=positive_int, default=default_of(ElasticConfig, "n_experts"),
+                   help="MLP slices when no routers are given")
+    f.add_argument("--skipped-tokens", choices=("drop", "merge"),
+                   help="vision models: what a skipped token receives (nothing, or its nearest kept token's "
+                        "output); default: what the --routers were trained with, else drop")
+    f.add_argument("--allocate", metavar="DOMAIN_OR_PATH",
+                   help="also trace each component with its compute budget allocated across layers, measured on "
+                        "this calibration data (a shipped domain's train split, a text file or an image folder; "
+                        "never the data reported)")
+    f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
+    f.add_argument("--json", action="store_true", help="print the rows as JSON")
+    f.set_defaults(func=_run_frontier)
+    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs", formatter_class=HelpFormatter)
+    r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
+    r.set_defaults(func=cmd_report)
+
+
+def _run_frontier(args) -> int:
+    from elastilab.scorers import SCORERS
+    if args.scorers is None:
+        args.scorers = (("learned",) if args.routers else ()) + tuple(SCORERS)
+    return cmd_frontier(args)

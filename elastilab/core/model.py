@@ -1,0 +1,390 @@
+"""elastify(): wrap a pretrained model's blocks with routers; the ElasticModel that controls them."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from elastilab.adapters import Adapter, find_adapter
+from elastilab.core import lora
+from elastilab.core.block import ElasticBlock
+from elastilab.core.budget import capacities_at
+from elastilab.core.checkpoint import fingerprint, write_checkpoint
+from elastilab.core.config import (
+    GATED_COMPONENTS,
+    LAYER_COMPONENTS,
+    TOKEN_COMPONENTS,
+    ElasticConfig,
+    check_capacity,
+    check_keep_dense,
+    layer_indices,
+)
+from elastilab.core.spec import cluster_hidden_units
+
+
+class ElasticModel(nn.Module):
+    """A pretrained model whose blocks are wrapped by ``ElasticBlock`` (the originals stay inside,
+    as ``base_layer``, untouched). Calls go to the wrapped model; only router weights train."""
+
+    def __init__(self, model: nn.Module, config: ElasticConfig, adapter: Adapter | None = None):
+        super().__init__()
+        self.model = model
+        self.elastic_config = config
+        self.adapter = adapter or find_adapter(model)
+        layer_comps = [c for c in config.components if c in LAYER_COMPONENTS + GATED_COMPONENTS]
+        unsupported = [c for c in config.components if c not in self.adapter.components]
+        if unsupported:
+            why = "".join(f"; {c}: {self.adapter.why_not[c]}" for c in unsupported if c in self.adapter.why_not)
+            raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
+                             f"supported components: {', '.join(self.adapter.components)}{why}")
+        layers = self.adapter.layers(model)
+        if any(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in model.named_modules()):
+            raise ValueError("the model holds LoRA adapters (peft) already; merge them into its weights first "
+                             "(peft's merge_and_unload): elastilab adds its own with ElasticConfig.lora_rank")
+        if any(isinstance(m, ElasticBlock) for m in layers):
+            raise TypeError("model is already elastic (its layers are ElasticBlocks); call .unelastify() on "
+                            "the ElasticModel that wraps it first to re-wrap it")
+        n = len(layers)
+        if n == 0 and layer_comps:
+            raise ValueError(f"{type(model).__name__} has no layers to make elastic")
+        dense = layer_indices(config.dense_layers, n, "dense_layers")
+        for comp, kept in config.keep_dense.items():
+            layer_indices(kept, n, f"keep_dense[{comp!r}]")
+        if config.skipped_tokens == "merge" and self.adapter.causal:
+            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
+                             "a kept token from each skipped token's own past in every chunk")
+        wrapped = {}  # built first: the caller's model is touched only once every block was made
+        for i in range(n):
+            comps = {c: getattr(config, c) for c in layer_comps}
+            if self.adapter.causal and i == 0:
+                # layer 0's KV cache length is how transformers counts the tokens seen so far
+                comps.pop("attn_tokens", None)
+            if i in dense or not comps:
+                continue
+            order = None
+            if "mlp_experts" in comps and config.expert_partition == "clustered":
+                order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
+            wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order,
+                                      attn_tokens_variant=config.attn_tokens_variant,
+                                      skipped_tokens=config.skipped_tokens)
+        if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
+            why = ("every layer is in dense_layers" if len(set(dense)) == n else
+                   "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
+                   "the tokens seen) and no other layer is routed")
+            raise ValueError(f"no layer was made elastic: {why}")
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for i, block in wrapped.items():
+            layers[i] = block
+        for p in self.router_parameters():
+            p.requires_grad_(True)
+        if config.lora_rank:
+            try:
+                self.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+            except BaseException:  # (targets and rank are checked on the blocks): leave the model as it was
+                self.unelastify()
+                for p, g in grads:
+                    p.requires_grad_(g)
+                raise
+        for comp, steps in config.allocation.items():
+            layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
+        if config.keep_dense or config.allocation:
+            self.set_capacity(**{c: getattr(config, c) for c in {**config.keep_dense, **config.allocation}})
+
+    # -- passthrough --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self.adapter.check_inputs(self.model, args, kwargs)  # e.g. ViTs: image size and channels
+        scorer = self.scorer
+        if scorer is not None and hasattr(scorer, "before_forward") and not torch.is_grad_enabled() \
+                and any(b.enabled for b in self.blocks):
+            scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def blocks(self) -> list[ElasticBlock]:
+        return [m for m in self.adapter.layers(self.model) if isinstance(m, ElasticBlock)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for b in self.blocks for p in b.routers.parameters()]
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        return {f"{b.layer_idx}.{k}": v for b in self.blocks for k, v in b.routers.state_dict().items()}
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA factors (``ElasticConfig.lora_rank``; empty without a LoRA)."""
+        return lora.parameters(self)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What ``distill`` trains: the routers, then the LoRA factors."""
+        return self.router_parameters() + self.lora_parameters()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a router checkpoint holds: the routers' state and the LoRA factors ("<layer>.lora.*")."""
+        return {**self.router_state(), **lora.state(self)}
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets=(), seed: int = 0) -> "ElasticModel":
+        """Add a rank-``rank`` LoRA (peft) to the routed blocks, trained with the routers by ``distill``
+        and saved with them; it starts at zero (B = 0), so the model is unchanged (``elastilab.core.lora``)."""
+        from elastilab.core.config import check_lora
+        targets = check_lora(rank, alpha, targets)
+        if rank == 0:
+            raise ValueError("lora_rank must be >= 1 to add a LoRA")
+        lora.attach(self, rank, alpha, targets, seed)
+        cfg = self.elastic_config
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
+        return self
+
+    def parameter_summary(self) -> dict:
+        n_router = sum(p.numel() for p in self.router_parameters())
+        n_base = sum(p.numel() for n, p in self.model.named_parameters() if ".routers." not in n and ".lora_" not in n)
+        out = {"router_params": n_router, "base_params": n_base, "fraction": n_router / n_base}
+        n_lora = sum(p.numel() for p in self.lora_parameters())
+        if n_lora:
+            out.update(lora_params=n_lora, lora_fraction=n_lora / n_base)
+        return out
+
+    def __repr__(self) -> str:
+        s = self.parameter_summary()
+        caps = ", ".join(f"{k}={v:g}" for k, v in self.capacities.items())
+        extra = (f"; LoRA rank {self.elastic_config.lora_rank} {s['lora_params']:,} params = "
+                 f"{100 * s['lora_fraction']:.4f}%") if "lora_params" in s else ""
+        return (f"ElasticModel({type(self.model).__name__}, {len(self.blocks)} elastic blocks, {caps}, "
+                f"mode={self.elastic_config.mode}; routers {s['router_params']:,} params = "
+                f"{100 * s['fraction']:.4f}% of {s['base_params']:,}{extra})")
+
+    # -- live control -------------------------------------------------------------------------
+    @property
+    def capacities(self) -> dict[str, float]:
+        return self.elastic_config.capacities()
+
+    @property
+    def layer_capacities(self) -> dict[str, dict[int, float]]:
+        """{component: {layer: capacity}}: what each routed layer really computes (after
+        ``keep_dense`` and a budget allocation), where ``capacities`` shows the one knob."""
+        out: dict[str, dict[int, float]] = {}
+        for b in self.blocks:
+            for comp, cap in b.capacity.items():
+                out.setdefault(comp, {})[b.layer_idx] = cap
+        return out
+
+    def set_capacity(self, **capacities: float) -> "ElasticModel":
+        """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``. With an
+        allocation (``set_allocation``) the value is a budget spread across layers by its schedule."""
+        for name, value in capacities.items():
+            value = check_capacity(name, value)
+            if getattr(self.elastic_config, name) is None:
+                raise ValueError(f"{name} is not elastic in this model; elastic components: "
+                                 f"{', '.join(self.elastic_config.components)}")
+            setattr(self.elastic_config, name, value)
+            pinned = self._kept_dense(name)
+            blocks = [b for b in self.blocks if name in b.capacity]
+            n = len(self.adapter.layers(self.model))
+            schedule = [(layer % n, cap) for layer, cap in self.elastic_config.allocation.get(name, ())]
+            per_layer = capacities_at(schedule, [b.layer_idx for b in blocks], value, pinned) if schedule else {}
+            for b in blocks:
+                b.capacity[name] = 1.0 if b.layer_idx in pinned else per_layer.get(b.layer_idx, value)
+        return self
+
+    def set_allocation(self, **schedules) -> "ElasticModel":
+        """Spread each named component's capacity across layers by a schedule of (layer, capacity)
+        cuts (``elastilab.core.budget.allocate`` measures one); an empty schedule returns to one capacity
+        for every layer. Saved with the routers."""
+        from elastilab.core.config import check_allocation
+        checked = check_allocation(schedules, self.elastic_config.components)
+        n = len(self.adapter.layers(self.model))
+        for comp, steps in checked.items():
+            layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
+        self.elastic_config.allocation = {c: v for c, v in {**self.elastic_config.allocation, **checked}.items() if v}
+        self.set_capacity(**{c: getattr(self.elastic_config, c) for c in checked})
+        return self
+
+    def keep_dense(self, **layers) -> "ElasticModel":
+        """Always run these layers' component dense, whatever its capacity; the routers stay (and
+        are saved), so ``keep_dense(mlp_tokens=())`` routes them again. E.g. token routing in
+        SmolLM2-135M costs most in layers 0, 1 and the last two (notebooks/01_language.ipynb):
+        ``em.keep_dense(mlp_tokens=(0, 1, -2, -1), attn_tokens=(0, 1, -2, -1))``."""
+        keep = {**self.elastic_config.keep_dense, **check_keep_dense(layers, self.elastic_config.components)}
+        n = len(self.adapter.layers(self.model))
+        for comp, kept in keep.items():
+            layer_indices(kept, n, f"keep_dense[{comp!r}]")
+        self.elastic_config.keep_dense = {c: v for c, v in keep.items() if v}
+        self.set_capacity(**{c: getattr(self.elastic_config, c) for c in layers})
+        return self
+
+    def _kept_dense(self, component: str) -> set[int]:
+        n = len(self.adapter.layers(self.model))
+        return layer_indices(self.elastic_config.keep_dense.get(component, ()), n, f"keep_dense[{component!r}]")
+
+    def set_mode(self, mode: str) -> "ElasticModel":
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "mode": mode})  # validates
+        self.elastic_config.mode = mode
+        for b in self.blocks:
+            b.mode = mode
+        return self
+
+    def set_skipped_tokens(self, how: str) -> "ElasticModel":
+        """"drop" or "merge": what a token skipped by token routing receives (ElasticConfig.skipped_tokens)."""
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "skipped_tokens": how})  # validates
+        if how == "merge" and self.adapter.causal:
+            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
+                             "a kept token from each skipped token's own past in every chunk")
+        self.elastic_config.skipped_tokens = how
+        for b in self.blocks:
+            b.skipped_tokens = how
+        return self
+
+    def set_attn_tokens_variant(self, variant: str) -> "ElasticModel":
+        """Live switch of what a token skipped by ``attn_tokens`` leaves out of attention: "drop"
+        (query, key and value) or "keep_kv" (only its query side; every token stays a key/value).
+        The same routers choose in both; ``ElasticConfig.attn_tokens_variant`` documents them."""
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "attn_tokens_variant": variant})  # validates
+        self.elastic_config.attn_tokens_variant = variant
+        for b in self.blocks:
+            b.attn_tokens_variant = variant
+        return self
+
+    def set_backend(self, backend: str) -> "ElasticModel":
+        """MLP kernels: "auto" (Triton on CUDA at inference, torch otherwise), "torch" or "triton"."""
+        from elastilab_kernels.ops import BACKENDS
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for b in self.blocks:
+            b.mlp.backend = backend
+        return self
+
+    @contextmanager
+    def capacity(self, **capacities: float):
+        """Temporarily use other capacities (and restore them afterwards)."""
+        old = {k: getattr(self.elastic_config, k) for k in capacities}
+        self.set_capacity(**capacities)
+        try:
+            yield self
+        finally:
+            self.set_capacity(**old)
+
+    @property
+    def scorer(self):
+        """The selection method in use: None for the learned routers (see ``scoring``)."""
+        blocks = self.blocks
+        return blocks[0].scoring.scorer if blocks else None
+
+    @contextmanager
+    def scoring(self, scorer="learned"):
+        """Choose with another selection method than the routers, e.g. ``with em.scoring("oracle"):``
+        (names in ``elastilab.scorers.SCORERS``, or a ``Scorer`` instance). Yields the scorer."""
+        from elastilab.scorers import get_scorer
+        s = get_scorer(scorer)
+        if s is not None:
+            for comp in self.elastic_config.components:
+                if comp in LAYER_COMPONENTS + GATED_COMPONENTS and self.capacities[comp] < 1.0:
+                    s.check(self, comp)
+            if self.elastic_config.mode != "topk":
+                raise ValueError(f"scorer {s.name!r} chooses by top-k; set_mode('topk') first (threshold "
+                                 "mode needs calibrated routers)")
+        old = [b.scoring.scorer for b in self.blocks]
+        for b in self.blocks:
+            b.scoring.scorer = s
+        try:
+            yield s
+        finally:
+            for b, o in zip(self.blocks, old):
+                b.scoring.scorer = o
+
+    @contextmanager
+    def routers_disabled(self):
+        """Run the untouched pretrained blocks: the teacher, with no second copy of the weights (and
+        without the LoRA, which only the routed path reads)."""
+        blocks = self.blocks
+        states = [b.enabled for b in blocks]
+        for b in blocks:
+            b.enabled = False
+        try:
+            yield self
+        finally:
+            for b, s in zip(blocks, states):
+                b.enabled = s
+
+    @contextmanager
+    def training_estimator(self):
+        """Forward passes with gradients use ``ElasticBlock.estimate`` (the training estimator)."""
+        for b in self.blocks:
+            b.estimator = True
+        try:
+            yield self
+        finally:
+            for b in self.blocks:
+                b.estimator = False
+
+    def unelastify(self) -> nn.Module:
+        """Put the original blocks back and return the plain pretrained model."""
+        layers = self.adapter.layers(self.model)
+        for i, m in enumerate(layers):
+            if isinstance(m, ElasticBlock):
+                lora.detach(m)
+                layers[i] = m.base_layer
+        return self.model
+
+    # -- threshold mode -----------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> "ElasticModel":
+        """Fill the score-quantile table of each token router in use (capacity below 1.0) from sample
+        text, so threshold mode keeps the target fraction. Scores are recorded while running top-k
+        routing at the current capacities, i.e. on the hidden states the routed model really produces."""
+        mode = self.elastic_config.mode
+        self.set_mode("topk")
+        scores: dict[tuple[int, str], list] = {}
+        try:
+            for chunk in input_ids.split(batch_size):
+                self.model(chunk.to(self.device))
+                for b in self.blocks:
+                    for comp in TOKEN_COMPONENTS:
+                        if comp in b.aux:
+                            scores.setdefault((b.layer_idx, comp), []).append(b.aux[comp][0].flatten())
+        finally:
+            self.set_mode(mode)
+        if not scores:
+            raise RuntimeError("no token router was routing during calibration (every token capacity 1.0?); "
+                               "calibrate at a capacity below 1.0")
+        for b in self.blocks:  # the routers in use; the others keep their tables (NaN: refused when used)
+            for comp in TOKEN_COMPONENTS:
+                if (b.layer_idx, comp) in scores:
+                    b.routers[comp].set_quantiles(torch.cat(scores[(b.layer_idx, comp)]))
+        return self
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
+        """Write routers.safetensors + routers.json into the folder ``path``, as a pair
+        (``checkpoint.write_checkpoint``); ``load_routers`` reads them back. A LoRA is saved with
+        the routers (its rank and targets in the elastic_config, its factors as "<layer>.lora.*")."""
+        meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
+                "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
+                **self.parameter_summary(), "metadata": metadata}
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.trainable_state().items()}
+        return write_checkpoint(path, meta, tensors)
+
+    def compute_report(self, *args, **kwargs):
+        from elastilab.core.compute import compute_report
+        return compute_report(self, *args, **kwargs)
+
+
+def elastify(model: nn.Module, config: ElasticConfig | None = None, **capacities) -> ElasticModel:
+    """Wrap ``model`` with routers: ``elastify(model, ElasticConfig(mlp_experts=0.5))`` or
+    ``elastify(model, mlp_tokens=0.5)``."""
+    if config is None:
+        config = ElasticConfig(**capacities)
+    elif capacities:
+        raise TypeError("pass either an ElasticConfig or capacities as keywords, not both")
+    if isinstance(model, ElasticModel):
+        raise TypeError("model is already elastic; call .unelastify() first to re-wrap it")
+    return (find_adapter(model).elastic_class or ElasticModel)(model, config)  # e.g. elastic_llava.ElasticLlava

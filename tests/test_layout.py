@@ -1,0 +1,98 @@
+"""The tree keeps its shape (docs/DESIGN.md): the kernels distribution stands alone, the package layers import
+downwards only, module-level imports have no cycle, command handlers live in cli/, modules stay small."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: each layer may import itself and the layers before it (data, files, zoo and adapters are shared ground)
+LAYERS = ["elastilab_kernels", "elastilab.files", "elastilab.data", "elastilab.core", "elastilab.adapters",
+          "elastilab.scorers", "elastilab.zoo", "elastilab.training", "elastilab.tasks", "elastilab.analysis",
+          "elastilab.cli", "elastilab"]
+MAX_LINES = 400  # "about 350": the largest, core/model.py, is the ElasticModel class read top to bottom
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for base in (ROOT / "elastilab", ROOT / "kernels" / "elastilab_kernels"):
+        for p in base.rglob("*.py"):
+            parts = p.relative_to(base.parent).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return found
+
+
+def imports(path: Path, name: str, top_level_only: bool) -> set[str]:
+    """The package modules ``path`` imports (relative imports resolved), at module level or anywhere."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                mod = ".".join(pkg[: len(pkg) - node.level + 1] + ([mod] if mod else []))
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("elastilab", "elastilab_kernels")}
+
+
+def layer(mod: str) -> int:
+    return max(i for i, prefix in enumerate(LAYERS) if mod == prefix or mod.startswith(prefix + "."))
+
+
+def test_the_kernels_distribution_needs_nothing_from_elastilab():
+    mods = modules()
+    for name, path in mods.items():
+        if name.startswith("elastilab_kernels"):
+            bad = {m for m in imports(path, name, top_level_only=False) if m.split(".")[0] == "elastilab"}
+            assert not bad, f"{path} imports {bad}: elastilab_kernels must stand alone"
+
+
+def test_layers_import_downwards_at_module_level():
+    """core never imports training, tasks, analysis or cli at import time, and so on up the list (imports
+    inside functions may reach up: they run after everything is loaded)."""
+    mods = modules()
+    for name, path in mods.items():
+        if name == "elastilab":  # the public API gathers every layer
+            continue
+        for m in imports(path, name, top_level_only=True):
+            target = m if m in mods else m.rsplit(".", 1)[0]
+            if target in mods and not name.startswith("elastilab.adapters.llava"):
+                assert layer(target) <= layer(name), f"{name} (layer {LAYERS[layer(name)]}) imports {target}"
+
+
+def test_no_module_level_import_cycle():
+    mods = modules()
+    graph = {n: {m if m in mods else m.rsplit(".", 1)[0] for m in imports(p, n, True)} & set(mods) - {n}
+             for n, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(n, stack):
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if m.startswith(n + ".") or n.startswith(m + "."):  # a package and its own submodules
+                continue
+            if state.get(m) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            if m not in state:
+                visit(m, stack + [m])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+
+
+def test_command_handlers_live_in_cli_and_modules_stay_small():
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        handlers = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
+                    and (f.name.startswith("cmd_") or f.name.startswith("_cmd_") or f.name == "add_parsers")]
+        if not name.startswith("elastilab.cli"):
+            assert not handlers, f"{name} defines command handlers {handlers}: they belong in elastilab/cli/"
+        n = len(path.read_text().splitlines())
+        assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES}): split it"
