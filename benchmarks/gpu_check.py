@@ -6,7 +6,8 @@
 1. the kernel tests (tests/test_kernels.py, tests/test_torch_paths.py; interpreter, CPU) still pass here;
 2. the Triton kernels on CUDA against their torch references: every MLP kind / activation, fp32, bf16,
    fp16, odd sizes, k = 1 and k = E, an empty selection -> gpu_kernels.csv (max abs errors);
-3. the MLP alone, torch gather path vs Triton, Llama-1B dims (d 2048, F 8192), 16384 rows, bf16 -> mlp_gpu_random-1b.csv;
+3. the MLP alone, torch gather path vs Triton, Llama-1B dims (d 2048, F 8192), 16384 rows, bf16 \
+-> mlp_gpu_random-1b.csv;
 4. the whole model, random-init Llama-1B dims, 16 x 1024 tokens, bf16, torch vs Triton backends and
    the two head-routing implementations -> speed_gpu_random-1b.csv/.png;
 5. decoding (batch 1, 64-token prompt, 64 greedy tokens with the KV cache), Llama-1B dims, bf16: dense vs
@@ -33,9 +34,11 @@ def say(*a):
 
 def kernel_tests() -> int:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_torch_paths.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+           "tests/test_torch_paths.py"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    say("kernel tests (interpreter):", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:])
+    say("kernel tests (interpreter):",
+        res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-2000:])
     return res.returncode
 
 
@@ -53,7 +56,8 @@ def cuda_errors(device="cuda", N=1000, D=200, F=520):
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     cases = [("swiglu", "silu", dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
-    cases += [("gelu", "gelu", torch.float32), ("swiglu", "gelu_tanh", torch.float32), ("gelu", "gelu_tanh", torch.bfloat16)]
+    cases += [("gelu", "gelu", torch.float32), ("swiglu", "gelu_tanh", torch.float32),
+              ("gelu", "gelu_tanh", torch.bfloat16)]
     E = 8  # D, F: odd sizes, no multiple of the blocks
     for kind, act, dt in cases:
         r = lambda *s, scale=0.3: (torch.randn(*s, generator=g, device=device) * scale).to(dt)
@@ -162,7 +166,8 @@ def main(dry: bool = False) -> int:
         return 2
     dev, model, dims = ("cpu", "tiny", "tiny") if dry else ("cuda", "random-1b", "random-1b")
     OUT.mkdir(parents=True, exist_ok=True)
-    info = {**bench.machine(), "elastilab": str(Path(elastilab.__file__).parent), "command": "python benchmarks/gpu_check.py"}
+    info = {**bench.machine(), "elastilab": str(Path(elastilab.__file__).parent),
+            "command": "python benchmarks/gpu_check.py"}
     say("machine:", info)
     status = kernel_tests()
 
@@ -172,7 +177,8 @@ def main(dry: bool = False) -> int:
     status |= int(not errs.ok.all())
 
     mlp = bench.mlp_speed(dims, rows=64 if dry else 16384, capacities=(0.75, 0.5, 0.25), backends=("torch", "triton"),
-                          reps=1 if dry else 20, warmup=0 if dry else 3, device=dev, dtype="float32" if dry else "bfloat16")
+                          reps=1 if dry else 20, warmup=0 if dry else 3, device=dev,
+                          dtype="float32" if dry else "bfloat16")
     bench.write(mlp, OUT, f"mlp_gpu_{dims}", info)
     say("MLP alone:\n" + mlp.drop(columns=["dims", "device", "dtype", "reps", "threads", "load_start", "load_end"])
         .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -189,7 +195,8 @@ def main(dry: bool = False) -> int:
                                           reps=1 if dry else 50, warmup=0 if dry else 5, device=dev,
                                           dtype="float32" if dry else "bfloat16")])
     bench.write(dec, OUT, f"mlp_gpu_{dims}_decode", info)
-    say("MLP at decode size:\n" + dec[["component", "capacity", "backend", "rows", "speedup", "ideal_speedup", "realised"]]
+    say("MLP at decode size:\n" + dec[["component", "capacity", "backend", "rows", "speedup", "ideal_speedup",
+                                       "realised"]]
         .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     gen = decode(model, dev, "float32" if dry else "bfloat16", reps=1 if dry else 5, warmup=0 if dry else 1,
                  new_tokens=4 if dry else 64)

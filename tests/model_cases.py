@@ -75,8 +75,9 @@ def qwen2():  # Llama layer code with q/k/v biases
     return Case(model, {"input_ids": torch.randint(0, 101, (2, 13))}, lambda out: out.logits, distill=_lm_distill)
 
 
+# head_dim other than hidden/heads (as Mistral-Nemo); sliding window (v0.1's 4096, longer than the inputs)
 @case("mistral")
-def mistral():  # head_dim other than hidden/heads (as Mistral-Nemo); sliding window (v0.1's 4096, longer than the inputs)
+def mistral():
     from transformers import MistralConfig, MistralForCausalLM
     cfg = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
@@ -206,8 +207,8 @@ def timm_vit():  # CLS + 2 registers, LayerScale, qkv bias, classification head
     from timm.models.vision_transformer import VisionTransformer
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2,
                               num_classes=5, init_values=1.0, reg_tokens=2)
-    return Case(_randomize_biases(_randomize_layer_scale(model)).eval(), {"x": torch.randn(2, 3, 32, 32)}, lambda out: out,
-                causal=False, distill=_vit_distill, prefix=3)
+    return Case(_randomize_biases(_randomize_layer_scale(model)).eval(), {"x": torch.randn(2, 3, 32, 32)},
+                lambda out: out, causal=False, distill=_vit_distill, prefix=3)
 
 
 @case("hf_dinov2")
@@ -215,7 +216,8 @@ def hf_dinov2():  # LayerScale, last_hidden_state
     from transformers import Dinov2Config, Dinov2Model
     cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                        image_size=32, patch_size=8)
-    return Case(_randomize_biases(_randomize_layer_scale(Dinov2Model(cfg))).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+    return Case(_randomize_biases(_randomize_layer_scale(Dinov2Model(cfg))).eval(),
+                {"pixel_values": torch.randn(2, 3, 32, 32)},
                 lambda out: out.last_hidden_state, causal=False, distill=_vit_distill, prefix=1)
 
 

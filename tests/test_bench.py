@@ -1,4 +1,5 @@
-"""The benchmark code on a tiny random Llama: rows, the FLOPs behind the ideal speedup, files (no timing assertions)."""
+"""The benchmark code on a tiny random Llama: rows, the FLOPs behind the ideal speedup, \
+files (no timing assertions)."""
 import pytest
 import torch
 
@@ -83,7 +84,8 @@ def test_mlp_micro_benchmark_counts_the_kept_rows_and_slices():
                  "mlp_units": (1 + 2 * n_kept(r.capacity, F) / F) / 3}[r.component]
         assert r.routed_gflops * 1e9 == pytest.approx(n * per_row * share), (r.component, r.capacity)
         assert r.ideal_speedup == pytest.approx(r.dense_gflops / r.routed_gflops)
-    assert sorted(zip(df.component, df.capacity)) == sorted((c, cap) for c in ("mlp_tokens", "mlp_experts", "mlp_units")
+    assert sorted(zip(df.component, df.capacity)) == sorted((c, cap)
+                                                            for c in ("mlp_tokens", "mlp_experts", "mlp_units")
                                                             for cap in (0.5, 0.25))
 
 

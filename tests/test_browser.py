@@ -57,7 +57,8 @@ def test_vision_notebook_sliders_change_compute_and_quality():
     # accuracy, agreement, cosine, compute; the sliders start at a good trade-off with mlp_tokens at 1.0;
     # Home: mlp_tokens -> 0.125
     before, after, readout = run_and_move(
-        "02_vision.ipynb", r"accuracy ([\d.]+) .*\| agreement ([\d.]+) \| cosine ([\d.]+) \| compute ([\d.]+) of dense",
+        "02_vision.ipynb",
+        r"accuracy ([\d.]+) .*\| agreement ([\d.]+) \| cosine ([\d.]+) \| compute ([\d.]+) of dense",
         "mlp_tokens", "Home", lambda b, n: n[3] < b[3] - 0.05)
     assert readout in ("0.12", "0.13") and before[3] < 1.0  # 0.125, rounded by the widget
     assert after[2] < before[2]  # less compute, features further from the teacher's

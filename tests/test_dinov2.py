@@ -46,7 +46,8 @@ def test_hf_matches_onnxruntime_backbone(hf, photos):
 
     proto = onnx.load(str(dinov2.onnx_path()))
     # expose the backbone's last hidden state (an internal node) as an extra graph output
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(dinov2.ONNX_HIDDEN_OUTPUT, onnx.TensorProto.FLOAT, None))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(dinov2.ONNX_HIDDEN_OUTPUT, onnx.TensorProto.FLOAT,
+                                                                 None))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -141,7 +142,8 @@ def test_fit_linear_folds_standardisation_into_the_layer():
 def test_shipped_probe_classifies_held_out_digits(hf):
     report = json.loads(dinov2.PROBE_PATH.with_suffix(".json").read_text())
     # the shipped record predates the one CLI: its command reads `python -m elastilab.zoo.dinov2 probe`
-    assert report["test_accuracy"] >= 0.9 and re.search(r"python -m elastilab\.zoo\.dinov2 probe|elastilab zoo dinov2-probe",
+    assert report["test_accuracy"] >= 0.9 and re.search(r"python -m elastilab\.zoo\.dinov2 probe|"
+                                                        r"elastilab zoo dinov2-probe",
                                                          report["command"])
     head = dinov2.load_probe()
     assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (768, 10)

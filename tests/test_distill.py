@@ -202,7 +202,8 @@ def test_checkpoint_folder_is_checked_before_step_1(tmp_path):
         return lm_loss(*args)
 
     def train(folder, **kw):
-        return el.distill(tiny_elastic(), DATA, steps=2, checkpoint_dir=str(folder), loss_fn=counting, **{**SAMPLED, **kw})
+        return el.distill(tiny_elastic(), DATA, steps=2, checkpoint_dir=str(folder), loss_fn=counting,
+                          **{**SAMPLED, **kw})
 
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")

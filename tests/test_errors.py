@@ -192,7 +192,8 @@ CLI_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("argv, match", CLI_ERRORS, ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else None)
+@pytest.mark.parametrize("argv, match", CLI_ERRORS,
+                         ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else None)
 def test_cli_bad_input_catalogue(argv, match, fake_zoo, capsys):
     argv = [str(a).replace("TMP", str(fake_zoo)).replace("OUT", str(fake_zoo / "out")) for a in argv]
     rc, out, err = run_cli(argv, capsys)
@@ -213,7 +214,8 @@ VISION_COMPONENT_ERRORS = [
 @pytest.mark.parametrize("components, match", VISION_COMPONENT_ERRORS)
 def test_vision_train_components(components, match, tmp_path, capsys):
     from elastilab.analysis import vision
-    rc, out, err = run_cli(["vit", "train", "--domain", "digits04", "--out", tmp_path / "r", "--components", components],
+    rc, out, err = run_cli(["vit", "train", "--domain", "digits04", "--out", tmp_path / "r", "--components",
+                            components],
                            capsys)
     assert rc == 2 and __import__("re").search("argument --components: " + match, err), err
     assert not (tmp_path / "r").exists()
@@ -385,7 +387,8 @@ def test_eval_with_routers_and_no_capacities_uses_the_recommended_point(fake_zoo
     rec = _saved_routers(fake_zoo / "rec", recommended={"mlp_tokens": 0.75})
     rc, out, err = run_cli(args + [rec], capsys)
     assert rc == 0, err
-    assert f"capacities mlp_tokens=0.75, attn_heads=1, mode topk (the recommended operating point stored in {rec})" in err
+    assert (f"capacities mlp_tokens=0.75, attn_heads=1, mode topk (the recommended operating point stored in {rec})"
+            in err)
     assert json.loads(out)["requested_capacities"] == {"mlp_tokens": 0.75, "attn_heads": 1.0}
     bad = _saved_routers(fake_zoo / "bad", recommended={"mlp_neurons": 0.5})
     rc, out, err = run_cli(args + [bad], capsys)
@@ -401,19 +404,21 @@ def test_threshold_mode_reports_requested_and_measured(fake_zoo, capsys):
     assert "mlp_tokens 0.5 -> tokens whose score passes the threshold calibrated for 50%" in err
     res = json.loads(out)
     assert res["mode"] == "threshold" and res["requested_capacities"]["mlp_tokens"] == 0.5
-    assert 0 < res["measured_capacities"]["mlp_tokens"] <= 1 and res["measured_capacities"]["attn_heads"] == pytest.approx(7 / 9, abs=1e-4)
+    assert (0 < res["measured_capacities"]["mlp_tokens"] <= 1
+            and res["measured_capacities"]["attn_heads"] == pytest.approx(7 / 9, abs=1e-4))
 
 
 def test_eval_json_never_prints_nan(fake_zoo, capsys, monkeypatch):
     real = el.evaluate
-    monkeypatch.setattr(el, "evaluate", lambda em, blocks: {**real(em, blocks), "kl": math.nan, "student_ppl": math.inf})
+    monkeypatch.setattr(el, "evaluate",
+                        lambda em, blocks: {**real(em, blocks), "kl": math.nan, "student_ppl": math.inf})
     rc, out, err = run_cli(EVAL + ["--text", fake_zoo / "long.txt", "--mlp-tokens", 0.5, "--json"], capsys)
     assert rc == 0, err
     res = json.loads(out, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
     assert res["kl"] is None and res["student_ppl"] is None
 
 
-# ------------------------------------------------------------------ issue 9: 16-bit images (zoo.load's pair: test_dinov2.py)
+# ------------------------------------------------------- issue 9: 16-bit images (zoo.load's pair: test_dinov2.py)
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image

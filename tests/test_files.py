@@ -37,7 +37,8 @@ def test_a_folder_not_made_here_is_never_replaced(tmp_path):
     target = tmp_path / "smollm2-135m"
     target.mkdir()
     (target / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="smollm2-135m exists and holds files elastilab did not write \\(notes.txt"):
+    with pytest.raises(FileExistsError,
+                       match="smollm2-135m exists and holds files elastilab did not write \\(notes.txt"):
         atomic_folder(target, lambda tmp: (tmp / "a").write_text("1"))
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]

@@ -36,7 +36,8 @@ def test_lm_frontier_rows_and_measured_compute(lm_frontier):
     routed = df[df.capacity < 1.0]
     assert (routed.sublayer_compute < 1.0).all() and (routed.ppl_ratio != 1.0).any()
     # every method runs the same sub-layer compute at one capacity (mlp slices / tokens: exactly)
-    for (comp, cap), g in routed[routed.component.isin(["mlp_tokens", "mlp_experts"])].groupby(["component", "capacity"]):
+    for (comp, cap), g in (routed[routed.component.isin(["mlp_tokens", "mlp_experts"])]
+                           .groupby(["component", "capacity"])):
         assert g.sublayer_compute.nunique() == 1, (comp, cap)
     mlp = routed[(routed.component == "mlp_experts") & (routed.capacity == 0.5)].set_index("scorer")
     assert mlp.loc["learned", "sublayer_compute"] == pytest.approx(0.5)
@@ -125,7 +126,8 @@ def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(2):
-        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(
+            images / f"{i}.png")
     assert main(["frontier", "--model", "dinov2-small", "--images", str(images), "--components", "mlp_tokens",
                  "--capacities", "0.5", "--scorers", "random,oracle", "--out", str(tmp_path / "f")]) == 0
     df = pd.read_csv(tmp_path / "f" / "frontier.csv")

@@ -52,6 +52,7 @@ def test_the_hook_sees_connections(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(HOOK)
     log = tmp_path / "net.log"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "ELASTILAB_NET_LOG": str(log)}
-    code = "import urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:9/', timeout=1)\nexcept OSError:\n    pass"
+    code = ("import urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:9/', timeout=1)\n"
+            "except OSError:\n    pass")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
     assert "127.0.0.1" in log.read_text()

@@ -21,7 +21,8 @@ def test_environment_yml_mirrors_pyproject():
     local = {w for w in wanted if w.startswith("elastilab-kernels")}  # this repository's kernels/, installed first
     assert pip.index("-e ./kernels") < pip.index("-e ."), "environment.yml must install ./kernels before ."
     wanted -= local
-    assert listed == wanted, f"only in pyproject: {sorted(wanted - listed)}; only in environment.yml: {sorted(listed - wanted)}"
+    assert listed == wanted, (f"only in pyproject: {sorted(wanted - listed)}; "
+                              f"only in environment.yml: {sorted(listed - wanted)}")
 
 
 SUBCOMMANDS = ["train", "eval", "bench", "frontier", "report", "generation", "vit", "vlm", "zoo"]
@@ -88,7 +89,8 @@ def _documented_commands():
 def test_documented_commands_name_real_subcommands_and_options():
     from elastilab.cli import main as cli
     commands = list(_documented_commands())
-    assert any(c.startswith("elastilab vit ") for c in commands) and any(c.startswith("elastilab bench ") for c in commands)
+    assert (any(c.startswith("elastilab vit ") for c in commands)
+            and any(c.startswith("elastilab bench ") for c in commands))
     for command in commands:
         parser, words = cli.parser(), command.split()[1:]
         while words:  # walk down the subcommands the words name
@@ -97,7 +99,8 @@ def test_documented_commands_name_real_subcommands_and_options():
                 break
             assert words[0] in subs[0].choices, f"{command!r}: no subcommand {words[0]!r}"
             parser, words = subs[0].choices[words[0]], words[1:]
-        assert not [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)], f"{command!r}: incomplete"
+        assert not [a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)], f"{command!r}: incomplete"
         for word in words:
             if word.startswith("--"):
                 assert word.split("=")[0] in parser._option_string_actions, f"{command!r}: no option {word!r}"

@@ -261,7 +261,8 @@ def test_the_library_never_calls_torch_load():
 
 # ---------------------------------------------------------------- 6. shipped results are never a default output
 @pytest.mark.parametrize("argv, module, runs", [
-    (["vit", "bench"], "elastilab.analysis.vision", "bench"), (["vit", "crossdomain"], "elastilab.analysis.vision", "crossdomain"),
+    (["vit", "bench"], "elastilab.analysis.vision", "bench"),
+    (["vit", "crossdomain"], "elastilab.analysis.vision", "crossdomain"),
     (["vlm", "train"], "elastilab.zoo.tiny_llava", "load"), (["vlm", "bench"], "elastilab.zoo.tiny_llava", "load"),
     (["zoo", "tiny-llava-train"], "elastilab.zoo.tiny_llava", "train"),
     (["zoo", "dinov2-probe"], "elastilab.zoo.dinov2", "train_probe"),
@@ -273,7 +274,8 @@ def test_benchmark_commands_write_only_where_out_says(monkeypatch, capsys, argv,
 
     from elastilab.cli import main as cli
     mod = importlib.import_module(module)  # wraps: the parser still reads the function's defaults
-    monkeypatch.setattr(mod, runs, functools.wraps(getattr(mod, runs))(lambda *a, **k: pytest.fail("ran without --out")))
+    monkeypatch.setattr(mod, runs,
+                        functools.wraps(getattr(mod, runs))(lambda *a, **k: pytest.fail("ran without --out")))
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2 and "--out" in capsys.readouterr().err

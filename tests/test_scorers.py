@@ -34,7 +34,8 @@ def family(request):
 def test_every_scorer_on_every_component_it_supports(family, scorer):
     case, em, ref = family
     supported = [c for c in LAYER_COMPONENTS if supports(scorer, em, c)]
-    assert scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome") or supported == list(LAYER_COMPONENTS)
+    assert (scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome")
+            or supported == list(LAYER_COMPONENTS))
     for comp in supported:
         with em.scoring(scorer), torch.no_grad():
             out = case.output(em(**case.inputs))
@@ -67,7 +68,8 @@ def test_every_scorer_on_every_component_it_supports(family, scorer):
 
 def test_unsupported_components_are_refused_clearly():
     case, em, _ = elastic("llama")
-    with pytest.raises(ValueError, match="scorer 'magnitude' does not support mlp_tokens; it supports attn_heads, mlp_experts"):
+    with pytest.raises(ValueError,
+                       match="scorer 'magnitude' does not support mlp_tokens; it supports attn_heads, mlp_experts"):
         with em.capacity(mlp_tokens=0.5), em.scoring("magnitude"):
             pass
     with pytest.raises(ValueError, match="needs a vision transformer with a CLS token"):

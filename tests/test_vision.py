@@ -229,4 +229,5 @@ def test_vit_commands_run_the_library_with_their_own_command_line(monkeypatch, t
     assert cli.main(["vit", "bench", "--out", tmp_path / "v.json"]) == 0
     assert calls["bench"][0] == (vision.SHIPPED_ROUTERS, 16) and calls["bench"][1]["out"] == str(tmp_path / "v.json")
     assert cli.main(["vit", "crossdomain", "--images", 5, "--out", tmp_path / "v.json"]) == 0
-    assert calls["crossdomain"][0] == (5,) and calls["crossdomain"][1]["command"].startswith("elastilab vit crossdomain")
+    assert (calls["crossdomain"][0] == (5,)
+            and calls["crossdomain"][1]["command"].startswith("elastilab vit crossdomain"))

@@ -1,4 +1,5 @@
-"""Elastic LLaVA (elastilab.adapters.llava.model, tasks.vlm): the visual_tokens router, baselines, generation, errors, training."""
+"""Elastic LLaVA (elastilab.adapters.llava.model, tasks.vlm): the visual_tokens router, baselines, \
+generation, errors, training."""
 import pytest
 import torch
 
@@ -52,7 +53,8 @@ def test_elastify_gives_an_elastic_llava_with_one_tiny_router():
     _, em = make(visual_tokens=0.5)
     assert isinstance(em, ElasticLlava)
     assert em.visual_parameter_fraction()["visual_router_params"] == 32 + 1
-    assert [n for n, p in em.named_parameters() if p.requires_grad] == ["visual_router.proj.weight", "visual_router.proj.bias"]
+    assert [n for n, p in em.named_parameters() if p.requires_grad] == ["visual_router.proj.weight",
+                                                                        "visual_router.proj.bias"]
 
 
 @pytest.mark.parametrize("caps", [dict(visual_tokens=1.0), dict(visual_tokens=1.0, attn_tokens=1.0, mlp_tokens=1.0,

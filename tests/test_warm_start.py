@@ -15,7 +15,8 @@ def chosen(em, comp, ids, scorer="learned"):
         out = {}
         for b in em.blocks:
             scores, ids_ = b.aux[comp]
-            out[b.layer_idx] = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, ids_.reshape(scores.shape[0], -1), True)
+            out[b.layer_idx] = (torch.zeros(scores.shape, dtype=torch.bool)
+                                .scatter_(-1, ids_.reshape(scores.shape[0], -1), True))
     return out
 
 

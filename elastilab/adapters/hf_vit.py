@@ -51,7 +51,8 @@ class HFViTAdapter(Adapter):
     def block_spec(self, layer, layer_idx):
         where = f"layer {layer_idx} ({type(layer).__name__})"
         att = layer.attention
-        q, k, v = (_find(att, f"{a}_proj", f"attention.{b}") for a, b in (("q", "query"), ("k", "key"), ("v", "value")))
+        q, k, v = (_find(att, f"{a}_proj", f"attention.{b}")
+                   for a, b in (("q", "query"), ("k", "key"), ("v", "value")))
         o = _find(att, "o_proj", "output.dense")
         cfg = _find(att, "config", "attention.config")
         if cfg is None:
@@ -60,7 +61,8 @@ class HFViTAdapter(Adapter):
         if act is None:
             raise ValueError(f"{where}: unsupported MLP activation {cfg.hidden_act!r}; supported: {sorted(_ACTS)}")
         if getattr(cfg, "use_swiglu_ffn", False):
-            raise ValueError(f"{where}: SwiGLU MLPs (use_swiglu_ffn=True) are not supported yet (their gate has a bias)")
+            raise ValueError(f"{where}: SwiGLU MLPs (use_swiglu_ffn=True) are not supported yet "
+                             "(their gate has a bias)")
         fc1 = _find(layer, "mlp.fc1", "intermediate.dense")
         fc2 = _find(layer, "mlp.fc2", "output.dense")
         if None in (q, k, v, o, fc1, fc2):

@@ -49,7 +49,8 @@ def check_image(x, channels: int, patch: tuple[int, int], fixed: tuple[int, int]
                          "images (or build the model with a dynamic image size)")
     if H % patch[0] or W % patch[1]:
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch[0]}x{patch[1]} "
-                         f"of {name}; use e.g. {H // patch[0] * patch[0] or patch[0]}x{W // patch[1] * patch[1] or patch[1]}")
+                         f"of {name}; use e.g. {H // patch[0] * patch[0] or patch[0]}"
+                         f"x{W // patch[1] * patch[1] or patch[1]}")
 
 
 @register

@@ -75,7 +75,8 @@ def parse_shape(text: str, capacities=CAPACITIES) -> tuple[int, int, tuple[float
         b, t = (int(v) for v in size.lower().split("x"))
         caps = tuple(float(c) for c in caps.split(",")) if caps else tuple(capacities)
     except ValueError:
-        raise ValueError(f"shape must look like BATCHxSEQ or BATCHxSEQ:c1,c2 (e.g. 8x512:1,0.5), got {text!r}") from None
+        raise ValueError("shape must look like BATCHxSEQ or BATCHxSEQ:c1,c2 (e.g. 8x512:1,0.5), "
+                         f"got {text!r}") from None
     if b < 1 or t < 2 or not caps or not all(0 < c <= 1 for c in caps):
         raise ValueError(f"shape {text!r}: batch >= 1, seq >= 2 and capacities in (0, 1] are required")
     return b, t, caps
@@ -183,8 +184,10 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
                 net(inputs)
 
             configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
-            configs += [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends for i in heads
-                        if (b == backends[0] or c not in ("attn_tokens", "attn_heads"))  # backends differ in the MLP only
+            configs += [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends
+                        for i in heads
+                        # backends differ in the MLP only
+                        if (b == backends[0] or c not in ("attn_tokens", "attn_heads"))
                         and (i == heads[0] or c in ("attn_heads", "all"))]
             fns = {"dense": dense, **{cfg: (lambda cfg=cfg: routed(*cfg)) for cfg in configs}}
             load0 = load_average()
@@ -328,8 +331,10 @@ def plot_speed(df: pd.DataFrame, title: str = "", path: Path | None = None):
     for ax, (B, T) in zip(axes[0], shapes):
         sub = df[(df.batch == B) & (df.seq == T)]
         for (comp, backend, impl), g in sub.groupby(["component", "backend", "heads"], sort=False):
-            g = pd.concat([g, sub[(sub.component == comp) & (sub.capacity == 1.0)]]).drop_duplicates("capacity").sort_values("capacity")
-            label = comp + ("" if len(markers) == 1 else f" ({backend})") + (" loop (reference)" if impl == "loop" else "")
+            g = (pd.concat([g, sub[(sub.component == comp) & (sub.capacity == 1.0)]]).drop_duplicates("capacity")
+                 .sort_values("capacity"))
+            label = (comp + ("" if len(markers) == 1 else f" ({backend})")
+                     + (" loop (reference)" if impl == "loop" else ""))
             ax.plot(g.capacity, g.speedup, marker=markers[backend], color=colors[comp], label=label,
                     ls=":" if impl == "loop" else "-")
             if impl != "loop":
@@ -354,5 +359,6 @@ def finish_plot(fig, path=None):
 
 
 def _summary(df: pd.DataFrame) -> str:
-    cols = ["batch", "seq", "component", "capacity", "backend", "heads", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]
+    cols = ["batch", "seq", "component", "capacity", "backend", "heads", "dense_s", "routed_s", "speedup",
+            "ideal_speedup", "realised"]
     return df[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")

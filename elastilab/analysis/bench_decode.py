@@ -40,7 +40,8 @@ def elastic_model(model, points: list[dict], routers=None):
         return load_routers(model, routers, add_components=[c for c in needed if c in GATED_COMPONENTS])
     if routed := [c for c in needed if c not in GATED_COMPONENTS]:
         raise ValueError(f"{', '.join(routed)} need trained routers: give --routers (e.g. data/routers/"
-                         f"smollm2-135m-heads for attn_heads); without routers a point may name {', '.join(GATED_COMPONENTS)}")
+                         "smollm2-135m-heads for attn_heads); without routers a point may name "
+                         f"{', '.join(GATED_COMPONENTS)}")
     return elastify(model, ElasticConfig(**dict.fromkeys(needed or GATED_COMPONENTS, 1.0)))
 
 
@@ -120,7 +121,8 @@ def decode_speed(em, tok, points: list[dict], batches=(1, 4), prompt_len: int = 
             flops = {p["name"]: at(p, lambda: _step_flops(em, ids[:1]))() for p in pts}
             rows += _rows(pts, times, flops, quality, "decode", B, B * (new_tokens - 1),
                           {p["name"]: _matched(tokens[p["name"]], tokens["dense"]) for p in pts})
-            log(f"decode batch {B}: " + ", ".join(f"{r['point']} {r['routed_tok_s']:.1f} tok/s" for r in rows[-len(pts):]))
+            log(f"decode batch {B}: "
+                + ", ".join(f"{r['point']} {r['routed_tok_s']:.1f} tok/s" for r in rows[-len(pts):]))
         if prefill is not None:
             B, T = prefill
             ids = torch.randint(0, em.model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
@@ -151,7 +153,8 @@ def _rows(pts, times, flops, quality, phase, batch, n_tokens, matched) -> list[d
                     "phase": phase, "batch": batch, "tokens": n_tokens, "dense_s": d_med, "routed_s": r_med,
                     "dense_tok_s": n_tokens / d_med, "routed_tok_s": n_tokens / r_med, "speedup": d_med / r_med,
                     "speedup_paired": statistics.median(a / b for a, b in zip(dense, t)),
-                    "ideal_speedup": flops["dense"] / flops[name], "realised": d_med / r_med * flops[name] / flops["dense"],
+                    "ideal_speedup": flops["dense"] / flops[name],
+                    "realised": d_med / r_med * flops[name] / flops["dense"],
                     "ppl_ratio": q["ppl_ratio"], "model_compute": q["model_compute"],
                     "teacher_tokens_matched": matched.get(name), "reps": len(t), "threads": torch.get_num_threads()})
     return out

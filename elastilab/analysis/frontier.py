@@ -90,7 +90,8 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
             choosing = f["routers"] if part != "total" else 0
             rows.append({"scorer": name, "component": comp, "allocation": allocation, "capacity": cap,
                          "compute": (f[part] + choosing) / dense[part], "sublayer_compute": f[part] / dense[part],
-                         "model_compute": f["total"] / dense["total"], "scoring_cost": f["routers"] / dense["total"], **q})
+                         "model_compute": f["total"] / dense["total"], "scoring_cost": f["routers"] / dense["total"],
+                         **q})
             bar.update(1)
     bar.close()
     df = pd.DataFrame(rows)
@@ -98,7 +99,8 @@ def frontier(em, data, components=None, capacities=(0.9, 0.75, 0.5), scorers=("l
     return df
 
 
-def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_better: bool | None = None) -> pd.DataFrame:
+def frontier_summary(df: pd.DataFrame, metric: str | None = None,
+                     higher_is_better: bool | None = None) -> pd.DataFrame:
     """Per component and capacity: random, learned, the best training-free scorer, the best oracle,
     and the router efficiency = share of the random -> oracle gap the learned router closes
     (on log perplexity ratio for LMs, on the metric itself otherwise)."""
@@ -112,7 +114,8 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_bett
     for (comp, alloc, cap), g in df[df.capacity < 1].groupby(["component", "allocation", "capacity"], sort=False):
         by = dict(zip(g.scorer, g[metric]))
         compute = dict(zip(g.scorer, g.compute))
-        row = {"component": comp, "allocation": alloc, "capacity": cap,  # compute: the learned router's (random's without one)
+        # compute: the learned router's (random's without one)
+        row = {"component": comp, "allocation": alloc, "capacity": cap,
                "compute": compute.get("learned", compute.get("random", float(g.compute.min()))),
                "random": by.get("random", np.nan), "learned": by.get("learned", np.nan)}
         free = {k: v for k, v in by.items() if k in TRAINING_FREE}

@@ -24,7 +24,8 @@ def _prompt_list(prompts) -> list[torch.Tensor]:
     out = []
     for i, p in enumerate(prompts):
         t = p if torch.is_tensor(p) else torch.as_tensor(p)
-        if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.long, torch.int, torch.int16, torch.int8,
+                                                             torch.uint8):
             raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got {p!r:.80}")
         out.append(t.long())
     if not out:

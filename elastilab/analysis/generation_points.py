@@ -85,7 +85,8 @@ def generation_points(em, args, recommended: dict | None) -> list[dict]:
         named = {**p["capacities"], **{c: None for c in p["keep_dense"]}}
         missing = [c for c in named if c not in elastic]
         if missing:
-            where = f"{args.routers}: recommended_capacities" if p["source"] == "recommended" else "--components/--point"
+            where = (f"{args.routers}: recommended_capacities" if p["source"] == "recommended"
+                     else "--components/--point")
             raise ValueError(f"{where}: {', '.join(missing)} not routed by {args.routers}; its components: "
                              f"{', '.join(elastic)}")
         tokens = [c for c, v in p["capacities"].items() if c in TOKEN_COMPONENTS and v < 1.0]

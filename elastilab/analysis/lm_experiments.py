@@ -80,7 +80,8 @@ def slot_usage(em, ids: torch.Tensor, component: str, capacity: float, layer: in
 
 
 # ---------------------------------------------------------------- experiments
-def quality_table(em, domains: dict, capacities=(0.75, 0.5), label: str = "learned", progress: bool = False) -> pd.DataFrame:
+def quality_table(em, domains: dict, capacities=(0.75, 0.5), label: str = "learned",
+                  progress: bool = False) -> pd.DataFrame:
     """Quality vs the teacher and measured compute of each component alone (the others dense), per
     domain {name: token blocks}; capacity 1.0 rows are the measured teacher. ``label`` names the routers."""
     rows = []
@@ -89,7 +90,8 @@ def quality_table(em, domains: dict, capacities=(0.75, 0.5), label: str = "learn
         rows.append(pd.DataFrame({"routers": label, "domain": domain, "component": df.component,
                                   "capacity": df.capacity, "compute_fraction": df.sublayer_compute,
                                   "model_compute_fraction": df.model_compute,
-                                  **{k: df[k] for k in ("teacher_ppl", "student_ppl", "ppl_ratio", "kl", "agreement")}}))
+                                  **{k: df[k]
+                                     for k in ("teacher_ppl", "student_ppl", "ppl_ratio", "kl", "agreement")}}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -116,7 +118,8 @@ def layer_damage(em, blocks: torch.Tensor, components=TOKEN_COMPONENTS, capacity
     return pd.DataFrame(rows)
 
 
-def keep_dense_table(em, domains: dict, components=TOKEN_COMPONENTS, settings=SETTINGS, progress: bool = False) -> pd.DataFrame:
+def keep_dense_table(em, domains: dict, components=TOKEN_COMPONENTS, settings=SETTINGS,
+                     progress: bool = False) -> pd.DataFrame:
     """Every layer routed vs some layers kept dense, per domain {name: token blocks}, component and
     setting (layers kept dense, capacity of the others): measured sub-layer compute and quality."""
     rows = []

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPORT_FILES = {"language": "frontier-smollm2-135m.csv", "language, budget across layers": "frontier-smollm2-135m-budget.csv",
+REPORT_FILES = {"language": "frontier-smollm2-135m.csv",
+                "language, budget across layers": "frontier-smollm2-135m-budget.csv",
                 "language, 64 MLP slices": "frontier-smollm2-135m-mlp64.csv",
                 "language, single MLP units (CATS)": "frontier-smollm2-135m-units.csv",
-                "language, attention heads: oracle warm start, budget, 40 distillation steps (smollm2-135m-heads)": "frontier-smollm2-135m-heads.csv",
+                "language, attention heads: oracle warm start, budget, 40 distillation steps (smollm2-135m-heads)":
+                    "frontier-smollm2-135m-heads.csv",
                 "language, Gemma 3 270M, single MLP units (CATS)": "frontier-gemma3-270m-units.csv",
                 "language, Gemma 3 270M, attention heads": "frontier-gemma3-270m-heads.csv",
                 "language, Gemma 3 270M, MLP tokens": "frontier-gemma3-270m-mlp-tokens.csv",
                 "language, Gemma 3 270M, attention tokens": "frontier-gemma3-270m-attn-tokens.csv",
-                "vision": "frontier-dinov2-small.csv", "vision, budget across layers": "frontier-dinov2-small-budget.csv",
+                "vision": "frontier-dinov2-small.csv",
+                "vision, budget across layers": "frontier-dinov2-small-budget.csv",
                 "vision, single MLP units (CATS)": "frontier-dinov2-small-units.csv",
                 "vision, token routers trained to merge": "frontier-dinov2-small-merge-trained.csv",
                 "vision-language": "frontier-tiny-llava.csv",

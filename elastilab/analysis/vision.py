@@ -66,7 +66,8 @@ def train(domain_name: str, out: str, n: int = 256, steps: int = 40, batch_size:
     t0 = time.perf_counter()
     log = distill_vit(em, x, probe, steps=steps, batch_size=batch_size, lr=lr, capacity_range=capacity_range,
                       components_per_step=components_per_step, seed=seed, progress=False)
-    info = {"domain": domain_name, "components": list(components), "images": n, "steps": steps, "batch_size": batch_size, "lr": lr,
+    info = {"domain": domain_name, "components": list(components), "images": n, "steps": steps,
+            "batch_size": batch_size, "lr": lr,
             "capacity_range": list(capacity_range), "components_per_step": components_per_step,
             "skipped_tokens": skipped_tokens, "size": SIZE, "seconds": round(time.perf_counter() - t0, 1),
             "final_loss": float(log.loss.tail(5).mean()), "first_loss": float(log.loss.head(5).mean()),
@@ -106,7 +107,8 @@ def bench(routers: str = SHIPPED_ROUTERS, n: int = 16, caps=(0.75, 0.5), command
     em.set_capacity(**base)
     rows.append({"component": "all", "capacity": 1.0, "method": "learned",
                  **evaluate_vit(em, x, labels, probe, teacher=teacher)})
-    _update_results(out, "bench", {"routers": os.path.relpath(routers, ROOT), "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
+    _update_results(out, "bench", {"routers": os.path.relpath(routers, ROOT),
+                                   "eval": f"{n} held-out digits (all 10 classes), {SIZE}px",
                               "command": command, "rows": rows})
     return rows
 

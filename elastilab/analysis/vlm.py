@@ -27,7 +27,8 @@ from elastilab.tasks.vlm import (
 from elastilab.training.distill import distill
 from elastilab.zoo import tiny_llava as tl
 
-SHIPPED_ROUTERS = str(ROOT / "data" / "routers" / "tiny-llava-visual")  # read by default; written only where --out says
+# read by default; written only where --out says
+SHIPPED_ROUTERS = str(ROOT / "data" / "routers" / "tiny-llava-visual")
 TRAIN_TASKS = ("digit", "face", "scenes")  # what the visual router is distilled on by default
 
 
@@ -37,7 +38,8 @@ def train_visual_router(steps: int = 150, batch_size: int = 8, lr: float = 1e-2,
     questions of ``tasks`` (digit, face, scenes: see tasks.vlm.tiny_llava_data) and save it in the
     folder ``out`` (required: the shipped routers are never a default destination)."""
     if out is None:
-        raise ValueError(f"out is required: the folder to save the routers in (the shipped ones are {SHIPPED_ROUTERS})")
+        raise ValueError("out is required: the folder to save the routers in "
+                         f"(the shipped ones are {SHIPPED_ROUTERS})")
     tasks = tuple(tasks)
     expand_tasks(tasks)  # unknown names fail before the model loads
     model, tok = tl.load()
@@ -79,8 +81,10 @@ def bench(routers: str = SHIPPED_ROUTERS, out: str | None = None, per_class: int
     command = f"elastilab vlm bench --routers {routers} --per-class {per_class} --faces {faces}"
     result = {
         "model": "tiny-llava", "command": command + (f" --out {out}" if out is not None else ""),
-        "routers": routers, "router_training": json.loads((Path(routers) / "routers.json").read_text())["metadata"]["command"],
-        "eval_examples": {"digit": sum(it["task"] == "digit" for it in items), "face": sum(it["task"] == "face" for it in items)},
+        "routers": routers,
+        "router_training": json.loads((Path(routers) / "routers.json").read_text())["metadata"]["command"],
+        "eval_examples": {"digit": sum(it["task"] == "digit" for it in items),
+                          "face": sum(it["task"] == "face" for it in items)},
         "metric": "accuracy of the greedy answer's first token (digit names, yes/no are single tokens); "
                   "agreement: same greedy first token as the teacher; flops_fraction: LM + head FLOPs vs the "
                   "teacher on the first batch (image features precomputed)",

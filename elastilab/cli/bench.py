@@ -41,7 +41,8 @@ def profile(model: str = "smollm2-135m", component: str = "attn_heads", capacity
             with torch_profile(activities=acts) as prof:
                 fn()
         ev = prof.key_averages()
-        return pd.DataFrame([{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev]).set_index("op")
+        return pd.DataFrame([{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                             for e in ev]).set_index("op")
 
     try:
         RoutedAttention.head_attention = staticmethod(bench.HEAD_IMPLS[heads])
@@ -81,9 +82,11 @@ def cmd_mlp(args) -> int:
     info = {**bench.machine(), "command": command_line(args)}
     df = bench.mlp_speed(args.dims, args.rows, args.capacities, args.backends, args.n_experts, args.reps, args.warmup,
                          args.device, args.dtype)
-    name = args.name or f"mlp_{bench.device_kind(args.device)}" + ("" if args.dims == "smollm2-135m" else f"_{args.dims}")
+    name = args.name or (f"mlp_{bench.device_kind(args.device)}"
+                         + ("" if args.dims == "smollm2-135m" else f"_{args.dims}"))
     path = bench.write(df, args.out, name, info)
-    print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup", "realised"]]
+    print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup",
+              "realised"]]
           .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"wrote {path}")
     return 0
@@ -98,7 +101,8 @@ def cmd_decode(args) -> int:
     info = {**bench.machine(), "model": args.model, "routers": args.routers, "command": command_line(args),
             "load_start": bench.load_average()}
     df = bench_decode.decode_speed(em, tok, args.point or [], args.batches, args.prompt_len, args.new_tokens,
-                                   args.prefill, args.reps, args.warmup, args.domain, args.quality_blocks, args.seq_len)
+                                   args.prefill, args.reps, args.warmup, args.domain, args.quality_blocks,
+                                   args.seq_len)
     info["load_end"] = bench.load_average()
     path = bench.write(df, args.out, args.name, info)
     bench_decode.plot_decode(df, f"{args.model} on {info['cpu']}, {info['threads']} thread(s), {info['date'][:10]}",
@@ -117,7 +121,8 @@ def _prefill_shape(text: str):
 
 def cmd_profile(args) -> int:
     _threads(args)
-    table = profile(args.model, args.component, args.capacity, args.shape, args.device, args.top, args.n_experts, args.heads)
+    table = profile(args.model, args.component, args.capacity, args.shape, args.device, args.top, args.n_experts,
+                    args.heads)
     print(table.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
@@ -150,7 +155,8 @@ def add_parsers(sub) -> None:
                    help="the offline SmolLM2, or a random-init Llama of these dims")
     s.add_argument("--shape", nargs="+", default=list(default_of(bench.speed, "shapes")),
                    help="BATCHxSEQ[:c1,c2] each; capacities after ':' override --capacities for that shape")
-    s.add_argument("--capacities", type=capacities, default=default_of(bench.speed, "capacities"), help="comma-separated")
+    s.add_argument("--capacities", type=capacities, default=default_of(bench.speed, "capacities"),
+                   help="comma-separated")
     s.add_argument("--components", nargs="+", default=list(default_of(bench.speed, "components")),
                    choices=bench.COMPONENTS, help="routed one at a time (all: every one together)")
     s.add_argument("--heads", nargs="+", default=["grouped", "loop"], choices=("grouped", "loop"),
@@ -161,7 +167,8 @@ def add_parsers(sub) -> None:
                                formatter_class=HelpFormatter), bench.mlp_speed)
     m.add_argument("--dims", default=default_of(bench.mlp_speed, "dims"), choices=tuple(bench.MLP_DIMS),
                    help="(d, hidden) of this model's MLP")
-    m.add_argument("--rows", type=positive_int, default=default_of(bench.mlp_speed, "rows"), help="tokens through the MLP")
+    m.add_argument("--rows", type=positive_int, default=default_of(bench.mlp_speed, "rows"),
+                   help="tokens through the MLP")
     m.add_argument("--capacities", type=capacities, default=default_of(bench.mlp_speed, "capacities"),
                    help="comma-separated")
     m.set_defaults(func=cmd_mlp)
@@ -181,7 +188,8 @@ def add_parsers(sub) -> None:
                    help="greedy tokens generated per prompt")
     c.add_argument("--prefill", type=_prefill_shape, default=default_of(decode_speed, "prefill"),
                    help="BATCHxSEQ of the prefill timed next to decoding, or none")
-    c.add_argument("--reps", type=positive_int, default=default_of(decode_speed, "reps"), help="timed rounds (medians)")
+    c.add_argument("--reps", type=positive_int, default=default_of(decode_speed, "reps"),
+                   help="timed rounds (medians)")
     c.add_argument("--warmup", type=int, default=default_of(decode_speed, "warmup"), help="untimed rounds first")
     c.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads, pinned for the whole run")
     c.add_argument("--domain", default=default_of(decode_speed, "domain"),
@@ -190,13 +198,15 @@ def add_parsers(sub) -> None:
                    help="held-out blocks for the perplexity ratio and measured compute")
     c.add_argument("--seq-len", type=positive_int, default=default_of(decode_speed, "seq_len"),
                    help="tokens per quality block")
-    c.add_argument("--out", type=Path, required=True, help=f"folder for the CSV and plot (committed: {bench.RESULTS}/)")
+    c.add_argument("--out", type=Path, required=True,
+                   help=f"folder for the CSV and plot (committed: {bench.RESULTS}/)")
     c.add_argument("--name", default=f"decode_{bench.device_kind(DEVICE)}", help="file name stem")
     c.set_defaults(func=cmd_decode)
     f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one",
                         formatter_class=HelpFormatter)
     f.add_argument("--model", default=default_of(profile, "model"), choices=bench.MODELS, help="as for speed")
-    f.add_argument("--component", default=default_of(profile, "component"), choices=bench.COMPONENTS, help="the routed one")
+    f.add_argument("--component", default=default_of(profile, "component"), choices=bench.COMPONENTS,
+                   help="the routed one")
     f.add_argument("--capacity", type=capacity, default=default_of(profile, "capacity"), help="its capacity")
     f.add_argument("--shape", default=default_of(profile, "shape"), help="BATCHxSEQ")
     f.add_argument("--device", default=DEVICE, help="where to run (cuda if available)")

@@ -213,10 +213,12 @@ def add_parsers(sub) -> None:
                    help="also trace each component with its compute budget allocated across layers, measured on "
                         "this calibration data (a shipped domain's train split, a text file or an image folder; "
                         "never the data reported)")
-    f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
+    f.add_argument("--out", type=Path,
+                   help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(func=_run_frontier)
-    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs", formatter_class=HelpFormatter)
+    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs",
+                       formatter_class=HelpFormatter)
     r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
     r.set_defaults(func=cmd_report)
 

@@ -80,7 +80,8 @@ def cmd_generation(args) -> int:
     runs = []  # (point, calibration name)
     for p in points:
         apply_point(em, base, p, default_variant)
-        active = [(b.layer_idx, c) for b in em.blocks for c in b.routers if (b.layer_idx, c) in routers and b._active(c)]
+        active = [(b.layer_idx, c) for b in em.blocks for c in b.routers
+                  if (b.layer_idx, c) in routers and b._active(c)]
         if not active:
             runs.append((p, "-"))
             continue
@@ -172,7 +173,8 @@ def add_generation_parser(sub) -> None:
     g.add_argument("--routers", type=Path, help="a folder written by `elastilab train` (not needed for "
                    "components without routers: --components mlp_units)")
     g.add_argument("--model", default="smollm2-135m",
-                   help="the causal language model the routers belong to: offline default name, Hugging Face id or folder")
+                   help="the causal language model the routers belong to: offline default name, "
+                        "Hugging Face id or folder")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--domain", help="a shipped text domain (licenses, pydocs); default licenses")
     src.add_argument("--text", type=Path, help="any UTF-8 text file")
@@ -180,7 +182,8 @@ def add_generation_parser(sub) -> None:
                    help="part of the text the prompts come from: eval = the last 10%%, train = the first 90%%")
     g.add_argument("--prompts", type=positive_int, default=16, help="prompts, evenly spaced over the split")
     g.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
-    g.add_argument("--new-tokens", type=positive_int, default=default_of(greedy_continuations, "max_new_tokens"), help="greedy tokens generated per prompt")
+    g.add_argument("--new-tokens", type=positive_int, default=default_of(greedy_continuations, "max_new_tokens"),
+                   help="greedy tokens generated per prompt")
     g.add_argument("--components", type=names, help="swept one at a time; default: every component of the routers")
     g.add_argument("--capacities", type=capacities, default=(0.875, 0.75, 0.5),
                    help="capacities of the one-at-a-time sweep (comma-separated)")
@@ -195,6 +198,7 @@ def add_generation_parser(sub) -> None:
     g.add_argument("--calibration-blocks", type=positive_int, default=16, help="128-token blocks for --recalibrate")
     g.add_argument("--bf16-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="add a reference row: the dense model in bfloat16 against the fp32 teacher")
-    g.add_argument("--batch-size", type=positive_int, default=default_of(greedy_continuations, "batch_size"), help="prompts generated together")
+    g.add_argument("--batch-size", type=positive_int, default=default_of(greedy_continuations, "batch_size"),
+                   help="prompts generated together")
     g.add_argument("--out", type=Path, required=True, help="folder for generation.csv and generation.png")
     g.set_defaults(func=cmd_generation)  # cli.main sets args.argv, recorded in the table

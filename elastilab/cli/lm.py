@@ -43,9 +43,11 @@ def _stamp(df: pd.DataFrame) -> pd.DataFrame:
 
 def _command(args) -> str:
     """The command line that reproduces this run (every option spelled out)."""
-    opts = {k: v for k, v in vars(args).items() if k not in ("func", "command", "lm_command", "argv") and v is not None}
+    opts = {k: v for k, v in vars(args).items()
+            if k not in ("func", "command", "lm_command", "argv") and v is not None}
     text = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-    return " ".join(["elastilab lm", args.lm_command, *(f"--{k.replace('_', '-')} {text(v)}" for k, v in opts.items())])
+    return " ".join(["elastilab lm", args.lm_command,
+                     *(f"--{k.replace('_', '-')} {text(v)}" for k, v in opts.items())])
 
 
 def _emit(args, tables: dict[str, pd.DataFrame], show: pd.DataFrame) -> int:
@@ -64,8 +66,8 @@ def cmd_quality(args) -> int:
     em, tok = _load(args)
     domains = {d: _blocks(tok, d, args) for d in args.domains or text_domains()}
     learned = lx.quality_table(em, domains, args.capacities, "learned", progress=True)
-    df = _stamp(pd.concat([learned, lx.quality_table(lx.untrained_like(em, args.seed), domains, args.capacities, "random",
-                                                  progress=True)], ignore_index=True))
+    df = _stamp(pd.concat([learned, lx.quality_table(lx.untrained_like(em, args.seed), domains, args.capacities,
+                                                     "random", progress=True)], ignore_index=True))
     return _emit(args, {"lm_quality.csv": df}, df.pivot_table(index=["domain", "component", "capacity"],
                  columns="routers", values=["ppl_ratio", "agreement"]).round(3))
 
@@ -73,7 +75,8 @@ def cmd_quality(args) -> int:
 def cmd_keep_dense(args) -> int:
     em, tok = _load(args)
     damage = lx.layer_damage(em, _blocks(tok, args.damage_domain, args)[:1], args.components, args.capacity)
-    df = _stamp(lx.keep_dense_table(em, {d: _blocks(tok, d, args) for d in args.domains}, args.components, progress=True))
+    df = _stamp(lx.keep_dense_table(em, {d: _blocks(tok, d, args) for d in args.domains}, args.components,
+                                    progress=True))
     print(damage.pivot(index="layer", columns="component", values="ppl_ratio").round(3).T.to_string())
     return _emit(args, {"lm_layer_damage.csv": damage, "lm_keep_dense.csv": df}, df.iloc[:, :7])
 
@@ -99,7 +102,8 @@ def add_parsers(sub) -> None:
     def command(name, fn, help, blocks=8):
         p = cmds.add_parser(name, help=help, description=help, formatter_class=ca.HelpFormatter)
         p.add_argument("--model", default="smollm2-135m", help="a causal LM: offline name, Hugging Face id or folder")
-        p.add_argument("--routers", type=Path, help="routers for --model (default: the shipped data/routers/smollm2-135m)")
+        p.add_argument("--routers", type=Path,
+                       help="routers for --model (default: the shipped data/routers/smollm2-135m)")
         p.add_argument("--blocks", type=ca.int_at_least(1), default=blocks, help="held-out blocks per domain")
         p.add_argument("--seq-len", type=ca.int_at_least(2), default=128, help="tokens per block")
         p.add_argument("--out", type=Path, help="folder to write the CSV into (else it is only printed)")
@@ -108,22 +112,29 @@ def add_parsers(sub) -> None:
 
     q = command("quality", cmd_quality, "learned vs untrained routers, one component at a time, per domain")
     q.add_argument("--domains", type=ca.names, help="text domains (default: every shipped one)")
-    q.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.quality_table, "capacities"), help="besides 1.0")
-    q.add_argument("--seed", type=int, default=ca.default_of(lx.untrained_like, "seed"), help="seeds the untrained routers")
+    q.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.quality_table, "capacities"),
+                   help="besides 1.0")
+    q.add_argument("--seed", type=int, default=ca.default_of(lx.untrained_like, "seed"),
+                   help="seeds the untrained routers")
     k = command("keep-dense", cmd_keep_dense, "token routing one layer at a time; then every layer routed (capacity "
                 "0.75, 0.5) vs layers 0, 1, -2, -1 kept dense (0.72, 0.43: the same measured compute)", blocks=4)
     k.add_argument("--domains", type=ca.names, default=("licenses", "pydocs"), help="domains of the comparison")
     k.add_argument("--damage-domain", default="licenses", help="domain of the one-layer sweep (its first block)")
-    k.add_argument("--components", type=ca.names, default=ca.default_of(lx.layer_damage, "components"), help="token components")
+    k.add_argument("--components", type=ca.names, default=ca.default_of(lx.layer_damage, "components"),
+                   help="token components")
     k.add_argument("--capacity", type=ca.capacity, default=ca.default_of(lx.layer_damage, "capacity"),
                    help="of the one routed layer in the sweep")
     a = command("attn-variants", cmd_attn_variants, "attn_tokens dropping skipped tokens vs keeping their keys "
                 "and values, every layer routed and edges dense")
     a.add_argument("--domain", default="licenses", help="held-out text")
-    a.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.attn_variants, "capacities"), help="of attn_tokens")
+    a.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.attn_variants, "capacities"),
+                   help="of attn_tokens")
     a.add_argument("--scorers", type=ca.names, default=ca.default_of(lx.attn_variants, "scorers"), help="who chooses")
     t = command("threshold-modes", cmd_threshold_modes, "requested vs measured compute of token routing in the "
                 "causal modes (threshold, running) on text the thresholds were not calibrated on")
-    t.add_argument("--domain", default="licenses", help="held-out text (the shipped routers were calibrated on pydocs)")
-    t.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.threshold_modes, "capacities"), help="requested")
-    t.add_argument("--components", type=ca.names, default=ca.default_of(lx.threshold_modes, "components"), help="token components")
+    t.add_argument("--domain", default="licenses",
+                   help="held-out text (the shipped routers were calibrated on pydocs)")
+    t.add_argument("--capacities", type=ca.capacities, default=ca.default_of(lx.threshold_modes, "capacities"),
+                   help="requested")
+    t.add_argument("--components", type=ca.names, default=ca.default_of(lx.threshold_modes, "components"),
+                   help="token components")

@@ -179,7 +179,8 @@ def add_parsers(sub) -> None:
                    help="seeds the initial routers, the data order and the capacity draws: same seed, same routers")
     t.add_argument("--n-experts", type=int, default=default_of(ElasticConfig, "n_experts"), help="MLP slices")
     t.add_argument("--partition", choices=("contiguous", "clustered"),
-                   default=default_of(ElasticConfig, "expert_partition"), help="how the MLP's hidden units form slices")
+                   default=default_of(ElasticConfig, "expert_partition"),
+                   help="how the MLP's hidden units form slices")
     t.add_argument("--capacity-range", type=capacity, nargs=2, metavar=("LOW", "HIGH"),
                    help="sample capacities from [LOW, HIGH] each step (one router set for the whole slider)")
     t.add_argument("--components-per-step", type=int, default=d("components_per_step"),
@@ -191,7 +192,8 @@ def add_parsers(sub) -> None:
                         "forward passes only: seconds; elastilab.training.warm_start), then distill from there")
     t.add_argument("--lora-rank", type=int_at_least(0), metavar="R",
                    help="also train a rank-R LoRA (peft) on every projection of the routed blocks, with the same "
-                        "objective (0: none, the default; with --init-from: the checkpoint's). Saved with the routers; "
+                        "objective (0: none, the default; with --init-from: the checkpoint's). "
+                        "Saved with the routers; "
                         "merged at inference, so it costs no FLOPs per token")
     t.add_argument("--lora-lr", type=float, default=d("lora_lr"), help="AdamW learning rate of the LoRA factors")
     t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")

@@ -46,7 +46,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the routers and log.csv")
     p.add_argument("--images", type=positive_int, default=default_of(vision.train, "n"), help="training images")
     p.add_argument("--steps", type=positive_int, default=default_of(vision.train, "steps"), help="optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=default_of(vision.train, "batch_size"), help="images per step")
+    p.add_argument("--batch-size", type=positive_int, default=default_of(vision.train, "batch_size"),
+                   help="images per step")
     p.add_argument("--lr", type=float, default=default_of(vision.train, "lr"), help="learning rate of the routers")
     p.add_argument("--components", type=_components_arg, default=default_of(vision.train, "components"),
                    help=f"comma-separated components to route, from {','.join(DEFAULT_CAPS)} (default: all)")
@@ -62,6 +63,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_cmd_bench)
     p = vsub.add_parser("crossdomain", help="routers of each domain evaluated on every domain",
                         formatter_class=HelpFormatter)
-    p.add_argument("--images", type=positive_int, default=default_of(vision.crossdomain, "n"), help="test images per domain")
+    p.add_argument("--images", type=positive_int, default=default_of(vision.crossdomain, "n"),
+                   help="test images per domain")
     p.add_argument("--out", required=True, help="results JSON (its \"crossdomain\" key is replaced, others kept)")
     p.set_defaults(func=_cmd_crossdomain)

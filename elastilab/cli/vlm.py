@@ -21,7 +21,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--tasks", type=names, default=tdef("tasks"),
                    help="comma-separated training questions: digit, face, scenes (all four scene question types) "
                         "or scene_colour, scene_count, scene_exists, scene_position")
-    t.add_argument("--out", required=True, help="checkpoint folder (the shipped one is data/routers/tiny-llava-visual)")
+    t.add_argument("--out", required=True,
+                   help="checkpoint folder (the shipped one is data/routers/tiny-llava-visual)")
     t.set_defaults(func=_cmd_train)
     b = vsub.add_parser("bench", help="learned vs FastV vs random at 75/50/25%% image tokens (into --out)",
                         formatter_class=HelpFormatter)

@@ -59,7 +59,8 @@ def _patch_multiple(text: str) -> int:
     """argparse type of --size: checked before minutes go into loading the model and the digits."""
     size = positive_int(text)
     if size % 14:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of the patch size 14 (e.g. 112, 224), got {size}")
+        raise argparse.ArgumentTypeError("must be a positive multiple of the patch size 14 (e.g. 112, 224), "
+                                         f"got {size}")
     return size
 
 

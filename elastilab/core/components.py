@@ -35,7 +35,8 @@ TABLE = (
     Component("attn_heads", "params", "attention", "query heads",
               f"fraction of the query heads each token uses, {_ROUNDED}heads (0.9 of 9 heads computes all 9)"),
     Component("mlp_experts", "params", "mlp", "MLP slices",
-              f"fraction of the MLP expert slices each token uses, {_ROUNDED}experts (0.9 of 8 experts computes all 8)"),
+              f"fraction of the MLP expert slices each token uses, {_ROUNDED}experts "
+              "(0.9 of 8 experts computes all 8)"),
     Component("mlp_units", "gated", "mlp", "MLP hidden units",
               "fraction of the MLP hidden units each token computes, in (0, 1], chosen by the size of the MLP's own "
               "gate activations (CATS: no router of its own, so train needs a routed component beside it); "

@@ -98,7 +98,8 @@ def measure_flops(em, *args, **kwargs) -> dict[str, int]:
         name = prefix + names[id(b)]
         out["attention"] += counts.get(name + ".attn", 0)
         out["mlp"] += counts.get(name + ".mlp", 0)
-        out["routers"] += sum(v for k, v in counts.items() if k.startswith(name + ".routers.") and k.count(".") == name.count(".") + 2)
+        out["routers"] += sum(v for k, v in counts.items()
+                              if k.startswith(name + ".routers.") and k.count(".") == name.count(".") + 2)
         # another selection method (ElasticModel.scoring): a real method's work counts as routing
         # work; an oracle's is left out of the total (it is a ceiling for analysis, not a method)
         scoring = counts.get(name + ".scoring", 0)
@@ -123,9 +124,11 @@ def compute_report(em, *args, **kwargs) -> pd.DataFrame:
     analytic_total = (dense["total"] - dense["attention"] - dense["mlp"] + routed["analytic_attention"]
                       + routed["analytic_mlp"] + routed["analytic_routers"])
     parts = [  # (part, components, dense, routed measured, routed analytic)
-        ("attention", ("attn_tokens", "attn_heads"), dense["attention"], routed["attention"], routed["analytic_attention"]),
+        ("attention", ("attn_tokens", "attn_heads"), dense["attention"], routed["attention"],
+         routed["analytic_attention"]),
         ("mlp", ("mlp_tokens", "mlp_experts", "mlp_units"), dense["mlp"], routed["mlp"], routed["analytic_mlp"]),
-        ("routers", (), dense["total"], routed["routers"], routed["analytic_routers"]),  # as a share of the dense model
+        # as a share of the dense model
+        ("routers", (), dense["total"], routed["routers"], routed["analytic_routers"]),
         ("whole model", tuple(caps), dense["total"], routed["total"], analytic_total),
     ]
     return pd.DataFrame([{

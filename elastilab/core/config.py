@@ -95,7 +95,8 @@ class ElasticConfig:
             if value is not None:
                 setattr(self, name, check_capacity(name, value))
         if not self.components:
-            raise ValueError(f"ElasticConfig enables no component; set a capacity for at least one of {', '.join(COMPONENTS)}")
+            raise ValueError("ElasticConfig enables no component; set a capacity for at least one of "
+                             f"{', '.join(COMPONENTS)}")
         if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 1:
             raise ValueError(f"n_experts must be a positive integer, got {self.n_experts!r}")
         if self.expert_partition not in PARTITIONS:
@@ -140,7 +141,8 @@ def check_lora(rank, alpha, targets) -> tuple[str, ...]:
     """Validate the LoRA fields; returns the targets as a tuple of names."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
         raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
-    ok = alpha is None or (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < float("inf"))
+    ok = alpha is None or (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+                           and 0 < alpha < float("inf"))
     if not ok:
         raise ValueError(f"lora_alpha must be a finite number > 0, or None (= lora_rank: scale 1), got {alpha!r}")
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) and t for t in targets):

@@ -45,7 +45,8 @@ def gathers(rows: int) -> bool:
 RUNNING_WARMUP = 16
 
 
-def running_threshold(past: Tensor | None, scores: Tensor, capacity: float, calibrated: float) -> tuple[Tensor, Tensor]:
+def running_threshold(past: Tensor | None, scores: Tensor, capacity: float,
+                      calibrated: float) -> tuple[Tensor, Tensor]:
     """Causal per-sequence thresholds [B, T] for new scores [B, T] after ``past`` [B, S] of the same
     sequence (None at its start): token t's bar is the (1 - capacity) quantile of the sequence's
     scores up to and including t, so the kept share follows the capacity on text whose scores sit
@@ -261,7 +262,8 @@ def scatter_add_rows(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     return x.index_add(0, rows, y.to(x.dtype))
 
 
-__all__ = ["straight_through", "hard_gates", "n_kept", "running_threshold", "select_tokens", "keep_to_index", "choose_slots",
+__all__ = ["straight_through", "hard_gates", "n_kept", "running_threshold", "select_tokens", "keep_to_index",
+           "choose_slots",
            "choose_units",
            "estimator_attention", "estimator_mlp",
            "RoutedAttention", "RoutedMLP", "scatter_add_rows", "BlockSpec"]

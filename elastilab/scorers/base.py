@@ -120,7 +120,8 @@ class Random(Scorer):
 def _project(a, h: Tensor, part: str, rope=None) -> Tensor:
     """Rows h [B, K, d] through the q, k or v projection, split into heads [B, n, K, hd] (q and k through
     the per-head norm, if any, and rotated when rope is given)."""
-    w, b, n = {"q": (a.w_q, a.b_q, a.n_heads), "k": (a.w_k, a.b_k, a.n_kv_heads), "v": (a.w_v, a.b_v, a.n_kv_heads)}[part]
+    w, b, n = {"q": (a.w_q, a.b_q, a.n_heads), "k": (a.w_k, a.b_k, a.n_kv_heads),
+               "v": (a.w_v, a.b_v, a.n_kv_heads)}[part]
     x = F.linear(h, w, b).view(*h.shape[:2], n, a.head_dim).transpose(1, 2)
     return x if part == "v" else a.heads(x, part, rope)
 

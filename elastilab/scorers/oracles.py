@@ -57,7 +57,8 @@ class Taylor(Scorer):
     dense model by one forward + backward of the same input before the routed forward
     (``ElasticModel.forward`` calls ``before_forward``). The loss: a language model's next-token
     cross-entropy on its input, a classifier's cross-entropy against its own top-1, otherwise half
-    the squared norm of the final hidden states; or ``loss(output)`` given to the constructor. A ceiling for analysis, not counted."""
+    the squared norm of the final hidden states; or ``loss(output)`` given to the constructor. \
+A ceiling for analysis, not counted."""
 
     name = "taylor"
     counted = False
@@ -90,7 +91,8 @@ class Taylor(Scorer):
         self.tables = {}
         for (i, comp, g), d in zip(gates, grads):
             t = torch.zeros_like(g) if d is None else d.detach().abs()
-            self.tables[(i, comp)] = t.reshape(-1, t.shape[-1]) if comp in PARAM_COMPONENTS + GATED_COMPONENTS else t.reshape(-1)
+            self.tables[(i, comp)] = (t.reshape(-1, t.shape[-1]) if comp in PARAM_COMPONENTS + GATED_COMPONENTS
+                                      else t.reshape(-1))
 
     def _loss(self, out, args, kwargs) -> Tensor:
         if self.loss is not None:

@@ -16,7 +16,8 @@ It runs in distill.py's loop (same capacities, sampling, logs and checkpoints as
 Baselines at matched measured compute come from the scorer registry (``elastilab.scorers``):
 ``with em.scoring("random")``, ``"cls_attention"`` (tokens ranked by the attention the CLS token pays
 them in that layer; its cost is measured as routing FLOPs), ``"oracle"``, ... Routing maps and their
-plots: ``elastilab.analysis.plots``; the commands that train and benchmark DINOv2-S: ``elastilab vit`` (``elastilab.cli.vision``).
+plots: ``elastilab.analysis.plots``; the commands that train and benchmark DINOv2-S: ``elastilab vit`` \
+(``elastilab.cli.vision``).
 """
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got steps={self.steps}, batch_size={self.batch_size}")
+            raise ValueError(f"steps and batch_size must be >= 1, got steps={self.steps}, "
+                             f"batch_size={self.batch_size}")
         if self.capacity_range is not None:
             lo, hi = self.capacity_range
             if not 0 < lo <= hi <= 1:
@@ -95,7 +96,8 @@ class DistillConfig:
         for name in ("weight_decay", "grad_clip", "bce_weight", "balance_weight"):
             _check_number(name, getattr(self, name), positive=False)
         if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: only after the last step), got {self.checkpoint_every}")
+            raise ValueError("checkpoint_every must be >= 0 (0: only after the last step), "
+                             f"got {self.checkpoint_every}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the checkpoint or replace it")
         if self.resume and not self.checkpoint_dir:

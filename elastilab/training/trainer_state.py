@@ -150,7 +150,8 @@ def _check_same_run(folder: Path, saved: dict, now: dict) -> None:
                          f"{saved['fingerprint'][:12]}, this one {now['fingerprint'][:12]}); load that model")
     # a field added to ElasticConfig after the run started takes its default, as when routers load
     defaults = ElasticConfig.from_dict(saved["elastic_config"]).to_dict()
-    saved = {**saved, "elastic_config": {k: saved["elastic_config"].get(k, defaults[k]) for k in now["elastic_config"]}}
+    saved = {**saved, "elastic_config": {k: saved["elastic_config"].get(k, defaults[k])
+                                         for k in now["elastic_config"]}}
     diffs = [f"{part}.{k}: {saved[part].get(k)!r} then, {now[part].get(k)!r} now"
              for part in ("elastic_config", "distill", "data")
              for k in sorted(set(saved[part]) | set(now[part])) if saved[part].get(k) != now[part].get(k)]

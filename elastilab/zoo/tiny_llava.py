@@ -130,7 +130,8 @@ def build_inputs(tokenizer, questions, images, answers=None, chat: bool = True) 
 def display_image(image) -> np.ndarray:
     """The image as the tower sees it (112 x 112, RGB floats in [0, 1], before normalisation)."""
     from elastilab.zoo.dinov2 import IMAGENET_MEAN, IMAGENET_STD, preprocess
-    x = preprocess(image, IMAGE_SIZE)[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    x = (preprocess(image, IMAGE_SIZE)[0] * torch.tensor(IMAGENET_STD)[:, None, None]
+         + torch.tensor(IMAGENET_MEAN)[:, None, None])
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 

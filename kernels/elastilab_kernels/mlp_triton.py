@@ -80,13 +80,15 @@ def _up_kernel(h_ptr, rows_ptr, block_expert_ptr, w_in_ptr, w_gate_ptr, b_in_ptr
         k = k0 + offs_k
         k_ok = k < D
         hb = tl.load(h_ptr + rows[:, None] * s_hm + k[None, :] * s_hd, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        wb = tl.load(w_in_ptr + units[None, :] * s_wf + k[:, None] * s_wd, mask=f_ok[None, :] & k_ok[:, None], other=0.0)
+        wb = tl.load(w_in_ptr + units[None, :] * s_wf + k[:, None] * s_wd, mask=f_ok[None, :] & k_ok[:, None],
+                     other=0.0)
         if UPCAST:
             hb = hb.to(tl.float32)
             wb = wb.to(tl.float32)
         acc_in = tl.dot(hb, wb, acc_in, input_precision=PREC)
         if SWIGLU:
-            gb = tl.load(w_gate_ptr + units[None, :] * s_gf + k[:, None] * s_gd, mask=f_ok[None, :] & k_ok[:, None], other=0.0)
+            gb = tl.load(w_gate_ptr + units[None, :] * s_gf + k[:, None] * s_gd, mask=f_ok[None, :] & k_ok[:, None],
+                         other=0.0)
             if UPCAST:
                 gb = gb.to(tl.float32)
             acc_gate = tl.dot(hb, gb, acc_gate, input_precision=PREC)
@@ -96,7 +98,8 @@ def _up_kernel(h_ptr, rows_ptr, block_expert_ptr, w_in_ptr, w_gate_ptr, b_in_ptr
         act = _activate(acc_gate, ACT) * acc_in
     else:
         act = _activate(acc_in, ACT)
-    tl.store(a_ptr + offs_m[:, None] * s_am + offs_f[None, :] * s_af, _round_bf16(act, FIX_BF16).to(a_ptr.dtype.element_ty),
+    tl.store(a_ptr + offs_m[:, None] * s_am + offs_f[None, :] * s_af,
+             _round_bf16(act, FIX_BF16).to(a_ptr.dtype.element_ty),
              mask=(offs_m < M)[:, None] & f_ok[None, :])
 
 
@@ -126,8 +129,10 @@ def _down_kernel(a_ptr, dst_ptr, block_expert_ptr, w_out_ptr, b_out_ptr, gate_pt
     for k0 in range(0, FW, BK):
         k = k0 + offs_k
         k_ok = k < FW
-        ab = tl.load(a_ptr + offs_m[:, None] * s_am + k[None, :] * s_af, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        wb = tl.load(w_out_ptr + offs_n[None, :] * s_wd + (e * FW + k)[:, None] * s_wf, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        ab = tl.load(a_ptr + offs_m[:, None] * s_am + k[None, :] * s_af, mask=valid[:, None] & k_ok[None, :],
+                     other=0.0)
+        wb = tl.load(w_out_ptr + offs_n[None, :] * s_wd + (e * FW + k)[:, None] * s_wf,
+                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST:
             ab = ab.to(tl.float32)
             wb = wb.to(tl.float32)
@@ -139,13 +144,16 @@ def _down_kernel(a_ptr, dst_ptr, block_expert_ptr, w_out_ptr, b_out_ptr, gate_pt
     mask = valid[:, None] & n_ok[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + dst[:, None] * s_rm + offs_n[None, :] * s_rd, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + dst[:, None] * s_om + offs_n[None, :] * s_od, _round_bf16(acc, FIX_BF16).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + dst[:, None] * s_om + offs_n[None, :] * s_od,
+             _round_bf16(acc, FIX_BF16).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 if not INTERPRET:  # autotune needs a GPU; BM stays fixed (host pads expert groups to it)
     _cfg = lambda **kw: triton.Config(kw, num_warps=4, num_stages=3)
-    _up_kernel = triton.autotune([_cfg(BF=bf, BK=bk) for bf in (64, 128) for bk in (32, 64)], key=["D", "FW"])(_up_kernel)
-    _down_kernel = triton.autotune([_cfg(BN=bn, BK=bk) for bn in (64, 128) for bk in (32, 64)], key=["D", "FW"])(_down_kernel)
+    _up_kernel = triton.autotune([_cfg(BF=bf, BK=bk) for bf in (64, 128) for bk in (32, 64)],
+                                 key=["D", "FW"])(_up_kernel)
+    _down_kernel = triton.autotune([_cfg(BN=bn, BK=bk) for bn in (64, 128) for bk in (32, 64)],
+                                   key=["D", "FW"])(_down_kernel)
     _FIXED_UP, _FIXED_DOWN = {}, {}
 
 
@@ -182,7 +190,8 @@ def routed_mlp(h: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, w, *, blo
     _up_kernel[lambda meta: (n_blocks, triton.cdiv(width, meta["BF"]))](
         h, rows, be, w.w_in, wg, dummy if w.b_in is None else w.b_in, a,
         M, D, width,
-        h.stride(0), h.stride(1), w.w_in.stride(0), w.w_in.stride(1), wg.stride(0), wg.stride(1), a.stride(0), a.stride(1),
+        h.stride(0), h.stride(1), w.w_in.stride(0), w.w_in.stride(1), wg.stride(0), wg.stride(1),
+        a.stride(0), a.stride(1),
         GROUPED=grouped, SWIGLU=w.kind == "swiglu", HAS_B_IN=w.b_in is not None, ACT=ACT_IDS[w.act],
         UPCAST=up, PREC=prec, FIX_BF16=_fix_bf16(a.dtype), BM=BLOCK_M, **_FIXED_UP)
     has_b_out = add_b_out and w.b_out is not None
@@ -190,7 +199,8 @@ def routed_mlp(h: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, w, *, blo
     _down_kernel[lambda meta: (n_blocks, triton.cdiv(D, meta["BN"]))](
         a, dst, be, w.w_out, w.b_out if has_b_out else dummy, dummy if gate is None else gate, res, out,
         M, D, width,
-        a.stride(0), a.stride(1), w.w_out.stride(0), w.w_out.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), w.w_out.stride(0), w.w_out.stride(1), res.stride(0), res.stride(1),
+        out.stride(0), out.stride(1),
         GROUPED=grouped, HAS_B_OUT=has_b_out, HAS_GATE=gate is not None, HAS_RES=residual is not None,
         UPCAST=up, PREC=prec, FIX_BF16=_fix_bf16(out.dtype), BM=BLOCK_M, **_FIXED_DOWN)
     return out

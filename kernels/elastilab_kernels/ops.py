@@ -48,7 +48,8 @@ def _use_triton(backend: str, t: Tensor, *inputs) -> bool:
     if not t.is_cuda and not _triton().INTERPRET:
         raise RuntimeError(
             "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
-            f"elastilab_kernels.mlp_triton is first imported (now TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
+            "elastilab_kernels.mlp_triton is first imported "
+            f"(now TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
     return True
 
 
@@ -105,7 +106,8 @@ def routed_mlp_residual(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights, gate: 
                    out=out, add_b_out=True)
 
 
-def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_experts: int, backend: str = "auto") -> Tensor:
+def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_experts: int,
+               backend: str = "auto") -> Tensor:
     """MLP where each row of h [n, d] computes only its k chosen expert slices; returns y [n, d].
 
     Expert e = hidden units [e*F/E, (e+1)*F/E). experts [n, k] int64, gates [n, k]. Equals

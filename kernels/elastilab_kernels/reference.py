@@ -17,7 +17,8 @@ from . import mlp
 from .mlp import MLPWeights
 
 
-def routed_mlp_residual_reference(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights, gate: Tensor | None = None) -> Tensor:
+def routed_mlp_residual_reference(x: Tensor, h: Tensor, idx: Tensor, w: MLPWeights,
+                                  gate: Tensor | None = None) -> Tensor:
     """out = x, except out[idx] = x[idx] + gate[:, None] * mlp(h[idx]) (mlp includes b_out); idx distinct."""
     y = mlp.mlp_forward(w, h.index_select(0, idx))
     if gate is not None:

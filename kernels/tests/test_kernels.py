@@ -40,7 +40,8 @@ def rand(*shape, seed=1, dtype=torch.float32):
 
 def choose_experts(n, k, E, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]) if n else torch.empty(0, k, dtype=torch.int64)
+    return (torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]) if n
+            else torch.empty(0, k, dtype=torch.int64))
 
 
 def choose_units(gate, capacity):
@@ -91,7 +92,8 @@ def test_routed_residual_strided_weights():
     x, h = rand(N, D, seed=11), rand(N, D, seed=12)
     idx = torch.arange(1, N, 2)[:n]
     out = run_triton(ops.routed_mlp_residual, x, h, idx, w, torch.full((n,), 0.7))
-    torch.testing.assert_close(out, routed_mlp_residual_reference(x, h, idx, w, torch.full((n,), 0.7)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, routed_mlp_residual_reference(x, h, idx, w, torch.full((n,), 0.7)),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter's numpy sigmoid at -1e3
@@ -247,7 +249,8 @@ def test_bad_inputs_give_clear_errors():
 def test_triton_on_cpu_without_interpreter_is_refused():
     code = ("import torch; from elastilab_kernels import ops; from elastilab_kernels.mlp import MLPWeights\n"
             "w = MLPWeights('gelu', 'gelu', torch.zeros(8, 4), torch.zeros(4, 8))\n"
-            "try: ops.routed_mlp_residual(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([0]), w, backend='triton')\n"
+            "try: ops.routed_mlp_residual(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([0]), w, "
+            "backend='triton')\n"
             "except RuntimeError as e: print('REFUSED', e)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
