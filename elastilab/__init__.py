@@ -13,11 +13,13 @@ from .checkpoint import fingerprint
 from .elastic import ElasticModel, elastify
 from .loading import load_routers
 from .elastic_llava import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
+from .elastic_smolvlm import ElasticSmolVLM  # and SmolVLM / Idefics3 in it
 from .quality import LMTask, ViTTask, frontier, frontier_summary, plot_frontier
 from . import scorers
 from .warm_start import warm_start
 
-__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
+__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "ElasticSmolVLM", "elastify", "load_routers",
+           "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
            "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "allocate", "warm_start"]
 __version__ = "0.1.0"

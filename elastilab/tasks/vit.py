@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import data
 from ..adapters import find_adapter
 from ..adapters.hf_vit import base_model
+from ..adapters.siglip2 import patchify
 from ..compute import measure_flops
 from ..config import ElasticConfig
 from ..distill import DistillConfig, distill, kl_loss
@@ -63,6 +64,8 @@ def _call_kwargs(model, x: Tensor) -> tuple[tuple, dict]:
     inner = _unwrap(model)
     if _adapter(inner).name == "timm_vit":
         return (x,), {}
+    if _adapter(inner).name == "siglip2":  # NaFlex: the model takes the image's patches, their mask and grid
+        return (), patchify(x, getattr(inner, "vision_model", inner).config.patch_size)
     kwargs = {"pixel_values": x}
     if "ViTMAE" in type(inner).__name__:  # keep the patch order (MAE shuffles patches by random noise)
         n = math.prod(s // p for s, p in zip(x.shape[-2:], _patch(inner)))
