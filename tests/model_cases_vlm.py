@@ -9,17 +9,15 @@ from model_cases import Case, _randomize_biases, _randomize_norms, _vit_distill,
 
 @case("siglip2")
 def siglip2():
-    """Patchified inputs; the second image is a 2x6 grid padded to 16 patches (the mask reaches every block and the
-    pooling head); no CLS."""
+    """Patchified inputs, no CLS; the second image a 2x8 grid (its own resized position grid). Padded patches: in
+    test_siglip2.py (router training and Taylor scores refuse padded batches)."""
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
     from elastilab.adapters.siglip2 import patchify
     cfg = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               patch_size=8, num_patches=16)
     model = _randomize_norms(_randomize_biases(Siglip2VisionModel(cfg))).eval()
     inputs = patchify(torch.randn(2, 3, 32, 32), 8)
-    inputs["spatial_shapes"][1] = torch.tensor([2, 6])
-    inputs["pixel_attention_mask"][1, 12:] = 0
-    inputs["pixel_values"][1, 12:] = 0
+    inputs["spatial_shapes"][1] = torch.tensor([2, 8])
     return Case(model, inputs, lambda out: out.last_hidden_state, causal=False, distill=_vit_distill)
 
 
@@ -30,13 +28,11 @@ def _smolvlm_vision_config():
 
 
 @case("smolvlm_vision")
-def smolvlm_vision():  # SmolVLM's tower alone: SigLIP layers; the second tile is padded (its right half)
+def smolvlm_vision():  # SmolVLM's tower alone: SigLIP layers (padded tiles: test_smolvlm.py)
     from transformers import SmolVLMVisionTransformer
     model = _randomize_norms(_randomize_biases(SmolVLMVisionTransformer(_smolvlm_vision_config()))).eval()
-    mask = torch.ones(2, 4, 4, dtype=torch.bool)
-    mask[1, :, 2:] = False
-    return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32), "patch_attention_mask": mask},
-                lambda out: out.last_hidden_state, causal=False, distill=_vit_distill)
+    return Case(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda out: out.last_hidden_state, causal=False,
+                distill=_vit_distill)
 
 
 SMOLVLM_IMAGE_ID = 127  # outside the text ids the tests draw (0..100)
