@@ -97,3 +97,28 @@ def test_router_training_refuses_padded_patches():
     em = el.elastify(Siglip2VisionModel(config()).eval(), el.ElasticConfig(mlp_tokens=0.5))
     with em.training_estimator(), pytest.raises(ValueError, match="router training takes unpadded batches"):
         em(**padded_inputs()).last_hidden_state.sum().backward()
+
+
+def test_cli_frontier_on_a_siglip2_folder(tmp_path, capsys):
+    """`elastilab frontier --model DIR --images DIR` on a saved SigLIP 2 tower (images patchified on the way in)."""
+    import json
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    from elastilab.cli import main
+    from elastilab.config import LAYER_COMPONENTS
+    torch.manual_seed(0)
+    cfg = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              patch_size=32, num_patches=64)
+    Siglip2VisionModel(cfg).save_pretrained(tmp_path / "siglip2")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        pixels = (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
+    assert main(["frontier", "--model", str(tmp_path / "siglip2"), "--images", str(tmp_path / "imgs"),
+                 "--size", "224", "--capacities", "0.5", "--scorers", "random,oracle", "--json"]) == 0
+    rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
+    assert set(rows.component) == set(LAYER_COMPONENTS)
+    assert (rows[rows.capacity == 1.0].cosine > 0.9999).all() and (rows[rows.capacity == 0.5].compute < 1).all()
+    assert (rows[rows.capacity == 0.5].cosine < 0.9999).any()
