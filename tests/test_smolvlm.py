@@ -139,3 +139,12 @@ def test_only_the_visual_router_trains():
     el.distill(em, data, loss_fn=answer_loss, steps=3, batch_size=2, lr=1e-2, progress=False)
     assert not torch.equal(em.visual_router.proj.weight, before)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_cli_frontier_refuses_a_vlm_folder_clearly(tmp_path, capsys):
+    from elastilab.cli import main
+    smolvlm_model().save_pretrained(tmp_path / "smolvlm")
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["frontier", "--model", str(tmp_path / "smolvlm"), "--text", str(tmp_path / "t.txt"),
+                 "--blocks", "1", "--seq-len", "16", "--split", "all", "--scorers", "random"]) == 2
+    assert "holds a visual-language model: the vision-language frontier runs on tiny-llava" in capsys.readouterr().err
