@@ -17,7 +17,7 @@ def config(**kw):
 
 
 def padded_inputs():
-    """Three images: 4x4 patches, 2x6 padded to 16, 3x3 padded to 16 (padding patches are zeros, as the processor's)."""
+    """Three images: 4x4 patches, 2x6 and 3x3 padded to 16 (padding patches are zeros, as the processor's)."""
     x = patchify(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 8)
     for i, (h, w) in ((1, (2, 6)), (2, (3, 3))):
         x["spatial_shapes"][i] = torch.tensor([h, w])

@@ -5,7 +5,7 @@ Every adapter registered here runs through the same invariant tests (tests/test_
 from __future__ import annotations
 
 from .base import Adapter, Call, REGISTRY, register
-from . import llama, gemma, phi3, olmo2, gpt2, vit, hf_vit, siglip, siglip2, llava, smolvlm  # noqa: F401  (registration)
+from . import llama, gemma, phi3, olmo2, gpt2, vit, hf_vit, siglip, siglip2, llava, smolvlm  # noqa: F401  (registers)
 
 
 def find_adapter(model) -> Adapter:

@@ -8,8 +8,8 @@ its own through the SigLIP adapter (``elastify(vlm.model.vision_model, ...)``, c
 from __future__ import annotations
 
 from .base import register
-from .llava import LlavaAdapter
 from .llama import LlamaAdapter
+from .llava import LlavaAdapter
 from .siglip import SiglipVisionAdapter
 from .vit import check_image
 
