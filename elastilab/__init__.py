@@ -7,6 +7,7 @@
 """
 from elastilab import data, scorers, zoo
 from elastilab.adapters.llava.model import ElasticLlava  # importing it makes elastify wrap LLaVAs in it
+from elastilab.adapters.smolvlm.model import ElasticSmolVLM  # and SmolVLM / Idefics3 in it
 from elastilab.analysis.frontier import frontier, frontier_summary, plot_frontier
 from elastilab.core.budget import allocate
 from elastilab.core.checkpoint import fingerprint
@@ -19,7 +20,8 @@ from elastilab.tasks.vlm import VLMTask
 from elastilab.training.distill import DistillConfig, distill
 from elastilab.training.warm_start import warm_start
 
-__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "elastify", "load_routers", "fingerprint",
+__all__ = ["COMPONENTS", "ElasticConfig", "ElasticModel", "ElasticLlava", "ElasticSmolVLM", "elastify", "load_routers",
+           "fingerprint",
            "DistillConfig", "distill", "evaluate", "data", "zoo", "scorers",
            "frontier", "frontier_summary", "plot_frontier", "LMTask", "ViTTask", "VLMTask", "allocate", "warm_start"]
 __version__ = "0.1.0"

@@ -313,3 +313,6 @@ def llava():
         projector_hidden_act="gelu")
     return Case(LlavaForConditionalGeneration(cfg).eval(), _llava_inputs(), lambda out: out.logits,
                 distill=_llava_distill, generate=_llava_generate)
+
+
+from model_cases_vlm import *  # noqa: E402,F401,F403  (SigLIP 2, SmolVLM: registered into CASES)

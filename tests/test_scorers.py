@@ -12,7 +12,8 @@ from elastilab.core.config import LAYER_COMPONENTS
 from elastilab.core.routing import n_kept
 from elastilab.scorers import SCORERS, Scorer, supports
 
-FAMILIES = ["llama", "gpt2", "hf_dinov2", "hf_vit_cls", "gemma3", "siglip", "clip"]  # windows, post-norms; no CLS
+FAMILIES = ["llama", "gpt2", "hf_dinov2", "hf_vit_cls", "gemma3", "siglip", "clip",
+            "siglip2", "smolvlm_vision"]  # windows, post-norms; no CLS
 SCORER_NAMES = ["learned", *SCORERS]
 
 

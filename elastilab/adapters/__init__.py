@@ -4,9 +4,20 @@ Every adapter registered here runs through the same invariant tests (tests/test_
 """
 from __future__ import annotations
 
-from elastilab.adapters import gemma, gpt2, hf_vit, llama, olmo2, phi3, siglip, vit  # noqa: F401  (registration)
+from elastilab.adapters import (  # noqa: F401  (registration)
+    gemma,
+    gpt2,
+    hf_vit,
+    llama,
+    olmo2,
+    phi3,
+    siglip,
+    siglip2,  # noqa: F401  (registration)
+    vit,
+)
 from elastilab.adapters.base import REGISTRY, Adapter, Call, register
 from elastilab.adapters.llava import adapter as llava  # noqa: F401  (registration)
+from elastilab.adapters.smolvlm import adapter as smolvlm  # noqa: F401  (registration)
 
 
 def find_adapter(model) -> Adapter:

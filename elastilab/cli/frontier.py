@@ -26,6 +26,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 def modality(args) -> str:
     if args.model in VLM_MODELS:
         return "vision-language"
+    config = Path(str(args.model)) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") in ("llava", "smolvlm", "idefics3"):
+        raise ValueError(f"{args.model} holds a visual-language model: the vision-language frontier runs on "
+                         f"tiny-llava's own image questions only (--model {VLM_MODELS[0]}); elastify this one in "
+                         "Python (el.elastify(model, visual_tokens=...)), or run the frontier on its tower or LM")
     if args.model in VISION_MODELS or args.images is not None:
         return "vision"
     return "language"

@@ -32,6 +32,7 @@ from torch import Tensor
 from elastilab import data
 from elastilab.adapters import find_adapter
 from elastilab.adapters.hf_vit import base_model
+from elastilab.adapters.siglip2 import patchify
 from elastilab.core.compute import measure_flops
 from elastilab.core.config import ElasticConfig
 from elastilab.core.loading import load_routers
@@ -65,6 +66,8 @@ def _call_kwargs(model, x: Tensor) -> tuple[tuple, dict]:
     inner = _unwrap(model)
     if _adapter(inner).name == "timm_vit":
         return (x,), {}
+    if _adapter(inner).name == "siglip2":  # NaFlex: the model takes the image's patches, their mask and grid
+        return (), patchify(x, getattr(inner, "vision_model", inner).config.patch_size)
     kwargs = {"pixel_values": x}
     if "ViTMAE" in type(inner).__name__:  # keep the patch order (MAE shuffles patches by random noise)
         n = math.prod(s // p for s, p in zip(x.shape[-2:], _patch(inner)))

@@ -16,11 +16,15 @@ class LlavaAdapter(LlamaAdapter):
     #: ElasticModel, whose module imports the adapters, so it points at this adapter, not the reverse
     elastic_class = None
 
+    def language_model(self, model):
+        """The inner decoder (a LlamaModel) that ElasticLlava runs on the merged embeddings."""
+        return model.model.language_model
+
     def layers(self, model):
-        return model.model.language_model.layers
+        return self.language_model(model).layers
 
     def final_norm(self, model):
-        return model.model.language_model.norm
+        return self.language_model(model).norm
 
     def hidden_size(self, model):
         return model.config.text_config.hidden_size

@@ -180,7 +180,7 @@ class ElasticLlava(ElasticModel):
         past_key_values = kwargs.pop("cache", past_key_values)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        lm = self.model.model.language_model
+        lm = self.adapter.language_model(self.model)
         image_id = self.model.config.image_token_id
         slots = input_ids == image_id
         B, T = input_ids.shape
@@ -233,7 +233,7 @@ class ElasticLlava(ElasticModel):
                             logits_at, logits_to_keep, idx, keep_img, pos[:, -1] + 1)
 
     def _run_lm(self, emb, mask, pos, cache, use_cache, gate, logits_at, logits_to_keep, idx, keep_img, nxt):
-        lm = self.model.model.language_model
+        lm = self.adapter.language_model(self.model)
         if gate is None:
             out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=use_cache,
                      **{_cache_kwarg(lm): cache})
@@ -259,8 +259,8 @@ class ElasticLlava(ElasticModel):
         if not 1 <= K < len(layers):
             raise ValueError(f"fastv_layer must be in [1, {len(layers) - 1}], got {K}")
         spec = self.adapter.block_spec(getattr(layers[K - 1], "base_layer", layers[K - 1]), 0)
-        h, idx = fastv(self.model.model.language_model, layers, K, spec, emb, mask, pos, slots, n_img, N,
-                       n_kept(self.visual_capacity, N))
+        h, idx = fastv(self.adapter.language_model(self.model), layers, K, spec, emb, mask, pos, slots, n_img,
+                       N, n_kept(self.visual_capacity, N))
         keep = torch.zeros_like(slots).scatter_(1, idx, True)
         return VLMOutput(self._logits(h, idx, logits_at, logits_to_keep), None, idx, keep[slots].view(n_img, N),
                          pos[:, -1] + 1)
