@@ -76,7 +76,8 @@ def test_the_choices_follow_their_definitions(name):
     torch.testing.assert_close(plan.hidden, exact.gather(1, plan.units), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# test_scorers' families (windows, post-norms, no CLS) and a gate bias
+@pytest.mark.parametrize("name", FAMILIES + ["hf_vit_cls", "gemma3", "siglip", "clip"])
 @pytest.mark.parametrize("scorer", ["lowrank_gate", "two_stage"])
 def test_measured_compute_is_the_analytic_count(name, scorer):
     case, em = elastic(name)
@@ -91,7 +92,7 @@ def test_measured_compute_is_the_analytic_count(name, scorer):
     scoring = 2 * rows * r * (d + width)          # the predictor B (A h)
     mats = 3 if swiglu else 2                     # the MLP runs gate, up, down (GELU: in, down) of k units
     if scorer == "two_stage":                     # candidates' gate (and up); the MLP only the down projection
-        scoring += 2 * rows * math.ceil(1.5 * k) * d * (2 if swiglu else 1)
+        scoring += 2 * rows * math.ceil(TwoStage().candidates * k) * d * (2 if swiglu else 1)
         mats = 1
     assert f["routers"] == f["analytic_routers"] == layers * scoring
     assert f["mlp"] == f["analytic_mlp"] == layers * 2 * rows * k * d * mats

@@ -181,11 +181,12 @@ class LowRankGate(Scorer):
 @register
 class TwoStage(LowRankGate):
     """mlp_units in two stages: the predictor's top candidates, then the exact |hidden| x ||w_out|| among
-    them (see the module). ``candidates``: candidates per kept unit (at most every unit)."""
+    them (see the module). ``candidates``: candidates per kept unit (at most every unit); 2 was the best of
+    1.25, 1.5 and 2 at whole-model compute 0.85 on calibration text (SmolLM2-135M, licenses train split)."""
 
     name = "two_stage"
 
-    def __init__(self, rank: int = 64, candidates: float = 1.5):
+    def __init__(self, rank: int = 64, candidates: float = 2.0):
         super().__init__(rank)
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1 (candidates per kept unit), got {candidates}")
