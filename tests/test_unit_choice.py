@@ -43,7 +43,8 @@ def test_a_plan_computes_exactly_its_units(name):
     units = torch.stack([torch.randperm(w.width)[:w.width // 3] for _ in range(5)])  # unsorted, per row
     keep = keep_mask(units, w.width)
     with torch.no_grad():
-        torch.testing.assert_close(unit_mlp_planned(w, h, UnitPlan(units)), masked_mlp(w, h, keep), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unit_mlp_planned(w, h, UnitPlan(units)), masked_mlp(w, h, keep),
+                                   rtol=1e-4, atol=1e-5)
         given = mlp_hidden(w, h).gather(1, units)  # hidden values handed over: only the down projection runs
         torch.testing.assert_close(unit_mlp_planned(w, h, UnitPlan(units, given)), masked_mlp(w, h, keep),
                                    rtol=1e-4, atol=1e-5)
