@@ -35,7 +35,8 @@ def family(request):
 def test_every_scorer_on_every_component_it_supports(family, scorer):
     case, em, ref = family
     supported = [c for c in LAYER_COMPONENTS if supports(scorer, em, c)]
-    assert (scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome")
+    assert (scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome", "lowrank_gate",
+                       "two_stage")
             or supported == list(LAYER_COMPONENTS))
     for comp in supported:
         with em.scoring(scorer), torch.no_grad():

@@ -82,7 +82,12 @@ def build(args):
             src = Path(args.allocate)
             text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.allocate), "train")
             calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:4])
-        return _elastic(model, args, comps), fr.LMTask(blocks), comps, calibration
+        em = _elastic(model, args, comps)
+        if args.calibrate:
+            _fit_unit_predictors(em, tok, args)
+        return em, fr.LMTask(blocks), comps, calibration
+    if args.calibrate:
+        raise ValueError("--calibrate fits the unit predictors of language models (--model smollm2-135m, ...)")
     if kind == "vision":
         from elastilab.tasks import vit as vision
         from elastilab.zoo import dinov2, pretrained
@@ -121,6 +126,18 @@ def build(args):
         items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
     comps = args.components or ("visual_tokens",)
     return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
+
+
+def _fit_unit_predictors(em, tok, args) -> None:
+    """--calibrate: fit the gate predictors of the lowrank_gate and two_stage scorers on calibration text
+    (a shipped domain's train split or a text file), never on the blocks the frontier reports."""
+    from . import data
+    from .scorers.unit_choice import fit_unit_predictors
+    src = Path(args.calibrate)
+    text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.calibrate), "train")
+    fit = fit_unit_predictors(em, data.token_blocks(tok, text, args.seq_len, split=split)[:16])
+    print(f"unit predictors fitted on {args.calibrate} ({split}): rank {fit['rank']}, "
+          f"R^2 of the gate {fit['r2']:.3f}", file=sys.stderr)
 
 
 def cmd_frontier(args) -> int:
@@ -199,7 +216,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--capacities", type=capacities, default=default_of(frontier, "capacities"), help="comma-separated")
     f.add_argument("--scorers", type=names, default=None,
                    help="comma-separated (learned, random, oracle, taylor, magnitude, attention_received, "
-                        "cls_attention, fastv); default: all, 'learned' only with --routers")
+                        "cls_attention, fastv, tome, lowrank_gate, two_stage); default: all, 'learned' only "
+                        "with --routers")
     f.add_argument("--seq-len", type=int_at_least(2), default=128, help="tokens per block (text)")
     f.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of text")
     f.add_argument("--split", choices=("train", "eval", "all"), default="eval",
@@ -218,6 +236,10 @@ def add_parsers(sub) -> None:
                    help="also trace each component with its compute budget allocated across layers, measured on "
                         "this calibration data (a shipped domain's train split, a text file or an image folder; "
                         "never the data reported)")
+    f.add_argument("--calibrate", metavar="DOMAIN_OR_PATH",
+                   help="fit the gate predictors of the lowrank_gate and two_stage scorers (mlp_units) on this "
+                        "calibration text (a shipped domain's train split or a text file; never the data "
+                        "reported); without it they use the weights' SVD")
     f.add_argument("--out", type=Path,
                    help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -21,6 +21,7 @@ from elastilab.core.routing import (
     select_tokens,
     straight_through,
 )
+from elastilab.core.unit_plan import UnitPlan
 from elastilab.scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 
 
@@ -253,6 +254,8 @@ class ElasticBlock(nn.Module):
         units = self._units(h, torch.arange(B * T, device=x.device) if rows is None else rows)
         if units is not None:
             counts["unit_pairs"] = h.shape[0] * n_kept(units[0], spec.mlp.width)
+            if isinstance(units[1], UnitPlan):  # chosen before the gate: only the plan's units are computed
+                counts.update(unit_mats=units[1].mlp_mats(spec.mlp), scoring=units[1].scoring_flops)
         # decoding: the down projection reads only the chosen units' rows of a unit-major copy
         spec.mlp.w_out_t = self._transposed("w_out", spec.mlp.w_out) if units and gathers(h.shape[0]) else None
         counts["mlp_rows"] = h.shape[0]

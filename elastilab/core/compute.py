@@ -70,11 +70,13 @@ def analytic_block_flops(block) -> dict[str, int]:
     mlp = 2 * units * d * n_mat
     if "unit_pairs" in c:  # the whole gate projection, then the other projections for the chosen units
         mlp = 2 * units * d + 2 * c["unit_pairs"] * d * (n_mat - 1)
+    if "unit_mats" in c:  # a UnitPlan: no whole gate, only the chosen units' projections
+        mlp = 2 * c["unit_pairs"] * d * c["unit_mats"]
     bt = c["B"] * c["T"]
     sizes = {"attn_tokens": bt, "mlp_tokens": bt, "attn_heads": c["attn_rows_padded"], "mlp_experts": c["mlp_rows"]}
     routers = sum(2 * sizes[k] * d * r.proj.out_features for k, r in block.routers.items() if block._active(k))
-    if block.scoring.scorer is not None:  # another method chose: its work is only measured
-        routers = 0
+    if block.scoring.scorer is not None:  # another method chose: its work is only measured, unless it
+        routers = c.get("scoring", 0)     # counted it (a UnitPlan's scorer)
     return {"attention": attn, "mlp": mlp, "routers": routers}
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elastilab.core.spec import AttnWeights, BlockSpec, MLPWeights, mlp_forward, mlp_gate, mlp_hidden
+from elastilab.core.unit_plan import UnitPlan, unit_mlp_planned
 from elastilab_kernels import ops
 from elastilab_kernels.head_attention import head_attention_gather, head_routed_attention
 
@@ -239,10 +240,13 @@ class RoutedMLP(nn.Module):
         """mlp(h) for the rows of h; with residual=(x, rows, gate), h holds every row and the
         result is x with gate * mlp(h[rows]) added to the chosen rows (gather, MLP, add: fused).
         units=(capacity, scores [n, F] or None): each row computes the gate projection, then only
-        its top units by score (None: by the size of its gate activations, CATS)."""
+        its top units by score (None: by the size of its gate activations, CATS); scores a ``UnitPlan``:
+        the units were chosen without the gate, and only theirs are computed (``elastilab.unit_plan``)."""
         if residual is not None:
             x, rows, gate = residual
             return ops.routed_mlp_residual(x, h, rows, w, gate, backend=self.backend)
+        if units is not None and isinstance(units[1], UnitPlan):
+            return unit_mlp_planned(w, h, units[1])
         if units is not None:
             gate = mlp_gate(w, h)
             return ops.unit_mlp(h, gate, choose_units(gate, *units), w, backend=self.backend)

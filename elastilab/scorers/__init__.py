@@ -21,6 +21,9 @@ attention_received   attn_tokens, mlp_tokens          attention each token recei
 cls_attention        attn_tokens, mlp_tokens (ViTs)   attention the CLS token pays each token
 fastv                visual_tokens (VLMs)             attention image tokens receive from the text (FastV)
 tome                 attn_tokens, mlp_tokens (ViTs)   merges similar patches instead of dropping (ToMe)
+lowrank_gate         mlp_units                        a rank-r predictor of the gate, before the gate runs
+two_stage            mlp_units                        the predictor's candidates, then their exact
+                                                      |hidden| x ||w_out|| (unit_choice.py)
 ==================== ================================ ==================================================
 
 Counted scorers (``counted = True``) are real methods: their scoring work is part of the measured
@@ -30,12 +33,13 @@ contributes, so their own work is left out of the measured compute (``compute.me
 from __future__ import annotations
 
 # imported in this order, the registry lists: random, oracle, taylor, magnitude, attention_received,
-# cls_attention, fastv, tome
+# cls_attention, fastv, tome, lowrank_gate, two_stage
 from elastilab.scorers.base import SCORERS, Candidates, Random, Scorer, Scoring, get_scorer, register, supports
 from elastilab.scorers.merging import ToMe, merge_rows, nearest_kept, unmerge
 from elastilab.scorers.oracles import Oracle, Taylor
 from elastilab.scorers.training_free import AttentionReceived, ClsAttention, FastV, Magnitude
+from elastilab.scorers.unit_choice import LowRankGate, TwoStage, fit_unit_predictors
 
 __all__ = ["SCORERS", "Candidates", "Scorer", "Scoring", "get_scorer", "register", "supports", "Random",
            "Oracle", "Taylor", "AttentionReceived", "ClsAttention", "FastV", "Magnitude", "ToMe",
-           "merge_rows", "nearest_kept", "unmerge"]
+           "merge_rows", "nearest_kept", "unmerge", "LowRankGate", "TwoStage", "fit_unit_predictors"]
