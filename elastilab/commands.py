@@ -9,6 +9,7 @@ the README's result tables, generated from the committed frontier CSVs.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -204,7 +205,8 @@ def _model_frontier(args, em, task, calibration, run):
     single = run()
     chooser = "learned" if args.routers else "magnitude"  # without routers: the training-free scorer
     rows = model_frontier(em, task, calibration, chooser=chooser, oracle="oracle", computes=args.computes,
-                          levels=args.levels, cache=args.out, progress=not args.json)
+                          levels=args.levels, cache=args.out, progress=not args.json,
+                          oracle_schedule=args.oracle_schedule)
     df = pd.concat([single, rows], ignore_index=True)
     df.attrs.update(single.attrs)
     if args.out is not None and args.routers:  # the schedule travels with the routers it was measured for
@@ -377,6 +379,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--levels", type=capacities, default=None,
                    help="--allocate-model: the capacities each cut is measured at (nearest k/H for heads); "
                         "default: multiples of 0.125 down to 0.25")
+    f.add_argument("--oracle-schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="--allocate-model: also allocate with the oracle's own costs (a second calibration pass) "
+                        "besides the oracle choosing under the routers' schedule")
     f.add_argument("--calibration-blocks", type=positive_int, default=4,
                    help="text blocks of the --allocate / --allocate-model calibration data")
     f.add_argument("--out", type=Path, help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")

@@ -25,11 +25,13 @@ COMPUTES = (0.97, 0.95, 0.92, 0.9, 0.87, 0.85, 0.8)
 
 
 def model_frontier(em, task, calibration, chooser="learned", oracle="oracle", computes=COMPUTES, levels=None,
-                   step: float = 0.125, cache: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+                   step: float = 0.125, cache: str | Path | None = None, progress: bool = True,
+                   oracle_schedule: bool = True) -> pd.DataFrame:
     """Rows of the global budget's frontier on ``task`` (held-out), its schedule measured on
     ``calibration`` (disjoint data): for ``chooser``, for ``oracle`` choosing under the chooser's
-    schedule, and for ``oracle`` with its own schedule (``oracle=None``: only the first line). Leaves
-    the chooser's schedule in ``em`` (to be saved with the routers)."""
+    schedule, and (``oracle_schedule``) for ``oracle`` with its own schedule, a second calibration
+    pass (``oracle=None``: only the first line). Leaves the chooser's schedule in ``em`` (to be saved
+    with the routers)."""
     for c in computes:
         if not 0 < c <= 1:
             raise ValueError(f"compute targets must be in (0, 1], got {c}")
@@ -39,13 +41,15 @@ def model_frontier(em, task, calibration, chooser="learned", oracle="oracle", co
         dense_q = task.evaluate(em)
         dense = measure_flops(em, *args, **kwargs)
     schedules = {}
-    for name in [chooser] + ([oracle] if oracle else []):
+    for name in [chooser] + ([oracle] if oracle and oracle_schedule else []):
         sub = None if cache is None else Path(cache) / f"costs-{name}"
         schedules[name] = allocate_model(em, calibration, step=step, scorer=name, levels=levels,
                                          progress=progress, cache=sub)
     lines = [(chooser, chooser, "model")]
     if oracle:
-        lines += [(chooser, oracle, f"model, {chooser} schedule"), (oracle, oracle, "model")]
+        lines.append((chooser, oracle, f"model, {chooser} schedule"))
+        if oracle_schedule:
+            lines.append((oracle, oracle, "model"))
     rows = []
     for schedule, scorer, allocation in lines:
         set_model_allocation(em, schedules[schedule])

@@ -193,3 +193,14 @@ def test_cli_frontier_allocate_model(tmp_path, capsys):
     assert main(args) == 0  # again: every cost comes from the cache
     again = pd.read_csv(tmp_path / "out" / "frontier.csv")
     assert again.ppl_ratio.tolist() == df.ppl_ratio.tolist()
+
+
+def test_check_schedule_compares_the_summed_costs_with_a_measurement():
+    from elastilab.global_budget import check_schedule
+    _, em, task, _ = _allocated(mlp_units=1.0)
+    em.set_compute(0.9)
+    caps = em.layer_capacities
+    rows = check_schedule(em, task, computes=(1.0, 0.8))
+    assert rows[0]["summed_costs"] == 0.0 and rows[0]["measured"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["predicted_compute"] <= 0.8 and rows[1]["measured"] > 0 and rows[1]["summed_costs"] > 0
+    assert em.layer_capacities == caps and em.elastic_config.compute == 0.9  # the model as it was
