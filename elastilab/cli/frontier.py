@@ -9,6 +9,7 @@ the README's result tables (``analysis.report``), generated from the committed f
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -52,8 +53,8 @@ def _elastic(model, args, components, extra=None):
     from elastilab.core.config import ElasticConfig
     from elastilab.core.loading import load_routers
     from elastilab.core.model import elastify
-    if args.routers:
-        return load_routers(model, args.routers)
+    if args.routers:  # components without routers (mlp_units) join the checkpoint's at capacity 1.0
+        return load_routers(model, args.routers, add_components=[c for c in components if c in GATED_COMPONENTS])
     if "learned" in args.scorers:
         raise ValueError("the 'learned' scorer needs --routers DIR; without routers use random, oracle and "
                          "the training-free scorers")
@@ -78,10 +79,10 @@ def build(args):
         text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
         blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
         calibration = None
-        if args.allocate:
-            src = Path(args.allocate)
-            text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.allocate), "train")
-            calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:4])
+        if cal := args.allocate or args.allocate_model:
+            src = Path(cal)
+            text, split = (data.text_file(src), "all") if src.is_file() else (data.text(cal), "train")
+            calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:args.calibration_blocks])
         em = _elastic(model, args, comps)
         if args.calibrate:
             _fit_unit_predictors(em, tok, args)
@@ -106,14 +107,14 @@ def build(args):
         if args.skipped_tokens:  # else the routers' own setting (drop for fresh ones)
             em.set_skipped_tokens(args.skipped_tokens)
         calibration = None
-        if args.allocate:
-            src = Path(args.allocate)
-            cal = read_images(src, 32) if src.is_dir() else vision.domain(args.allocate, "train", 32)[0]
+        if src_name := args.allocate or args.allocate_model:
+            src = Path(src_name)
+            cal = read_images(src, 32) if src.is_dir() else vision.domain(src_name, "train", 32)[0]
             calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
         return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
-    if args.allocate:
-        raise ValueError("--allocate spreads a layer component's budget across layers; tiny-llava's visual_tokens "
-                         "are chosen once, before the language model")
+    if args.allocate or args.allocate_model:
+        raise ValueError("--allocate and --allocate-model spread a layer component's budget across layers; "
+                         "tiny-llava's visual_tokens are chosen once, before the language model")
     from elastilab.tasks import vlm
     from elastilab.zoo import tiny_llava
     if args.images is not None or args.text is not None or args.domain not in (None, "digits", "scenes"):
@@ -131,8 +132,8 @@ def build(args):
 def _fit_unit_predictors(em, tok, args) -> None:
     """--calibrate: fit the gate predictors of the lowrank_gate and two_stage scorers on calibration text
     (a shipped domain's train split or a text file), never on the blocks the frontier reports."""
-    from . import data
-    from .scorers.unit_choice import fit_unit_predictors
+    from elastilab import data
+    from elastilab.scorers.unit_choice import fit_unit_predictors
     src = Path(args.calibrate)
     text, split = (data.text_file(src), "all") if src.is_file() else (data.text(args.calibrate), "train")
     fit = fit_unit_predictors(em, data.token_blocks(tok, text, args.seq_len, split=split)[:16])
@@ -145,6 +146,9 @@ def cmd_frontier(args) -> int:
 
     from elastilab.analysis import frontier as fr
     torch.manual_seed(0)
+    if args.allocate and args.allocate_model:
+        raise ValueError("give --allocate (a budget per component) or --allocate-model (one for the whole model), "
+                         "not both")
     em, task, comps, calibration = build(args)
     run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
                               progress=not args.json)
@@ -165,6 +169,8 @@ def cmd_frontier(args) -> int:
             em.save_routers(args.out / "routers", command=command_line(args),
                             allocated_on=args.allocate, source=str(args.routers))
             print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+    elif args.allocate_model:
+        df = _model_frontier(args, em, task, calibration, run)
     else:
         df = run()
     meta = {"command": command_line(args), "date": datetime.date.today().isoformat(),
@@ -173,6 +179,9 @@ def cmd_frontier(args) -> int:
     for k in ("command", "date", "machine", "torch"):
         df[k] = meta[k]
     summary = fr.frontier_summary(df)
+    if args.allocate_model:  # whole-model savings within x1.01 and x1.05 of each line
+        from elastilab.analysis.model_frontier import model_savings
+        summary = model_savings(df)
     if args.out is not None:
         from elastilab.files import atomic_write
         args.out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +189,11 @@ def cmd_frontier(args) -> int:
         atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
         if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
             atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
-        fig = fr.plot_frontier(df, title=meta["command"][:90])
+        if args.allocate_model:
+            from elastilab.analysis.model_frontier import plot_model_frontier
+            fig = plot_model_frontier(df, title=meta["command"][:110])
+        else:
+            fig = fr.plot_frontier(df, title=meta["command"][:90])
         atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
         print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png"
               + (", per_item.csv" if getattr(task, "records", None) else ""), file=sys.stderr)
@@ -192,6 +205,25 @@ def cmd_frontier(args) -> int:
     return 0
 
 
+def _model_frontier(args, em, task, calibration, run):
+    """--allocate-model: the single-component frontier, then the global budget's lines (model_frontier)."""
+    import pandas as pd
+
+    from elastilab.analysis.model_frontier import model_frontier
+    single = run()
+    chooser = "learned" if args.routers else "magnitude"  # without routers: the training-free scorer
+    rows = model_frontier(em, task, calibration, chooser=chooser, oracle="oracle", computes=args.computes,
+                          levels=args.levels, cache=args.out, progress=not args.json,
+                          oracle_schedule=args.oracle_schedule)
+    df = pd.concat([single, rows], ignore_index=True)
+    df.attrs.update(single.attrs)
+    if args.out is not None and args.routers:  # the schedule travels with the routers it was measured for
+        em.save_routers(args.out / "routers", command=command_line(args),
+                        allocated_on=args.allocate_model, source=str(args.routers))
+        print(f"wrote {args.out}/routers (the routers with their whole-model schedule)", file=sys.stderr)
+    return df
+
+
 def cmd_report(args) -> int:
     print(report(args.results), end="")
     return 0
@@ -200,6 +232,7 @@ def cmd_report(args) -> int:
 def add_parsers(sub) -> None:
     """``elastilab frontier | report``."""
     from elastilab.analysis.frontier import frontier
+    from elastilab.analysis.model_frontier import COMPUTES
     from elastilab.core.config import ElasticConfig
     f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
                        formatter_class=HelpFormatter)
@@ -236,6 +269,21 @@ def add_parsers(sub) -> None:
                    help="also trace each component with its compute budget allocated across layers, measured on "
                         "this calibration data (a shipped domain's train split, a text file or an image folder; "
                         "never the data reported)")
+    f.add_argument("--allocate-model", metavar="DOMAIN_OR_PATH",
+                   help="trace one compute knob for the whole model: a budget over every component and layer "
+                        "(el.allocate(em, task, budget='model')) measured on this calibration data, as the routers "
+                        "(or, without --routers, the magnitude scorer) choose and as the oracle does, next to the "
+                        "single-component points; x axis: whole-model measured compute")
+    f.add_argument("--computes", type=capacities, default=COMPUTES,
+                   help="--allocate-model: the whole-model compute targets (fractions of the dense FLOPs)")
+    f.add_argument("--levels", type=capacities, default=None,
+                   help="--allocate-model: the capacities each cut is measured at (nearest k/H for heads); "
+                        "default: multiples of 0.125 down to 0.25")
+    f.add_argument("--oracle-schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="--allocate-model: also allocate with the oracle's own costs (a second calibration pass) "
+                        "besides the oracle choosing under the routers' schedule")
+    f.add_argument("--calibration-blocks", type=positive_int, default=4,
+                   help="text blocks of the --allocate / --allocate-model calibration data")
     f.add_argument("--calibrate", metavar="DOMAIN_OR_PATH",
                    help="fit the gate predictors of the lowrank_gate and two_stage scorers (mlp_units) on this "
                         "calibration text (a shipped domain's train split or a text file; never the data "

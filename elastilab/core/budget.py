@@ -111,11 +111,27 @@ def capacities_at(schedule, layers: list[int], budget: float, pinned=()) -> dict
     return caps
 
 
-def allocate(em, component: str, task, step: float = 0.125, scorer="learned",
-             progress: bool = True) -> list[tuple[int, float]]:
+def allocate(em, component, task=None, step: float = 0.125, scorer="learned", progress: bool = True,
+             budget: str = "layers", **model_options) -> list[tuple]:
     """Measure every layer's cost of ``component`` on ``task`` (calibration data) when ``scorer``
     chooses (the routers by default; e.g. "oracle" for a model without trained routers), store the
-    greedy schedule in the model (``em.set_allocation``; saved with the routers) and return it."""
+    greedy schedule in the model (``em.set_allocation``; saved with the routers) and return it.
+
+    ``allocate(em, task, budget="model")``: one schedule over every routed component and layer for the
+    whole-model knob ``em.set_compute`` (``global_budget.allocate_model``, which takes ``model_options``)."""
+    if budget == "model":
+        from elastilab.core.global_budget import allocate_model
+        if task is not None or isinstance(component, str):
+            raise TypeError("budget='model' allocates every routed component at once: call "
+                            "allocate(em, task, budget='model') (components=[...] to choose some)")
+        return allocate_model(em, component, step=step, scorer=scorer, progress=progress, **model_options)
+    if budget != "layers":
+        raise ValueError(f"budget must be 'layers' (one component across its layers) or 'model' (one knob over "
+                         f"every component and layer), got {budget!r}")
+    if model_options:
+        raise TypeError(f"allocate got unexpected arguments {sorted(model_options)} (they belong to budget='model')")
+    if task is None:
+        raise TypeError("allocate(em, component, task) needs a task (calibration data), e.g. el.LMTask(blocks)")
     if component not in LAYER_COMPONENTS + GATED_COMPONENTS:
         raise ValueError(f"a budget is allocated across layers for {', '.join(LAYER_COMPONENTS + GATED_COMPONENTS)}, "
                          f"not {component!r}")

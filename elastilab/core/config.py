@@ -22,7 +22,7 @@ PARTITIONS = ("contiguous", "clustered")
 
 
 def check_capacity(name: str, value) -> float:
-    if name not in COMPONENTS:
+    if name not in COMPONENTS + ("compute",):
         raise ValueError(f"unknown component {name!r}; allowed: {', '.join(COMPONENTS)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"capacity of {name} must be a number in (0, 1], got {value!r}")
@@ -81,6 +81,11 @@ class ElasticConfig:
     #: (``elastilab.core.budget``). The component's capacity is then the budget, the mean capacity over
     #: its routed layers, and the layers take the schedule's cuts in order until the mean reaches it
     allocation: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    #: [(layer, component, capacity, whole-model compute after the cut), ...]: one compute budget over
+    #: every routed component and layer (``elastilab.global_budget``; ``ElasticModel.set_compute``)
+    model_allocation: tuple[tuple[int, str, float, float], ...] = ()
+    #: the whole-model compute knob in use (a fraction of the dense FLOPs), or None: the component knobs
+    compute: float | None = None
     #: rank of the LoRA (peft) trained with the routers on the projections of every routed block
     #: (``elastilab.core.lora``); 0: none. ``routers_disabled()`` stays the pretrained model exactly
     lora_rank: int = 0
@@ -112,6 +117,12 @@ class ElasticConfig:
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
         self.allocation = check_allocation(self.allocation, self.components)
         self.lora_targets = check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+        self.model_allocation = check_model_allocation(self.model_allocation, self.components)
+        if self.compute is not None:
+            if not self.model_allocation:
+                raise ValueError("compute (the whole-model knob) needs a model_allocation (el.allocate(em, task, "
+                                 "budget='model'))")
+            self.compute = check_capacity("compute", self.compute)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -126,6 +137,7 @@ class ElasticConfig:
         d["keep_dense"] = {c: list(v) for c, v in self.keep_dense.items()}
         d["allocation"] = {c: [list(step) for step in v] for c, v in self.allocation.items()}
         d["lora_targets"] = list(self.lora_targets)
+        d["model_allocation"] = [list(step) for step in self.model_allocation]
         return d
 
     @classmethod
@@ -183,6 +195,26 @@ def check_allocation(allocation: dict, components) -> dict[str, tuple[tuple[int,
         layers = layer_list([layer for layer, _ in pairs], f"allocation[{comp!r}] layers")
         out[comp] = tuple((layer, check_capacity(comp, value)) for layer, (_, value) in zip(layers, pairs))
     return out
+
+
+def check_model_allocation(steps, components) -> tuple[tuple[int, str, float, float], ...]:
+    """[(layer, component, capacity, compute after the cut), ...] -> validated tuples (``global_budget``)."""
+    if isinstance(steps, (str, bytes, dict)) or not hasattr(steps, "__iter__"):
+        raise ValueError(f"model_allocation must be a list of (layer, component, capacity, compute) steps, "
+                         f"got {steps!r:.80}")
+    out = []
+    for step in steps:
+        try:
+            layer, comp, cap, compute = step
+        except (TypeError, ValueError):
+            raise ValueError(f"model_allocation steps must be (layer, component, capacity, compute), got "
+                             f"{step!r:.80}") from None
+        if comp not in components or comp not in LAYER_COMPONENTS + GATED_COMPONENTS:
+            raise ValueError(f"model_allocation cuts {comp!r}, which is not an elastic layer component here; "
+                             f"elastic components: {', '.join(components)}")
+        (layer,) = layer_list([layer], "model_allocation layers")
+        out.append((layer, comp, check_capacity(comp, cap), check_capacity("compute", compute)))
+    return tuple(out)
 
 
 def layer_list(layers, what: str) -> tuple[int, ...]:

@@ -92,8 +92,13 @@ class ElasticModel(nn.Module):
                 raise
         for comp, steps in config.allocation.items():
             layer_indices([layer for layer, _ in steps], n, f"allocation[{comp!r}]")
+        compute = config.compute  # (set_capacity below leaves the whole-model knob: set it again after)
         if config.keep_dense or config.allocation:
             self.set_capacity(**{c: getattr(config, c) for c in {**config.keep_dense, **config.allocation}})
+        if config.model_allocation:
+            layer_indices([s[0] for s in config.model_allocation], n, "model_allocation")
+        if compute is not None:
+            self.set_compute(compute)
 
     # -- passthrough --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -180,7 +185,10 @@ class ElasticModel(nn.Module):
 
     def set_capacity(self, **capacities: float) -> "ElasticModel":
         """Change capacities live (no retraining), e.g. ``set_capacity(mlp_experts=0.25)``. With an
-        allocation (``set_allocation``) the value is a budget spread across layers by its schedule."""
+        allocation (``set_allocation``) the value is a budget spread across layers by its schedule.
+        It leaves the whole-model knob (``set_compute``): the other components stay where it put them."""
+        if capacities:
+            self.elastic_config.compute = None
         for name, value in capacities.items():
             value = check_capacity(name, value)
             if getattr(self.elastic_config, name) is None:
@@ -195,6 +203,13 @@ class ElasticModel(nn.Module):
             for b in blocks:
                 b.capacity[name] = 1.0 if b.layer_idx in pinned else per_layer.get(b.layer_idx, value)
         return self
+
+    def set_compute(self, fraction: float) -> "ElasticModel":
+        """The whole model at ``fraction`` of its dense FLOPs (measured): one knob over every routed
+        component and layer, by the schedule ``el.allocate(em, task, budget="model")`` stored (saved
+        with the routers). ``layer_capacities`` shows where it went (``elastilab.global_budget``)."""
+        from elastilab.core.global_budget import set_compute
+        return set_compute(self, fraction)
 
     def set_allocation(self, **schedules) -> "ElasticModel":
         """Spread each named component's capacity across layers by a schedule of (layer, capacity)
@@ -267,11 +282,14 @@ class ElasticModel(nn.Module):
     def capacity(self, **capacities: float):
         """Temporarily use other capacities (and restore them afterwards)."""
         old = {k: getattr(self.elastic_config, k) for k in capacities}
+        compute = self.elastic_config.compute
         self.set_capacity(**capacities)
         try:
             yield self
         finally:
             self.set_capacity(**old)
+            if compute is not None:  # back to the whole-model knob's per-layer capacities
+                self.set_compute(compute)
 
     @property
     def scorer(self):

@@ -1,0 +1,422 @@
+"""One compute knob for the whole model: a budget over every (layer, component, level) cut.
+
+``budget.allocate`` spreads one component's budget across its layers; here every routed component of
+every layer competes for one budget in measured FLOPs, so the cheapest cuts may be heads in one layer,
+MLP units in another and nothing in layer 0:
+
+    el.allocate(em, calibration_task, budget="model")   # measures, stores the schedule in the model
+    em.set_compute(0.8)          # the whole model at 80% of its dense FLOPs (measured)
+    em.layer_capacities          # where it went
+
+How. Each cut's *cost* is the task's distance from the teacher with only that layer's component routed
+at that level (calibration data, as ``budget.layer_costs``), made non-increasing in capacity. Its
+*saving* is measured: whole-model FLOPs from the counter (``torch.utils.flop_counter``), so heads, MLP
+units and tokens are in one currency. A block's count depends only on its own capacities (top-k keeps a
+fixed number of tokens, heads and units), and its attention side and MLP side add up, so one forward
+measures one capacity combination per layer and a table of the combinations per layer shape is exact
+(``flop_table``; every SmolLM2 layer has one shape). The schedule is greedy, least cost per FLOP saved
+first, with two refinements that cost nothing: a layer may jump to any lower level (a bent cost curve
+is not stuck behind a bad first step), and the saving of a cut is that of the layer's *current* state
+(cutting heads in a layer whose tokens are cut already saves less). Each step stores the whole-model
+compute after it, so ``set_compute(b)`` replays the steps until the compute is <= b: a smaller budget
+contains the larger one's cuts, and the compute met is within one cut of the request. The costs are
+measured one cut at a time (interactions between cuts are not), which ``check_schedule`` measures.
+"""
+from __future__ import annotations
+
+import json
+import math
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from elastilab.core.budget import LOWEST, levels
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS
+
+#: the sub-layer of a block each component cuts in; the two sides' FLOPs add up
+SIDE = {"attn_tokens": "attention", "attn_heads": "attention", "mlp_tokens": "mlp", "mlp_experts": "mlp",
+        "mlp_units": "mlp"}
+#: one MLP granularity per layer: slices with a router, or single units by their gate
+EXCLUSIVE = ("mlp_experts", "mlp_units")
+
+
+# ----------------------------------------------------------------------------- levels and costs
+def cut_levels(em, component: str, step: float = 0.125, wanted=None) -> list[float]:
+    """The capacities a layer's ``component`` can be cut to, 1.0 first: ``budget.levels`` (multiples of
+    ``step`` down to LOWEST; heads: the k/H nearest to them), or the realisable values nearest to the
+    ``wanted`` capacities (k/H heads, k/E slices; tokens and units as given)."""
+    if wanted is None:
+        wanted = [1.0 - k * step for k in range(int(round((1.0 - LOWEST) / step)) + 1)]
+        if component != "attn_heads":
+            return levels(em, component, step)
+    levels(em, component, step)  # (raises if the component is routed nowhere)
+    grid = None
+    if component in ("attn_heads", "mlp_experts"):
+        b = next(b for b in em.blocks if component in b.capacity)
+        n = (b.adapter.block_spec(b.base_layer, b.layer_idx).attn.n_heads if component == "attn_heads"
+             else b.n_experts)
+        grid = [k / n for k in range(n, 0, -1)]  # every k/H heads; every k/E slices
+    out = {1.0}
+    for w in wanted:
+        if not 0 < w <= 1:
+            raise ValueError(f"cut levels must be capacities in (0, 1], got {w}")
+        out.add(w if grid is None else min(grid, key=lambda c: (abs(c - w), -c)))
+    return sorted(out, reverse=True)
+
+
+def _routable(em, components) -> list[tuple[int, str]]:
+    """(layer, component) pairs a schedule may cut: routed there and not kept dense."""
+    pinned = {c: em._kept_dense(c) for c in components}
+    return [(b.layer_idx, c) for b in em.blocks for c in components
+            if c in b.capacity and b.layer_idx not in pinned[c]]
+
+
+#: a claim on a cut older than this (seconds) is taken to belong to a run that died
+STALE_CLAIM = 1800
+
+
+def _claim(path: Path) -> bool:
+    """Take the cut whose costs ``path`` will hold, unless another run has (an exclusive create)."""
+    import os
+    import time
+    claim = path.with_suffix(".claim")
+    if claim.exists() and time.time() - claim.stat().st_mtime > STALE_CLAIM:
+        claim.unlink(missing_ok=True)
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _stored(path: Path, levels: list[float]) -> list[float] | None:
+    try:
+        hit = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a cache is only a shortcut: measure again
+    return hit["costs"] if isinstance(hit, dict) and hit.get("levels") == levels else None
+
+
+@torch.no_grad()
+def cut_costs(em, task, caps: dict[str, list[float]], progress: bool = True,
+              cache: str | Path | None = None) -> dict[tuple[int, str], list[float]]:
+    """{(layer, component): [cost at each level of caps[component]]}: ``task.distance`` with only
+    that layer's component routed (everything else dense). ``cache``: a folder holding one JSON file
+    per (layer, component), written as each is measured, so an interrupted run resumes and two runs
+    on the same folder (and the same model, task and scorer) share the work (each claims a cut first)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from elastilab.files import atomic_write
+    cache = None if cache is None else Path(cache)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    todo = _routable(em, caps)
+    saved = [dict(b.capacity) for b in em.blocks]
+    by_layer = {b.layer_idx: b for b in em.blocks}
+    out = {}
+    bar = tqdm(total=len(todo), desc="cuts per layer", disable=not progress)
+    try:
+        for b in em.blocks:
+            b.capacity = {c: 1.0 for c in b.capacity}
+        while todo:
+            waiting = []
+            for layer, comp in todo:
+                path = None if cache is None else cache / f"{comp}-{layer}.json"
+                if path is not None and (hit := _stored(path, caps[comp])) is not None:
+                    out[(layer, comp)] = hit
+                    bar.update(1)
+                    continue
+                if path is not None and not _claim(path):
+                    waiting.append((layer, comp))  # another run measures it: come back to it
+                    continue
+                b = by_layer[layer]
+                costs = []
+                for cap in caps[comp]:
+                    b.capacity[comp] = cap
+                    costs.append(0.0 if cap >= 1.0 else float(task.distance(em)))
+                b.capacity[comp] = 1.0
+                out[(layer, comp)] = costs
+                if path is not None:
+                    entry = json.dumps({"levels": caps[comp], "costs": costs})
+                    atomic_write(path, lambda f: Path(f).write_text(entry))
+                    path.with_suffix(".claim").unlink(missing_ok=True)
+                bar.update(1)
+            if waiting and len(waiting) == len(todo):
+                time.sleep(5)
+            todo = waiting
+    finally:
+        bar.close()
+        for b, s in zip(em.blocks, saved):
+            b.capacity = s
+    return out
+
+
+# ----------------------------------------------------------------------------- measured FLOPs
+def _signature(b) -> tuple:
+    """What a block's FLOPs depend on besides its capacities: its shapes and what it routes."""
+    spec = b.adapter.block_spec(b.base_layer, b.layer_idx)
+    a, m = spec.attn, spec.mlp
+    return (tuple(sorted(b.capacity)), tuple(a.w_q.shape), a.n_heads, a.n_kv_heads, a.head_dim, a.window,
+            m.kind, m.width, b.n_experts, spec.n_protected)
+
+
+def _combos(comps: list[str], caps: dict[str, list[float]]) -> list[tuple[float, ...]]:
+    grid = product(*(caps[c] for c in comps))
+    both = [i for i, c in enumerate(comps) if c in EXCLUSIVE]
+    return [g for g in grid if sum(g[i] < 1.0 for i in both) <= 1]
+
+
+@torch.no_grad()
+def _block_counts(em, per_layer: dict[int, dict[str, float]], args, kwargs) -> tuple[dict[int, int], int]:
+    """One forward under the FLOP counter with each listed layer at its capacities (the others
+    dense): ({layer: FLOPs its block counted, an oracle's work left out}, whole-model FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    names = {id(m): n for n, m in em.model.named_modules()}
+    prefix = type(em).__name__ + ".model."
+    saved = [dict(b.capacity) for b in em.blocks]
+    try:
+        for b in em.blocks:
+            b.capacity = {c: per_layer.get(b.layer_idx, {}).get(c, 1.0) for c in b.capacity}
+            b._spec()  # weights built once (a merged LoRA, clustered experts): not per forward
+        scorer = em.scorer
+        if hasattr(scorer, "before_forward"):  # an oracle's preparation is not counted
+            scorer.before_forward(em, args, kwargs)
+        with FlopCounterMode(display=False) as counter:
+            em(*args, **kwargs)
+    finally:
+        for b, s in zip(em.blocks, saved):
+            b.capacity = s
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    out, total = {}, counts.get("Global", 0)
+    for b in em.blocks:
+        name = prefix + names[id(b)]
+        oracle = 0 if b.scoring.scorer is None or b.scoring.scorer.counted else counts.get(name + ".scoring", 0)
+        out[b.layer_idx] = counts.get(name, 0) - oracle
+        total -= oracle
+    return out, total
+
+
+class FlopTable:
+    """Measured FLOPs of any per-layer capacities: the dense model's, plus for each layer the change
+    its attention side and its MLP side make, looked up by (layer shape, side, capacities)."""
+
+    def __init__(self, dense_total: int, dense_block: dict[int, int], sig: dict[int, tuple], delta: dict):
+        self.dense_total, self.dense_block, self.sig, self.delta = dense_total, dense_block, sig, delta
+
+    def block(self, layer: int, caps: dict[str, float]) -> int:
+        """FLOPs of this layer's block at capacities ``caps`` ({component: capacity})."""
+        f = self.dense_block[layer]
+        for side in ("attention", "mlp"):
+            comps = tuple(sorted(c for c in caps if SIDE.get(c) == side))
+            key = tuple(caps[c] for c in comps)
+            if comps and any(v < 1.0 for v in key):
+                f += self.delta[(self.sig[layer], side, comps, key)]
+        return f
+
+    def compute(self, per_layer: dict[int, dict[str, float]]) -> float:
+        """Whole-model compute (fraction of dense) at these per-layer capacities."""
+        change = sum(self.block(i, caps) - self.dense_block[i] for i, caps in per_layer.items())
+        return (self.dense_total + change) / self.dense_total
+
+
+@torch.no_grad()
+def flop_table(em, caps: dict[str, list[float]], args, kwargs) -> FlopTable:
+    """Measure every combination of the levels in ``caps`` on each side of each layer shape, one
+    combination per layer of that shape per forward (``_block_counts``) on the input ``args, kwargs``."""
+    blocks = em.blocks
+    dense_block, dense_total = _block_counts(em, {}, args, kwargs)
+    sig = {b.layer_idx: _signature(b) for b in blocks}
+    hosts: dict[tuple, list[int]] = {}
+    for b in blocks:
+        hosts.setdefault(sig[b.layer_idx], []).append(b.layer_idx)
+    jobs = []  # (signature, side, components, capacities)
+    for s, layers in hosts.items():
+        routed = [c for c in caps if c in s[0]]
+        for side in ("attention", "mlp"):
+            comps = tuple(sorted(c for c in routed if SIDE[c] == side))
+            if comps:
+                jobs += [(s, side, comps, k) for k in _combos(list(comps), caps) if any(v < 1.0 for v in k)]
+    delta = {}
+    while jobs:
+        batch, used, rest = {}, set(), []
+        for job in jobs:  # one job per layer per forward
+            free = [i for i in hosts[job[0]] if i not in used]
+            if not free:
+                rest.append(job)
+                continue
+            used.add(free[0])
+            batch[free[0]] = job
+        counts, _ = _block_counts(em, {i: dict(zip(j[2], j[3])) for i, j in batch.items()}, args, kwargs)
+        for i, job in batch.items():
+            delta[job] = counts[i] - dense_block[i]
+        jobs = rest
+    return FlopTable(dense_total, dense_block, sig, delta)
+
+
+# ----------------------------------------------------------------------------- the schedule
+def greedy_model_schedule(costs: dict[tuple[int, str], list[float]], caps: dict[str, list[float]],
+                          table: FlopTable) -> list[tuple[int, str, float, float]]:
+    """[(layer, component, capacity, whole-model compute after the cut)], cheapest added cost per
+    measured FLOP saved first; a cut may jump a layer's component to any lower level."""
+    mono = {}
+    for key, c in costs.items():  # capacities go from high to low: cost only grows along them
+        run, out = 0.0, []
+        for v in c:
+            run = max(run, v)
+            out.append(run)
+        mono[key] = out
+    at = {key: 0 for key in costs}
+    state: dict[int, dict[str, float]] = {}
+    for layer, comp in costs:
+        state.setdefault(layer, {})[comp] = 1.0
+    steps, change = [], 0
+    while True:
+        best = None
+        for (layer, comp), i in at.items():
+            lv = caps[comp]
+            cur = state[layer]
+            if comp in EXCLUSIVE and any(cur.get(o, 1.0) < 1.0 for o in EXCLUSIVE if o != comp):
+                continue
+            before = table.block(layer, cur)
+            for j in range(i + 1, len(lv)):
+                saved = before - table.block(layer, {**cur, comp: lv[j]})
+                if saved <= 0:
+                    continue
+                ratio = (mono[(layer, comp)][j] - mono[(layer, comp)][i]) / saved
+                if best is None or (ratio, -saved) < best[0]:
+                    best = ((ratio, -saved), layer, comp, j, saved)
+        if best is None:
+            return steps
+        _, layer, comp, j, saved = best
+        at[(layer, comp)] = j
+        state[layer][comp] = caps[comp][j]
+        change -= saved
+        steps.append((layer, comp, caps[comp][j], (table.dense_total + change) / table.dense_total))
+
+
+def allocate_model(em, task, step: float = 0.125, scorer="learned", components=None, progress: bool = True,
+                   cache: str | Path | None = None, levels=None) -> list[tuple[int, str, float, float]]:
+    """Measure every (layer, component, level) cut of ``components`` (default: every routed layer
+    component) on ``task`` (calibration data: never the data you report) as ``scorer`` chooses, order
+    them by cost per measured FLOP saved, store the schedule in the model (saved with the routers)
+    and return it. The compute of each step is measured on ``task.measure_input`` (its sequence length).
+    ``levels``: the capacities to measure each cut at (``cut_levels``), instead of multiples of ``step``;
+    ``cache``: a JSON file of the measured costs, so an interrupted run resumes (``cut_costs``)."""
+    elastic = [c for c in em.capacities if c in LAYER_COMPONENTS + GATED_COMPONENTS]
+    comps = list(components) if components is not None else elastic
+    if not comps:
+        raise ValueError(f"no routed layer component to allocate; elastic components: {', '.join(em.capacities)}")
+    if bad := [c for c in comps if c not in elastic or not any(c in b.capacity for b in em.blocks)]:
+        raise ValueError(f"{', '.join(bad)} not routed in any layer of this model; routed layer components: "
+                         f"{', '.join(elastic)}")
+    if not hasattr(task, "distance") or not hasattr(task, "measure_input"):
+        raise TypeError("allocate needs a task with distance(em) and measure_input(em) (LMTask, ViTTask)")
+    if em.elastic_config.mode != "topk" and any(c in TOKEN_COMPONENTS for c in comps):
+        raise ValueError("allocate the whole-model budget in top-k mode (em.set_mode('topk')): a threshold keeps "
+                         "a data-dependent number of tokens, so their FLOPs cannot be measured once")
+    caps = {c: cut_levels(em, c, step, levels) for c in comps}
+    args, kwargs = task.measure_input(em)
+    with em.scoring(scorer):
+        costs = cut_costs(em, task, caps, progress, cache)
+        table = flop_table(em, caps, args, kwargs)
+    schedule = greedy_model_schedule(costs, caps, table)
+    set_model_allocation(em, schedule)
+    em._model_costs = {"costs": costs, "levels": caps, "table": table}  # for check_schedule and notes
+    return schedule
+
+
+# ----------------------------------------------------------------------------- the knob
+def set_model_allocation(em, schedule) -> None:
+    """Store a whole-model schedule in ``em.elastic_config.model_allocation`` (checked)."""
+    from elastilab.core.config import check_model_allocation, layer_indices
+    steps = check_model_allocation(schedule, em.elastic_config.components)
+    layer_indices([s[0] for s in steps], len(em.adapter.layers(em.model)), "model_allocation")
+    em.elastic_config.model_allocation = steps
+    em.elastic_config.compute = None
+
+
+def capacities_for(em, fraction: float) -> tuple[dict[int, dict[str, float]], float]:
+    """({layer: {component: capacity}}, predicted whole-model compute) of the schedule's first cuts
+    whose compute is still > fraction, plus the one that brings it to <= fraction."""
+    steps = em.elastic_config.model_allocation
+    if not steps:
+        raise ValueError("no whole-model schedule yet: run el.allocate(em, calibration_task, budget='model') first "
+                         "(or load routers saved after one)")
+    n = len(em.adapter.layers(em.model))
+    routed = {(b.layer_idx, c) for b in em.blocks for c in b.capacity}
+    for layer, comp, _, _ in steps:
+        if (layer % n, comp) not in routed:
+            raise ValueError(f"the whole-model schedule cuts {comp} in layer {layer}, which is not routed in this "
+                             f"model; routed components: {', '.join(em.capacities)}")
+    if fraction < steps[-1][3] - 1e-9:
+        raise ValueError(f"compute {fraction:g} is below the least the schedule reaches ({steps[-1][3]:.4f} of the "
+                         "dense model); allocate with lower levels (step) or more components for less")
+    per_layer: dict[int, dict[str, float]] = {}
+    current = 1.0
+    for layer, comp, cap, compute in steps:
+        if current <= fraction + 1e-9:
+            break
+        per_layer.setdefault(layer % n, {})[comp] = cap
+        current = compute
+    return per_layer, current
+
+
+def set_compute(em, fraction: float):
+    """Put the whole model at ``fraction`` of its dense FLOPs (measured at allocation): every routed
+    layer component takes the schedule's capacities, everything else is dense. The component knobs
+    (``em.capacities``) show the mean capacity over their routed layers, ``em.layer_capacities`` each layer."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or math.isnan(fraction):
+        raise TypeError(f"compute must be a number in (0, 1], got {fraction!r}")
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"compute must be in (0, 1] (a fraction of the dense model's FLOPs), got {fraction}")
+    per_layer, _ = capacities_for(em, float(fraction))
+    cfg = em.elastic_config
+    for b in em.blocks:
+        for comp in b.capacity:
+            b.capacity[comp] = per_layer.get(b.layer_idx, {}).get(comp, 1.0)
+    for comp, layers in em.layer_capacities.items():
+        if comp in LAYER_COMPONENTS + GATED_COMPONENTS:
+            setattr(cfg, comp, sum(layers.values()) / len(layers))
+    cfg.compute = float(fraction)
+    return em
+
+
+def schedule_table(em):
+    """The stored schedule as a DataFrame: step, layer, component, capacity, compute after it."""
+    import pandas as pd
+    return pd.DataFrame([{"step": i + 1, "layer": layer, "component": comp, "capacity": cap, "compute": compute}
+                         for i, (layer, comp, cap, compute) in enumerate(em.elastic_config.model_allocation)])
+
+
+@torch.no_grad()
+def check_schedule(em, task, computes=(0.95, 0.9, 0.8), scorer="learned") -> list[dict]:
+    """The schedule's prediction against a measurement on ``task`` at a few budgets: the sum of the
+    cuts' isolated costs (what the greedy order assumed) and the distance measured with all of them
+    at once (the interactions the isolated costs leave out). Needs the costs of ``allocate_model``."""
+    info = getattr(em, "_model_costs", None)
+    if info is None:
+        raise ValueError("check_schedule needs the costs of allocate_model on this model (run it first)")
+    out = []
+    cfg = em.elastic_config
+    saved = ([dict(b.capacity) for b in em.blocks], cfg.capacities(), cfg.compute)
+    try:
+        for c in computes:
+            per_layer, predicted = capacities_for(em, c)
+            summed = 0.0
+            for layer, caps in per_layer.items():
+                for comp, cap in caps.items():
+                    summed += info["costs"][(layer, comp)][info["levels"][comp].index(cap)]
+            set_compute(em, c)
+            with em.scoring(scorer):
+                measured = float(task.distance(em))
+            out.append({"compute": c, "predicted_compute": predicted, "summed_costs": summed, "measured": measured})
+    finally:  # the model as it was
+        for b, caps in zip(em.blocks, saved[0]):
+            b.capacity = caps
+        for comp, value in saved[1].items():
+            setattr(cfg, comp, value)
+        cfg.compute = saved[2]
+    return out
