@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     ("elastilab.vlm", "add_parsers"),                     # vlm train | bench
     ("elastilab.zoo.commands", "add_parsers"),            # zoo dinov2-build | dinov2-probe | tiny-llava-train
     ("elastilab.lm_experiments", "add_parsers"),          # lm quality | keep-dense | attn-variants | threshold-modes
+    ("elastilab.figures", "add_parsers"),                 # figures
 )
 
 # cmd_train / cmd_eval load through this name, so tests can replace cli._load_lm
