@@ -1,11 +1,12 @@
 # The two commands:  make lab  (JupyterLab on notebooks/, offline models ready)  and  make test.
+# make notebooks re-executes the notebooks in place; make figures redraws benchmarks/results/*.png.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test lint models clean
+.PHONY: lab test lint models notebooks figures clean
 
 $(STAMP): pyproject.toml kernels/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,20 @@ lint: $(STAMP)
 test: models lint
 	CI=$${CI:-true} $(PY) -m pytest -q tests kernels/tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --durations=15
+
+# every notebook from a clean kernel at its full (non-CI) size, outputs written in place; prints each one's
+# wall-clock time and the load average before -> after (the README's table of Run All times)
+notebooks: models
+	@for nb in notebooks/[0-9]*.ipynb; do \
+		start=$$(date +%s); load=$$(cut -d' ' -f1 /proc/loadavg); \
+		env -u CI $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
+		echo "$$nb: $$(( $$(date +%s) - start )) s, load average $$load -> $$(cut -d' ' -f1 /proc/loadavg)"; \
+	done
+
+# the committed figures next to the CSVs in benchmarks/results, drawn again from them
+figures: $(STAMP)
+	$(VENV)/bin/elastilab figures --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -166,3 +166,18 @@ def faces(n: int = 100) -> np.ndarray:
     if images.dtype != np.uint8:
         images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
     return images
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_images(folder: Path, limit: int) -> list:
+    """uint8 arrays of the images in a folder (sorted by name, at most ``limit``)."""
+    import numpy as np
+    from PIL import Image
+    if not folder.is_dir():
+        raise ValueError(f"--images must be a folder of images, got {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return [np.asarray(Image.open(p).convert("RGB")) for p in files]

@@ -16,10 +16,13 @@ the task's quality numbers and its primary ``quality`` column.
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 import torch
 
+from elastilab.analysis.palette import scorer_style
 from elastilab.core.components import COMPONENTS
 from elastilab.core.compute import measure_flops
 from elastilab.scorers import SCORERS, supports
@@ -132,11 +135,6 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None,
     return out if budgets else out.drop(columns="allocation")
 
 
-STYLE = {"learned": ("C0", "o", "-"), "random": ("0.5", "x", ":"), "oracle": ("C3", "^", "--"),
-         "taylor": ("C1", "v", "--"), "magnitude": ("C2", "s", "-."), "attention_received": ("C4", "s", "-."),
-         "cls_attention": ("C5", "s", "-."), "fastv": ("C4", "s", "-.")}
-
-
 def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute", axes=None, title: str = ""):
     """One panel per component: quality against measured compute, a line per scorer; the region
     beyond the best oracle (no router choosing by the same units gets there) shaded."""
@@ -145,7 +143,9 @@ def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute
     hib = df.attrs.get("higher_is_better", True)
     comps = list(dict.fromkeys(df.component))
     if axes is None:
-        fig, axes = plt.subplots(1, len(comps), figsize=(3.4 * len(comps), 3.0), squeeze=False, layout="constrained")
+        # room for the legend at the right: a one-panel figure is wide enough for its title and labels
+        fig, axes = plt.subplots(1, len(comps), figsize=(3.0 * len(comps) + 2.4, 3.2), squeeze=False,
+                                 layout="constrained")
         axes = axes[0]
     for ax, comp in zip(axes, comps):
         g = df[df.component == comp]
@@ -153,9 +153,9 @@ def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute
             ax.set_yscale("log")
         keys = ["scorer", "allocation"] if "allocation" in g else ["scorer"]
         for key, s in g.groupby(keys, sort=False):
-            name, alloc = (key, "uniform") if len(keys) == 1 else key
+            name, alloc = (key[0] if isinstance(key, tuple) else key, "uniform") if len(keys) == 1 else key
             s = s.sort_values("capacity")  # a frontier is traced by the capacity knob
-            color, marker, ls = STYLE.get(name, ("k", ".", "-"))
+            color, marker, ls = scorer_style(name)
             if alloc == "budget":  # the same selector with its budget allocated across layers: filled, solid
                 ax.plot(s[x], s[metric], color=color, marker=marker, ls="-", lw=2, ms=5, mfc=color,
                         label=f"{name}, budget across layers")
@@ -165,7 +165,8 @@ def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute
         if len(orc):  # shade what lies beyond the best oracle: no selector by the same units gets there
             best = (orc.groupby(x)[metric].max() if hib else orc.groupby(x)[metric].min()).sort_index()
             lim = ax.get_ylim()
-            ax.fill_between(best.index, best.values, lim[1] if hib else lim[0], color="C3", alpha=0.08, lw=0)
+            ax.fill_between(best.index, best.values, lim[1] if hib else lim[0], color=scorer_style("oracle").color,
+                            alpha=0.08, lw=0)
             ax.set_ylim(lim)
         ax.set_title(comp, fontsize=9)
         ax.set_xlabel(f"measured {x.replace('_', ' ')} (fraction of dense)", fontsize=8)
@@ -176,9 +177,12 @@ def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute
     for ax in axes:  # one legend for every scorer of every panel
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    axes[0].figure.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
-    if title:
-        axes[0].figure.suptitle(title, fontsize=10)
+    # centred at the right, clear of the title
+    axes[0].figure.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right center")
+    if title:  # wrapped to the figure's width, so a long title (a command line) fits
+        fig = axes[0].figure
+        width = max(20, int(fig.get_figwidth() * 72 / (10 * 0.6)))  # characters of 10 pt text per line
+        fig.suptitle(textwrap.fill(title, width), fontsize=10)
     return axes[0].figure
 
 

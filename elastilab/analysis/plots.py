@@ -53,3 +53,21 @@ def overlay(ax, image: np.ndarray, keep: np.ndarray, title: str = "", size: int 
     ax.imshow((im * (0.25 + 0.75 * mask)).astype(np.uint8))
     ax.set_title(title, fontsize=8)
     ax.set_xticks([]), ax.set_yticks([])
+
+
+def routing_grid(images, maps: dict, layers=None, components=("attn_tokens", "mlp_tokens"), labels=None,
+                 size: float = 1.1):
+    """One row per (image, component), one column per layer: the patches each layer kept (bright) on the
+    image. Layer numbers head the columns once and each row is named at its left, so no label sits over
+    an image. ``maps`` as ``routing_maps`` returns them, for the same images in the same order."""
+    import matplotlib.pyplot as plt
+    layers = list(range(maps[components[0]].shape[0])) if layers is None else list(layers)
+    rows = [(i, comp) for i in range(len(images)) for comp in components]
+    fig, axes = plt.subplots(len(rows), len(layers), figsize=(len(layers) * size + 1.0, len(rows) * size + 0.3),
+                             squeeze=False, layout="constrained")
+    for r, (i, comp) in enumerate(rows):
+        for j, layer in enumerate(layers):
+            overlay(axes[r, j], images[i], maps[comp][layer, i], title=f"layer {layer}" if r == 0 else "")
+        name = labels[i] if labels else f"image {i}"
+        axes[r, 0].set_ylabel(f"{name}\n{comp.replace('_', ' ')}", fontsize=8, rotation=0, ha="right", va="center")
+    return fig

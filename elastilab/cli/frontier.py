@@ -19,9 +19,8 @@ from pathlib import Path
 from elastilab.analysis.report import report
 from elastilab.cli.args import HelpFormatter, capacities, command_line, default_of, int_at_least, names, positive_int
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
-
-VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from elastilab.data import read_images
+from elastilab.zoo import VISION_MODELS, VLM_MODELS
 
 
 def modality(args) -> str:
@@ -35,18 +34,6 @@ def modality(args) -> str:
     if args.model in VISION_MODELS or args.images is not None:
         return "vision"
     return "language"
-
-
-def read_images(folder: Path, limit: int) -> list:
-    """uint8 arrays of the images in a folder (sorted by name, at most ``limit``)."""
-    import numpy as np
-    from PIL import Image
-    if not folder.is_dir():
-        raise ValueError(f"--images must be a folder of images, got {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
 
 
 def _elastic(model, args, components, extra=None):

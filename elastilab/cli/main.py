@@ -22,6 +22,7 @@ SUBCOMMANDS = (
     ("elastilab.cli.vlm", "add_parsers"),                     # vlm train | bench
     ("elastilab.cli.zoo", "add_parsers"),            # zoo dinov2-build | dinov2-probe | tiny-llava-train
     ("elastilab.cli.lm", "add_parsers"),          # lm quality | keep-dense | attn-variants | threshold-modes
+    ("elastilab.cli.figures", "add_parsers"),     # figures
 )
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: the offline defaults that are image models and visual-language models (the rest are causal LMs)
+VISION_MODELS, VLM_MODELS = ("dinov2-small",), ("tiny-llava",)
+
 OFFLINE = {
     "smollm2-135m": "elastilab.zoo.smollm2:load",
     "gemma3-270m": "elastilab.zoo.gemma3:load",
