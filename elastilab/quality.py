@@ -233,7 +233,8 @@ def frontier_summary(df: pd.DataFrame, metric: str | None = None, higher_is_bett
 
 STYLE = {"learned": ("C0", "o", "-"), "random": ("0.5", "x", ":"), "oracle": ("C3", "^", "--"),
          "taylor": ("C1", "v", "--"), "magnitude": ("C2", "s", "-."), "attention_received": ("C4", "s", "-."),
-         "cls_attention": ("C5", "s", "-."), "fastv": ("C4", "s", "-.")}
+         "cls_attention": ("C5", "s", "-."), "fastv": ("C4", "s", "-."), "lowrank_gate": ("C9", "D", "-"),
+         "two_stage": ("C1", "P", "-")}
 
 
 def plot_frontier(df: pd.DataFrame, metric: str | None = None, x: str = "compute", axes=None, title: str = ""):
