@@ -190,3 +190,21 @@ def test_bad_input_is_refused_clearly():
     heads = el.elastify(CASES["llama"]().model, el.ElasticConfig(attn_heads=1.0))
     with pytest.raises(ValueError, match="fit_unit_predictors needs mlp_units elastic"):
         fit_unit_predictors(heads, torch.randint(0, 101, (2, 8)))
+
+
+def test_cli_frontier_fits_the_predictors_on_calibration_text(tmp_path, capsys):
+    import json
+
+    from elastilab.cli import main
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
+    assert main(["frontier", "--text", str(text), "--components", "mlp_units", "--capacities", "0.5",
+                 "--scorers", "lowrank_gate,two_stage", "--blocks", "1", "--seq-len", "32", "--split", "all",
+                 "--calibrate", str(text), "--json"]) == 0  # (a test may calibrate on what it reports)
+    captured = capsys.readouterr()
+    assert "unit predictors fitted on" in captured.err and "rank 64" in captured.err
+    rows = [r for r in json.loads(captured.out)["rows"] if r["capacity"] == 0.5]
+    assert {r["scorer"] for r in rows} == {"lowrank_gate", "two_stage"}
+    assert all(r["scoring_cost"] > 0 and r["model_compute"] < 1 for r in rows)  # the choosing is counted
+    assert main(["frontier", "--model", "dinov2-small", "--calibrate", str(text), "--components", "mlp_units"]) == 2
+    assert "--calibrate fits the unit predictors of language models" in capsys.readouterr().err

@@ -23,6 +23,9 @@ SCORER_STYLE: dict[str, Style] = {
     "cls_attention": Style("#8c564b", "P", "-."),
     "fastv": Style("#e377c2", "X", "-."),
     "tome": Style("#17becf", "*", "-."),
+    # unit choosers that predict the gate before it runs (scorers/unit_choice)
+    "lowrank_gate": Style("#bcbd22", "h", "-"),
+    "two_stage": Style("#aec7e8", "p", "-"),
 }
 UNKNOWN = Style("#000000", ".", "-")
 
