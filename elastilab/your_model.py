@@ -149,6 +149,7 @@ def routing_figure(s: Subject, component: str = "mlp_tokens", capacity: float = 
     """Which tokens (patches) each layer keeps at ``capacity`` when each scorer chooses: for a language model
     a layer x token map per scorer, for a ViT the kept patches on the first two images."""
     import matplotlib.pyplot as plt
+
     from .lm_experiments import routing_map
     from .plots import routing_grid, routing_maps
     scorers = list(scorers or (TOKEN_SCORER[s.kind], "oracle"))

@@ -2,13 +2,13 @@
 import matplotlib
 import pytest
 import torch
+from model_cases import CASES
 
 import elastilab as el
 from elastilab import your_model as ym
-from model_cases import CASES
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 class _Tok:
