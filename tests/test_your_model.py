@@ -8,7 +8,7 @@ import elastilab as el
 from elastilab.analysis import your_model as ym
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 class _Tok:

@@ -157,7 +157,7 @@ def write(out: Path, results: Path = RESULTS, only: list[str] | None = None) -> 
         fig = draw(name, results)
         data = png(fig)
         plt.close(fig)
-        atomic_write(out / f"{name}.png", lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write(out / f"{name}.png", lambda tmp, data=data: Path(tmp).write_bytes(data))
         paths.append(out / f"{name}.png")
     return paths
 
