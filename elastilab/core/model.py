@@ -22,7 +22,7 @@ from elastilab.core.config import (
     check_keep_dense,
     layer_indices,
 )
-from elastilab.core.spec import cluster_hidden_units
+from elastilab.core.wrapping import blocks_to_wrap
 
 
 class ElasticModel(nn.Module):
@@ -34,47 +34,8 @@ class ElasticModel(nn.Module):
         self.model = model
         self.elastic_config = config
         self.adapter = adapter or find_adapter(model)
-        layer_comps = [c for c in config.components if c in LAYER_COMPONENTS + GATED_COMPONENTS]
-        unsupported = [c for c in config.components if c not in self.adapter.components]
-        if unsupported:
-            why = "".join(f"; {c}: {self.adapter.why_not[c]}" for c in unsupported if c in self.adapter.why_not)
-            raise ValueError(f"{self.adapter.name} models do not support {unsupported}; "
-                             f"supported components: {', '.join(self.adapter.components)}{why}")
-        layers = self.adapter.layers(model)
-        if any(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in model.named_modules()):
-            raise ValueError("the model holds LoRA adapters (peft) already; merge them into its weights first "
-                             "(peft's merge_and_unload): elastilab adds its own with ElasticConfig.lora_rank")
-        if any(isinstance(m, ElasticBlock) for m in layers):
-            raise TypeError("model is already elastic (its layers are ElasticBlocks); call .unelastify() on "
-                            "the ElasticModel that wraps it first to re-wrap it")
+        layers, wrapped = blocks_to_wrap(model, config, self.adapter)
         n = len(layers)
-        if n == 0 and layer_comps:
-            raise ValueError(f"{type(model).__name__} has no layers to make elastic")
-        dense = layer_indices(config.dense_layers, n, "dense_layers")
-        for comp, kept in config.keep_dense.items():
-            layer_indices(kept, n, f"keep_dense[{comp!r}]")
-        if config.skipped_tokens == "merge" and self.adapter.causal:
-            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
-                             "a kept token from each skipped token's own past in every chunk")
-        wrapped = {}  # built first: the caller's model is touched only once every block was made
-        for i in range(n):
-            comps = {c: getattr(config, c) for c in layer_comps}
-            if self.adapter.causal and i == 0:
-                # layer 0's KV cache length is how transformers counts the tokens seen so far
-                comps.pop("attn_tokens", None)
-            if i in dense or not comps:
-                continue
-            order = None
-            if "mlp_experts" in comps and config.expert_partition == "clustered":
-                order = cluster_hidden_units(self.adapter.block_spec(layers[i], i).mlp, config.n_experts)
-            wrapped[i] = ElasticBlock(layers[i], self.adapter, i, comps, config.n_experts, config.mode, order,
-                                      attn_tokens_variant=config.attn_tokens_variant,
-                                      skipped_tokens=config.skipped_tokens)
-        if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
-            why = ("every layer is in dense_layers" if len(set(dense)) == n else
-                   "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
-                   "the tokens seen) and no other layer is routed")
-            raise ValueError(f"no layer was made elastic: {why}")
         grads = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in grads:
             p.requires_grad_(False)
