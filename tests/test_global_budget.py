@@ -10,7 +10,8 @@ from model_cases import CASES
 
 import elastilab as el
 from elastilab.core.compute import measure_flops
-from elastilab.core.global_budget import capacities_for, cut_levels, schedule_table, set_model_allocation
+from elastilab.core.cut_costs import cut_levels
+from elastilab.core.global_budget import capacities_for, schedule_table, set_model_allocation
 
 ALL = dict(attn_tokens=1.0, mlp_tokens=1.0, attn_heads=1.0, mlp_units=1.0)
 

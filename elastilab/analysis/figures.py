@@ -89,6 +89,9 @@ def _draw(name: str, results: Path):
         raise ValueError(f"figures.draw: unknown figure {name!r}; known: {', '.join(known)}")
     if name.startswith("frontier-"):
         df = frontier_table(name, results)
+        if (df.component == "model").any():  # --allocate-model: whole-model compute, the global budget's lines
+            from elastilab.analysis.model_frontier import plot_model_frontier
+            return plot_model_frontier(df, title=f"{name}: one compute knob for the whole model (held-out text)")
         return _frontier_figure(df, f"{name}: {METRIC_LABEL[df.attrs['metric']]}")
     if name.startswith("two-models-"):
         model = name.removeprefix("two-models-")
