@@ -89,13 +89,26 @@ def test_frontier_refuses_bad_requests(lm_frontier):
         el.frontier(em, "some text", progress=False)
 
 
-def test_report_tables_match_the_readme():
-    """README's result tables are exactly what `elastilab report` prints from the committed CSVs."""
+def test_report_tables_match_docs_results():
+    """docs/RESULTS.md's tables are exactly what `elastilab report` prints from the committed CSVs."""
     text = commands.report(ROOT / "benchmarks" / "results")
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- report:start -->\n(.*?)<!-- report:end -->", readme, re.S)
-    assert block, "README.md lacks the <!-- report:start --> ... <!-- report:end --> block"
-    assert block.group(1) == text, "README tables are stale: paste the output of `elastilab report`"
+    results = (ROOT / "docs" / "RESULTS.md").read_text()
+    block = re.search(r"<!-- report:start -->\n(.*?)<!-- report:end -->", results, re.S)
+    assert block, "docs/RESULTS.md lacks the <!-- report:start --> ... <!-- report:end --> block"
+    assert block.group(1) == text, "docs/RESULTS.md tables are stale: run `elastilab report --update docs/RESULTS.md`"
+
+
+def test_report_update_rewrites_only_the_block(tmp_path):
+    from elastilab.cli.main import main
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# mine\n\nprose\n<!-- report:start -->\nold\n<!-- report:end -->\nmore prose\n")
+    assert main(["report", "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# mine\n\nprose\n<!-- report:start -->\n")
+    assert text.endswith("<!-- report:end -->\nmore prose\n")
+    assert commands.report(ROOT / "benchmarks" / "results") in text and "\nold\n" not in text
+    doc.write_text("no marks here\n")
+    assert main(["report", "--update", str(doc)]) == 2 and doc.read_text() == "no marks here\n"
 
 
 def test_report_without_results_says_so(tmp_path):

@@ -76,7 +76,8 @@ def test_the_old_module_entry_points_are_gone():
 
 def _documented_commands():
     """`elastilab ...` command lines cited in the READMEs, data/ notes and notebook markdown."""
-    texts = [p.read_text() for p in [ROOT / "README.md", *ROOT.glob("data/**/*.md"), *ROOT.glob("benchmarks/*.md")]]
+    texts = [p.read_text() for p in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("data/**/*.md"),
+                                     *ROOT.glob("benchmarks/*.md")]]
     for nb in ROOT.glob("notebooks/0*.ipynb"):
         texts += ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "markdown"]
     for text in texts:

@@ -1,4 +1,4 @@
-"""The README's result tables (markdown), generated from the committed results by ``elastilab report``:
+"""The result tables of docs/RESULTS.md (markdown), generated from the committed results by ``elastilab report``:
 the frontiers (``REPORT_FILES``), the keep-dense comparison, the speed and decode benchmarks."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ REPORT_FILES = {"language": "frontier-smollm2-135m.csv",
 
 
 def report(results: Path) -> str:
-    """The README's result tables (markdown), from the committed results in ``results``."""
+    """The result tables of docs/RESULTS.md (markdown), from the committed results in ``results``."""
     parts = [frontier_tables(results), keep_dense_table(results), speed_table(results), decode_table(results)]
     if not parts[0]:
         raise FileNotFoundError(f"no frontier results ({', '.join(REPORT_FILES.values())}) in {results}")
@@ -129,3 +129,19 @@ def decode_table(results: Path) -> str:
         out.append(f"| {name} | {g.ppl_ratio.iloc[0]:.3f} | {g.model_compute.iloc[0]:.3f} | " + " | ".join(cells)
                    + f" | {kept:g} |")
     return "\n".join(out) + "\n"
+
+
+MARKS = ("<!-- report:start -->\n", "<!-- report:end -->")
+
+
+def update_block(path: Path, text: str) -> None:
+    """Replace what lies between the report marks of a markdown file (docs/RESULTS.md) with ``text``, leaving
+    the prose around it as it is; written atomically. A file without both marks is refused, untouched."""
+    from elastilab.files import atomic_write
+    doc = Path(path).read_text()
+    start, end = doc.find(MARKS[0]), doc.find(MARKS[1])
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {MARKS[0].strip()} ... {MARKS[1]} block to update; add the two marks "
+                         "where the tables belong")
+    new = doc[: start + len(MARKS[0])] + text + doc[end:]
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(new))

@@ -1,5 +1,5 @@
 """``elastilab frontier`` and ``elastilab report``: the quality frontier of any model on any data, and
-the README's result tables (``analysis.report``), generated from the committed frontier CSVs.
+the result tables of docs/RESULTS.md (``analysis.report``), generated from the committed frontier CSVs.
 
     elastilab frontier --routers data/routers/smollm2-135m --domain licenses --out runs/f1
     elastilab frontier --model HuggingFaceTB/SmolLM2-360M --text my.txt --scorers random,oracle,magnitude
@@ -16,10 +16,10 @@ import platform
 import sys
 from pathlib import Path
 
-from elastilab.analysis.report import report
+from elastilab.analysis.report import report, update_block
 from elastilab.cli.args import HelpFormatter, capacities, command_line, default_of, int_at_least, names, positive_int
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
-from elastilab.data import read_images
+from elastilab.data import ROOT, read_images
 from elastilab.zoo import VISION_MODELS, VLM_MODELS
 
 
@@ -212,7 +212,12 @@ def _model_frontier(args, em, task, calibration, run):
 
 
 def cmd_report(args) -> int:
-    print(report(args.results), end="")
+    text = report(args.results)
+    if args.update is None:
+        print(text, end="")
+        return 0
+    update_block(args.update, text)
+    print(f"updated the report block of {args.update}", file=sys.stderr)
     return 0
 
 
@@ -279,9 +284,12 @@ def add_parsers(sub) -> None:
                    help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(func=_run_frontier)
-    r = sub.add_parser("report", help="the README's result tables from the frontier CSVs",
+    r = sub.add_parser("report", help="the result tables of docs/RESULTS.md from the committed CSVs",
                        formatter_class=HelpFormatter)
-    r.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder of frontier CSVs")
+    r.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of frontier CSVs")
+    r.add_argument("--update", type=Path, metavar="MARKDOWN",
+                   help="rewrite the <!-- report:start --> ... <!-- report:end --> block of this file (e.g. "
+                        "docs/RESULTS.md) instead of printing")
     r.set_defaults(func=cmd_report)
 
 
