@@ -195,7 +195,7 @@ def test_bad_input_is_refused_clearly():
 def test_cli_frontier_fits_the_predictors_on_calibration_text(tmp_path, capsys):
     import json
 
-    from elastilab.cli import main
+    from elastilab.cli.main import main
     text = tmp_path / "mine.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
     assert main(["frontier", "--text", str(text), "--components", "mlp_units", "--capacities", "0.5",
