@@ -129,7 +129,8 @@ def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
     assert not list(tmp_path.glob("*.csv"))  # nothing written without --out
     assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
                  "--scorers", "random", "--blocks", "1", "--seq-len", "32", "--split", "all",
-                 "--allocate", str(text), "--json"]) == 0  # (a test may calibrate on what it reports)
+                 "--allocate", str(text), "--calibration-blocks", "1", "--json"]) == 0  # (a test may calibrate on
+    # what it reports; one block keeps the per-layer cost sweep short)
     rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
     assert set(rows.allocation) == {"uniform", "budget"}
     routed = rows[rows.capacity == 0.5].set_index("allocation")
