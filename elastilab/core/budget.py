@@ -14,6 +14,8 @@ value is the fraction of the component's compute, as with one uniform capacity.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
@@ -63,18 +65,18 @@ def layer_costs(em, component: str, task, capacities: list[float], progress: boo
     return costs
 
 
+def monotone(costs: dict) -> dict:
+    """Each cost curve (capacities from high to low) made non-increasing in capacity: a running maximum, so a
+    noisy measurement never makes a deeper cut look cheaper than a shallower one."""
+    return {key: list(accumulate(c, max, initial=0.0))[1:] for key, c in costs.items()}
+
+
 def greedy_schedule(costs: dict[int, list[float]], capacities: list[float]) -> list[tuple[int, float]]:
     """The cut order: repeatedly the (layer, lower capacity) with the least added cost per unit of
     compute saved (any lower level, not only the next one, so a layer whose cost curve bends is
     not stuck behind a bad first step). Costs are made non-increasing in capacity first (a noisy
     measurement must not make a deeper cut look free)."""
-    mono = {}
-    for layer, c in costs.items():  # capacities go from high to low: cost only grows along them
-        run, out = 0.0, []
-        for v in c:
-            run = max(run, v)
-            out.append(run)
-        mono[layer] = out
+    mono = monotone(costs)
     at = {layer: 0 for layer in costs}  # index into capacities, 0 = 1.0
     steps = []
     while True:

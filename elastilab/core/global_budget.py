@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from elastilab.core.budget import monotone
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS
 from elastilab.core.cut_costs import EXCLUSIVE, FlopTable, cut_costs, cut_levels, flop_table
 
@@ -38,13 +39,7 @@ def greedy_model_schedule(costs: dict[tuple[int, str], list[float]], caps: dict[
                           table: FlopTable) -> list[tuple[int, str, float, float]]:
     """[(layer, component, capacity, whole-model compute after the cut)], cheapest added cost per
     measured FLOP saved first; a cut may jump a layer's component to any lower level."""
-    mono = {}
-    for key, c in costs.items():  # capacities go from high to low: cost only grows along them
-        run, out = 0.0, []
-        for v in c:
-            run = max(run, v)
-            out.append(run)
-        mono[key] = out
+    mono = monotone(costs)  # capacities go from high to low: cost only grows along them
     at = {key: 0 for key in costs}
     state: dict[int, dict[str, float]] = {}
     for layer, comp in costs:
