@@ -16,12 +16,12 @@ from elastilab.core.checkpoint import fingerprint, write_checkpoint
 from elastilab.core.config import (
     GATED_COMPONENTS,
     LAYER_COMPONENTS,
-    TOKEN_COMPONENTS,
     ElasticConfig,
     check_capacity,
     check_keep_dense,
     layer_indices,
 )
+from elastilab.core.trace import RoutingTrace
 from elastilab.core.wrapping import blocks_to_wrap
 
 
@@ -69,6 +69,13 @@ class ElasticModel(nn.Module):
                 and any(b.enabled for b in self.blocks):
             scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
         return self.model(*args, **kwargs)
+
+    def trace(self, *args, **kwargs) -> RoutingTrace:
+        """Run one forward ``self(*args, **kwargs)`` and return what every layer's routers chose in it, by
+        (layer, component) (``core.trace``); ``trace.output`` is the forward's output."""
+        for b in self.blocks:  # a disabled block keeps its last decisions: none of them belong to this forward
+            b.decisions = {}
+        return RoutingTrace.of(self, self(*args, **kwargs))
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
@@ -326,19 +333,17 @@ class ElasticModel(nn.Module):
         try:
             for chunk in input_ids.split(batch_size):
                 self.model(chunk.to(self.device))
-                for b in self.blocks:
-                    for comp in TOKEN_COMPONENTS:
-                        if comp in b.aux:
-                            scores.setdefault((b.layer_idx, comp), []).append(b.aux[comp][0].flatten())
+                for key, d in RoutingTrace.of(self).items():
+                    if d.kind == "tokens":
+                        scores.setdefault(key, []).append(d.scores.flatten())
         finally:
             self.set_mode(mode)
         if not scores:
             raise RuntimeError("no token router was routing during calibration (every token capacity 1.0?); "
                                "calibrate at a capacity below 1.0")
-        for b in self.blocks:  # the routers in use; the others keep their tables (NaN: refused when used)
-            for comp in TOKEN_COMPONENTS:
-                if (b.layer_idx, comp) in scores:
-                    b.routers[comp].set_quantiles(torch.cat(scores[(b.layer_idx, comp)]))
+        blocks = {b.layer_idx: b for b in self.blocks}
+        for (layer, comp), s in scores.items():  # the routers in use; the others keep their tables (NaN: refused)
+            blocks[layer].routers[comp].set_quantiles(torch.cat(s))
         return self
 
     # -- checkpoints --------------------------------------------------------------------------
