@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from elastilab.core.components import COMPONENTS
@@ -101,8 +100,7 @@ class RoutingTrace(Mapping):
         n = next(iter(found.values())).n_slots
         out = np.ones((self.n_layers, n))
         for layer, d in found.items():
-            ids = d.chosen.detach().reshape(-1).cpu()
-            out[layer] = (torch.bincount(ids, minlength=n).float() / len(d.chosen)).numpy()
+            out[layer] = np.bincount(d.chosen.detach().reshape(-1).cpu().numpy(), minlength=n) / len(d.chosen)
         return out
 
     def slot_map(self, component: str, layer: int) -> np.ndarray:
