@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from elastilab.analysis import bench
+from elastilab.analysis import bench, timing
 from elastilab.cli.args import HelpFormatter, capacities, capacity, command_line, default_of, positive_int
 from elastilab.core.config import LAYER_COMPONENTS
 
@@ -66,8 +66,8 @@ def cmd_speed(args) -> int:
     info = {**bench.machine(), "model": args.model, "command": command_line(args)}
     df = bench.speed(args.model, args.shape, args.capacities, args.components, args.backends, args.reps, args.warmup,
                      args.device, args.dtype, args.n_experts, heads=args.heads)
-    info["load_end"] = bench.load_average()
-    name = args.name or f"speed_{bench.device_kind(args.device)}" + ("" if args.model == "smollm2-135m"
+    info["load_end"] = timing.load_average()
+    name = args.name or f"speed_{timing.device_kind(args.device)}" + ("" if args.model == "smollm2-135m"
                                                                        else f"_{args.model}")
     path = bench.write(df, args.out, name, info)
     bench.plot_speed(df, f"{args.model} {args.dtype} on {info['cpu'] if info['gpu'] == 'none' else info['gpu']}, "
@@ -82,7 +82,7 @@ def cmd_mlp(args) -> int:
     info = {**bench.machine(), "command": command_line(args)}
     df = bench.mlp_speed(args.dims, args.rows, args.capacities, args.backends, args.n_experts, args.reps, args.warmup,
                          args.device, args.dtype)
-    name = args.name or (f"mlp_{bench.device_kind(args.device)}"
+    name = args.name or (f"mlp_{timing.device_kind(args.device)}"
                          + ("" if args.dims == "smollm2-135m" else f"_{args.dims}"))
     path = bench.write(df, args.out, name, info)
     print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup",
@@ -99,11 +99,11 @@ def cmd_decode(args) -> int:
     model, tok = load_lm(args.model)
     em = bench_decode.elastic_model(model, args.point or [], args.routers)
     info = {**bench.machine(), "model": args.model, "routers": args.routers, "command": command_line(args),
-            "load_start": bench.load_average()}
+            "load_start": timing.load_average()}
     df = bench_decode.decode_speed(em, tok, args.point or [], args.batches, args.prompt_len, args.new_tokens,
                                    args.prefill, args.reps, args.warmup, args.domain, args.quality_blocks,
                                    args.seq_len)
-    info["load_end"] = bench.load_average()
+    info["load_end"] = timing.load_average()
     path = bench.write(df, args.out, args.name, info)
     bench_decode.plot_decode(df, f"{args.model} on {info['cpu']}, {info['threads']} thread(s), {info['date'][:10]}",
                              args.out / f"{args.name}.png")
@@ -200,7 +200,7 @@ def add_parsers(sub) -> None:
                    help="tokens per quality block")
     c.add_argument("--out", type=Path, required=True,
                    help=f"folder for the CSV and plot (committed: {bench.RESULTS}/)")
-    c.add_argument("--name", default=f"decode_{bench.device_kind(DEVICE)}", help="file name stem")
+    c.add_argument("--name", default=f"decode_{timing.device_kind(DEVICE)}", help="file name stem")
     c.set_defaults(func=cmd_decode)
     f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one",
                         formatter_class=HelpFormatter)
