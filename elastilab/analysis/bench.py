@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from elastilab.analysis.timing import device_kind, interleaved, load_average, sync_for, total_flops
+from elastilab.core.components import in_sublayer
 from elastilab.core.config import LAYER_COMPONENTS
 from elastilab_kernels.head_attention import head_routed_attention
 from elastilab_kernels.reference import head_attention_reference
@@ -174,7 +175,7 @@ def _configs(caps, components, backends, heads) -> list[tuple]:
     1.0), other backends only where they differ (the MLP), other head implementations only for heads."""
     configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
     return configs + [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends for i in heads
-                      if (b == backends[0] or c not in ("attn_tokens", "attn_heads"))
+                      if (b == backends[0] or c not in in_sublayer("attention"))
                       and (i == heads[0] or c in ("attn_heads", "all"))]
 
 

@@ -43,7 +43,7 @@ def overlay(ax, image: np.ndarray, keep: np.ndarray, title: str = "", size: int 
     ax.set_xticks([]), ax.set_yticks([])
 
 
-def routing_grid(images, maps: dict, layers=None, components=("attn_tokens", "mlp_tokens"), labels=None,
+def routing_grid(images, maps: dict, layers=None, components=TOKEN_COMPONENTS, labels=None,
                  size: float = 1.1):
     """One row per (image, component), one column per layer: the patches each layer kept (bright) on the
     image. Layer numbers head the columns once and each row is named at its left, so no label sits over

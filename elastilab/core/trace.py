@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from elastilab.core.components import COMPONENTS
+from elastilab.core.components import COMPONENTS, names
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +73,7 @@ class RoutingTrace(Mapping):
     def _slots(self, component: str) -> dict[int, RoutingDecision]:
         if COMPONENTS[component].kind != "params":
             raise ValueError(f"{component} chooses tokens, not slots; usage() and slot_map() are for "
-                             "attn_heads and mlp_experts")
+                             + " and ".join(names("params")))
         found = self.layers(component)
         if not found:
             raise ValueError(f"no layer routed {component} in this forward (capacity 1.0 or not elastic?)")
@@ -83,7 +83,7 @@ class RoutingTrace(Mapping):
         """keep[layer, b, t] (bool) of a token component; a layer that did not route it keeps every token.
         ``tokens`` (B, T) gives the shape when no layer routed it (all kept)."""
         if COMPONENTS[component].kind != "tokens":
-            raise ValueError(f"{component} does not choose tokens; map() is for attn_tokens and mlp_tokens")
+            raise ValueError(f"{component} does not choose tokens; map() is for " + " and ".join(names("tokens")))
         found = {layer: d.chosen for layer, d in self.layers(component).items()}
         if not found and tokens is None:
             raise ValueError(f"no layer routed {component} in this forward: pass tokens=(B, T) for an all-kept map")
