@@ -18,7 +18,7 @@ from pathlib import Path
 
 from elastilab.analysis.report import report, update_block
 from elastilab.cli.args import HelpFormatter, capacities, command_line, default_of, int_at_least, names, positive_int
-from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, VISUAL_COMPONENTS
 from elastilab.data import ROOT, read_images
 from elastilab.zoo import VISION_MODELS, VLM_MODELS
 
@@ -74,7 +74,7 @@ def build(args):
         items, feats = vlm.tiny_llava_data(model, tok, "test", tasks="scenes", scenes=args.n_images)
     else:
         items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
-    comps = args.components or ("visual_tokens",)
+    comps = args.components or VISUAL_COMPONENTS
     return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
 
 
