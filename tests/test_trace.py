@@ -32,8 +32,8 @@ def check_against_blocks(em, trace, T, protected):
             keep = mine["attn_tokens"].chosen
             assert keep[:, :protected].all() and (keep[:, protected:].sum(1) == n_kept(0.5, T - protected)).all()
             rows = int(keep.sum())  # the heads are chosen for the tokens that entered attention only
-        else:
-            rows = mine["attn_heads"].chosen.shape[0] if "attn_heads" in mine else None
+        else:  # every token of the batch enters attention
+            rows = mine["mlp_tokens"].chosen.numel()
         heads = mine["attn_heads"].chosen
         assert heads.shape == (rows, 2) and (heads.sort(1).values.diff(1) > 0).all()  # 2 distinct of 4 heads
         keep = mine["mlp_tokens"].chosen
