@@ -50,3 +50,16 @@ def test_a_real_routing_map_survives_its_csv_and_is_drawn_with_the_words(tmp_pat
     plt.close(ax.figure)
     with pytest.raises(ValueError, match=r"one column per piece; got \(2, 3\) for 4 pieces"):
         text_map.show_map(np.ones((2, 3)), ["a", "b", "c", "d"], "x")
+
+
+def test_lm_routing_map_writes_the_committed_csv_again_and_only_into_out(tmp_path, monkeypatch):
+    """`elastilab lm routing-map` (the command recorded in the README picture's CSV) on the offline SmolLM2."""
+    from elastilab.analysis.figures import RESULTS
+    from elastilab.cli import main as cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["lm", "routing-map", "--out", "res"]) == 0
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["lm_routing_map.csv", "res"]
+    new, committed = (pd.read_csv(p / "lm_routing_map.csv") for p in (tmp_path / "res", RESULTS))
+    cols = ["layer", "position", "piece", "kept", "component", "capacity"]
+    pd.testing.assert_frame_equal(new[cols], committed[cols])
+    assert committed.command[0] == new.command[0].replace("--out res", "--out benchmarks/results")
