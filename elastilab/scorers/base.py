@@ -101,10 +101,11 @@ class Scorer:
         return None
 
     def image_layer(self, em) -> int:
-        """For ``visual_tokens``: the LM layer whose input the scores read. 0 (default): the image
-        tokens as the LM receives them, chosen before it runs, so every layer and the KV cache see
-        only the kept ones; K >= 1: layers < K see every image token and the choice applies from
-        layer K on (FastV; no KV cache). Called by ElasticLlava before each forward."""
+        """For ``visual_tokens``: the first LM layer that sees only the kept image tokens. 0 (default):
+        they are scored as the LM receives them and chosen before it runs, so every layer and the KV
+        cache hold only the kept ones; K >= 1: layers < K see every image token, the scores read layer
+        K-1's input, and layers >= K run on the kept ones (FastV; no KV cache). Called by ElasticLlava
+        before each forward with image tokens to choose."""
         return 0
 
 

@@ -143,7 +143,7 @@ class ElasticLlava(ElasticModel):
         self.visual_scorer = None if name == "router" else get_scorer(name)
 
     def _image_layer(self) -> int:
-        """The LM layer whose input the image tokens are scored at (0: chosen before the LM)."""
+        """The first LM layer that sees only the kept image tokens (0: they are chosen before the LM)."""
         return 0 if self.visual_scorer is None or self.visual_capacity >= 1.0 else self.visual_scorer.image_layer(self)
 
     @property
@@ -171,8 +171,9 @@ class ElasticLlava(ElasticModel):
 
     def image_candidates(self, h: Tensor, rows: Tensor, mask: Tensor, pos: Tensor, rope=None,
                          layer: int = 0) -> Candidates:
-        """What a visual_tokens scorer sees: the sequence h [B, T, d] at LM layer ``layer``'s input, the
-        flat index of each image's tokens rows [n_images, N], the mask, positions and rotary tables."""
+        """What a visual_tokens scorer whose ``image_layer`` is ``layer`` sees: the sequence h [B, T, d] as LM
+        layer max(layer - 1, 0) receives it (and that layer's spec), the flat index of each image's tokens
+        rows [n_images, N], the mask, positions and rotary tables."""
         lm_layer = self.adapter.layers(self.model)[max(layer - 1, 0)]
         spec = self.adapter.block_spec(getattr(lm_layer, "base_layer", lm_layer), 0)
         return Candidates(self, "visual_tokens", h, rows, pos=pos, rope=rope, valid=mask.bool(), layer_spec=spec)
