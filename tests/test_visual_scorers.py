@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from test_vlm import N_IMG, inputs, make
 
 from elastilab.core.routing import keep_to_index, n_kept
-from elastilab.scorers import Scorer
+from elastilab.scorers import FastV, Scorer
 
 
 def previous_fastv_keep(spec, state, mask, slots, n_img, N, k):
@@ -65,6 +65,9 @@ def test_random_and_fastv_choose_the_tokens_their_previous_implementation_chose(
             out = em(**x)
         assert torch.equal(out.kept_positions, expected), K
         assert out.image_keep.sum(1).tolist() == [k] * n_img
+        em.fastv_layer = 3 - K  # a layer given to the scorer itself wins over the model's default
+        with torch.no_grad(), em.capacity(visual_tokens=capacity), em.scoring(FastV(layer=K)):
+            assert torch.equal(em(**x).kept_positions, expected), K
     with torch.no_grad(), em.capacity(visual_tokens=capacity), em.scoring("random"):
         first, again = em(**x).image_keep, em(**x).image_keep
     assert torch.equal(first, previous_random_keep(n_img, N_IMG, k)) and torch.equal(first, again)
@@ -99,5 +102,4 @@ def test_a_custom_visual_scorer_goes_through_the_same_path_and_bad_layers_are_re
     with em.scoring("fastv"), pytest.raises(ValueError, match="without a KV cache"):
         em(**x, use_cache=True)
     with pytest.raises(ValueError, match="FastV's layer must be an integer >= 1"):
-        from elastilab.scorers import FastV
         FastV(layer=0)
