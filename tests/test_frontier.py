@@ -118,19 +118,22 @@ def test_report_without_results_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
+    """A user's own text (through a model folder: the tiny Llama, so the CLI path is what is tested, in seconds)
+    and a user's own image folder through the offline DINOv2-S."""
     from elastilab.cli.main import main
     text = tmp_path / "mine.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
-    assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
-                 "--scorers", "random,magnitude", "--blocks", "1", "--seq-len", "32", "--split", "all",
-                 "--json"]) == 0
+    torch.manual_seed(0)
+    CASES["llama"]().model.save_pretrained(tmp_path / "llama")
+    _save_char_tokenizer(tmp_path / "llama", text.read_text())
+    lm = ["frontier", "--model", str(tmp_path / "llama"), "--text", str(text), "--components", "mlp_experts",
+          "--capacities", "0.5", "--blocks", "2", "--seq-len", "32", "--split", "all", "--json"]
+    assert main(lm + ["--scorers", "random,magnitude"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {r["scorer"] for r in out["rows"]} == {"random", "magnitude"} and out["metric"] == "ppl_ratio"
     assert not list(tmp_path.glob("*.csv"))  # nothing written without --out
-    assert main(["frontier", "--text", str(text), "--components", "mlp_experts", "--capacities", "0.5",
-                 "--scorers", "random", "--blocks", "1", "--seq-len", "32", "--split", "all",
-                 "--allocate", str(text), "--calibration-blocks", "1", "--json"]) == 0  # (a test may calibrate on
-    # what it reports; one block keeps the per-layer cost sweep short)
+    # (a test may calibrate on what it reports)
+    assert main(lm + ["--scorers", "random", "--allocate", str(text), "--calibration-blocks", "1"]) == 0
     rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
     assert set(rows.allocation) == {"uniform", "budget"}
     routed = rows[rows.capacity == 0.5].set_index("allocation")
@@ -143,12 +146,12 @@ def test_cli_frontier_on_a_user_text_and_image_folder(tmp_path, capsys):
         Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(
             images / f"{i}.png")
     assert main(["frontier", "--model", "dinov2-small", "--images", str(images), "--components", "mlp_tokens",
-                 "--capacities", "0.5", "--scorers", "random,oracle", "--out", str(tmp_path / "f")]) == 0
+                 "--capacities", "0.5", "--scorers", "random,oracle",
+                 "--out", str(tmp_path / "f")]) == 0
     df = pd.read_csv(tmp_path / "f" / "frontier.csv")
     assert set(df.scorer) == {"random", "oracle"} and (tmp_path / "f" / "frontier.png").stat().st_size > 1000
     assert main(["frontier", "--scorers", "learned", "--blocks", "1"]) == 2  # learned needs routers
     assert "needs --routers" in capsys.readouterr().err
-
 
 
 def _save_char_tokenizer(folder, text):

@@ -1,52 +1,91 @@
-"""Every selection method (scorer) through the same tests, on tiny models of each family: capacity 1.0
-is the teacher; at 0.5 exactly the requested share of candidates is computed, the measured FLOPs
-match the analytic count of what was chosen, and an oracle's own work is left out of the total;
-unsupported components are refused clearly."""
+"""Every selection method (scorer) through the same tests, on tiny models of each family (a LLaVA's image tokens
+included): capacity 1.0 is the teacher; at 0.5 exactly the requested share of candidates is computed, the
+measured FLOPs match the analytic count of what was chosen, and an oracle's own work is left out of the total;
+every scorer x family case chooses at least one component or is a declared exception; unsupported components
+are refused clearly; the scorer contract is checked when a scorer is registered."""
 import pytest
 import torch
 from model_cases import CASES
 
 import elastilab as el
 from elastilab.core.compute import measure_flops
-from elastilab.core.config import LAYER_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
 from elastilab.core.routing import n_kept
-from elastilab.scorers import SCORERS, Scorer, supports
+from elastilab.core.unit_plan import UnitPlan
+from elastilab.scorers import SCORERS, Scorer, register, supports
 
 FAMILIES = ["llama", "gpt2", "hf_dinov2", "hf_vit_cls", "gemma3", "siglip", "clip",
-            "siglip2", "smolvlm_vision"]  # windows, post-norms; no CLS
+            "siglip2", "smolvlm_vision", "llava"]  # windows, post-norms; no CLS; image tokens
 SCORER_NAMES = ["learned", *SCORERS]
+COMPONENTS = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)
+CAUSAL = {"llama", "gpt2", "gemma3", "llava"}
+#: the scorer x family cases that have nothing to choose, and why (every other case must choose >= 1 component)
+NOTHING_TO_CHOOSE = {
+    **{("tome", f): "token merging needs a vision transformer (bidirectional)" for f in CAUSAL},
+    **{("cls_attention", f): "CLS attention needs a vision transformer with a CLS token"
+       for f in CAUSAL | {"siglip", "siglip2", "smolvlm_vision"}},
+    **{("fastv", f): "FastV chooses a VLM's image tokens" for f in set(FAMILIES) - {"llava"}},
+    ("taylor", "llava"): "Taylor scores come from a dense forward + backward of the wrapped model's own input, "
+                         "which ElasticLlava (image tokens leave the sequence) does not prepare",
+}
 
 
 def elastic(name):
     case = CASES[name]()
     with torch.no_grad():
         ref = case.output(case.model(**case.inputs))
-    em = el.elastify(case.model, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=case.n_experts))
+    caps = {c: 1.0 for c in LAYER_COMPONENTS + GATED_COMPONENTS}
+    if name == "llava":
+        caps["visual_tokens"] = 1.0
+    em = el.elastify(case.model, el.ElasticConfig(**caps, n_experts=case.n_experts))
+    if name == "llava":  # a router with a ranking of its own (zero-initialised, it would keep the first tokens)
+        torch.nn.init.normal_(em.visual_router.proj.weight)
     return case, em, ref
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     torch.manual_seed(0)
-    return elastic(request.param)
+    return (request.param, *elastic(request.param))
+
+
+def _chosen_units(em, inputs):
+    """What each block's scorer returned for mlp_units in one forward: (candidates, scores or UnitPlan or None)."""
+    seen = []
+    hooks = [b.scoring.register_forward_hook(lambda m, a, out: seen.append((a[0], out))) for b in em.blocks]
+    try:
+        em(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(c, out) for c, out in seen if c.component == "mlp_units"]
 
 
 @pytest.mark.parametrize("scorer", SCORER_NAMES)
 def test_every_scorer_on_every_component_it_supports(family, scorer):
-    case, em, ref = family
-    supported = [c for c in LAYER_COMPONENTS if supports(scorer, em, c)]
-    assert (scorer in ("cls_attention", "attention_received", "magnitude", "fastv", "tome", "lowrank_gate",
-                       "two_stage")
-            or supported == list(LAYER_COMPONENTS))
+    name, case, em, ref = family
+    supported = [c for c in COMPONENTS if c in em.capacities and supports(scorer, em, c)]
+    if (scorer, name) in NOTHING_TO_CHOOSE:
+        assert not supported, f"{scorer} on {name} chooses {supported}: remove it from NOTHING_TO_CHOOSE"
+        pytest.skip(NOTHING_TO_CHOOSE[scorer, name])
+    assert supported, f"{scorer} chooses nothing on {name}"
+    assert "mlp_units" in em.capacities  # every family here has single MLP units
     for comp in supported:
         with em.scoring(scorer), torch.no_grad():
             out = case.output(em(**case.inputs))
             assert (out - ref).abs().max() <= 1e-4, f"{scorer} {comp}: capacity 1.0 must be the teacher"
             dense = measure_flops(em, **case.inputs)
             with em.capacity(**{comp: 0.5}):
-                routed = case.output(em(**case.inputs))
+                routed = em(**case.inputs)
                 flops = measure_flops(em, **case.inputs)
-        assert torch.isfinite(routed).all()
+                units = _chosen_units(em, case.inputs) if comp == "mlp_units" else []
+        assert torch.isfinite(case.output(routed)).all()
+        if comp == "visual_tokens":  # ceil(c * N) of each image's tokens enter the LM; every layer saves
+            keep = routed.image_keep
+            assert (keep.sum(1) == n_kept(0.5, keep.shape[1])).all(), scorer
+            parts = ["attention", "mlp"]
+        else:
+            parts = ["attention" if comp.startswith("attn") else "mlp"]
         for b in em.blocks:  # exactly ceil(c * n) candidates per row (protected tokens aside)
             if comp not in b.aux:
                 continue
@@ -57,9 +96,17 @@ def test_every_scorer_on_every_component_it_supports(family, scorer):
                 assert (counts == n_kept(0.5, chosen.shape[1] - P)).all(), (scorer, comp)
             else:
                 assert chosen.shape[-1] == n_kept(0.5, b.routers[comp].proj.out_features)
-        part = "attention" if comp.startswith("attn") else "mlp"
-        assert flops[part] < dense[part]
-        assert flops[part] == pytest.approx(flops["analytic_" + part], rel=0.02)
+        for c, got in units:  # a score per unit, a plan of ceil(c * F) distinct units, or None (the gate's)
+            width = c.spec.mlp.width
+            if isinstance(got, UnitPlan):
+                assert got.units.shape == (len(c.h), n_kept(0.5, width)), scorer
+                assert (got.units.sort(-1).values.diff(dim=-1) > 0).all(), scorer
+            elif got is not None:
+                assert got.shape == (len(c.h), width), scorer
+        assert comp != "mlp_units" or len(units) == len(em.blocks)
+        for part in parts:
+            assert flops[part] < dense[part], (scorer, comp, part)
+            assert flops[part] == pytest.approx(flops["analytic_" + part], rel=0.02)
         scorer_cls = SCORERS.get(scorer)
         if scorer_cls is not None and not scorer_cls.counted:  # an oracle's scoring is not compute
             assert flops["routers"] == 0 and flops["total"] < dense["total"]
@@ -102,6 +149,7 @@ def test_scoring_restores_the_routers_and_takes_a_custom_scorer():
     class Last(Scorer):  # keep the latest tokens
         name = "last"
         components = ("mlp_tokens",)
+        kinds = ("lm",)
 
         def __call__(self, c):
             return c.rows.float()
@@ -217,3 +265,37 @@ def test_router_training_with_merging_has_the_routed_value_and_teaches_kept_toke
     assert all(keep[b, other[b, t]] for b in range(2) for t in range(5))
     assert (other[0][keep[0]] != torch.arange(5)[keep[0]]).all()  # kept tokens: another kept one
     assert other[1].tolist() == [1] * 5  # the only kept token stands in for itself too
+
+
+def test_registration_checks_the_contract_and_the_hooks_have_their_defaults():
+    """A scorer declares a name, its components and model kinds and implements __call__, else registering it
+    (or scoring with an instance) is refused with the reason; a name is never silently taken over."""
+    def make(**attrs):
+        attrs.setdefault("__call__", lambda self, c: c.rows.float())
+        return type("Custom", (Scorer,), {"name": "custom", "components": ("mlp_tokens",), "kinds": ("lm",), **attrs})
+
+    for attrs, match in [({"components": ()}, "must declare `components`"),
+                         ({"kinds": ()}, "must declare `kinds`"),
+                         ({"kinds": ("audio",)}, r"unknown kinds \['audio'\]; known: lm, vit, vlm"),
+                         ({"components": ("mlp_token",)}, r"unknown components \['mlp_token'\]"),
+                         ({"name": ""}, "must set `name`"), ({"name": "learned"}, "must set `name`"),
+                         ({"counted": 1}, "`counted` must be True or False")]:
+        with pytest.raises(ValueError, match=match):
+            register(make(**attrs))
+    with pytest.raises(TypeError, match="must implement __call__"):
+        register(make(__call__=Scorer.__call__))
+    with pytest.raises(ValueError, match="scorer name 'oracle' is taken by elastilab.scorers.oracles.Oracle"):
+        register(make(name="oracle"))
+    with pytest.raises(TypeError, match="subclasses elastilab.scorers.Scorer"):
+        register(dict)
+    assert "custom" not in SCORERS
+    case, em, _ = elastic("llama")
+    with pytest.raises(ValueError, match="must declare `kinds`"), em.scoring(make(kinds=())()):
+        pass
+    with em.capacity(mlp_tokens=0.5), pytest.raises(ValueError, match="scorer 'custom' works on models of kind vit; "
+                                                                      "LlamaForCausalLM is of kind lm"):
+        with em.scoring(make(kinds=("vit",))()):
+            pass
+    s = make()()
+    assert s.merged_into() is None and s.image_layer(em) == 0 and s.before_forward(em, (), {}) is None
+    assert s.counted and not SCORERS["oracle"].counted

@@ -34,6 +34,9 @@ class Adapter:
     name = "base"
     model_classes: tuple[str, ...] = ()   # class names of the models this adapter accepts
     causal = True                         # False: bidirectional attention (ViTs)
+    #: the model kind scorers declare support for (``scorers.base.KINDS``): "lm" (causal), "vit"
+    #: (bidirectional), "vlm" (a visual-language model whose image tokens a scorer may choose)
+    kind = property(lambda self: "lm" if self.causal else "vit")
     #: components this family supports (visual_tokens lives in the VLM wrapper)
     components = ("attn_tokens", "mlp_tokens", "attn_heads", "mlp_experts", "mlp_units")
     #: why each component left out of ``components`` is not supported (elastify's error says it)

@@ -1,10 +1,11 @@
 """The committed figures, each drawn by the library from committed result files, in one place.
 
 Every figure has a name: ``frontier-*`` / ``generation-*`` / ``speed_cpu`` / ``decode_cpu`` are drawn from
-the CSV of that name in ``benchmarks/results`` (and committed next to it as NAME.png); ``two-models-*`` are
-notebook 06's. Notebooks show them with ``figures.show(NAME)``, ``elastilab figures --out DIR`` writes
-them all, and ``figures.stale`` / ``stale_in_notebook`` say which committed images no longer match what
-the current code draws (a test runs both), so a stale picture fails CI instead of misleading a reader.
+the CSV of that name in ``benchmarks/results`` (and committed next to it as NAME.png), ``hero`` (the README's
+picture) from the two files of ``HERO``; ``two-models-*`` are notebook 06's. Notebooks show them with
+``figures.show(NAME)``, ``elastilab figures --out DIR`` writes them all, and ``figures.stale`` /
+``stale_in_notebook`` say which committed images no longer match what the current code draws (a test runs
+both), so a stale picture fails CI instead of misleading a reader.
 Figures are drawn under matplotlib's default style: a notebook's theme cannot change them.
 """
 from __future__ import annotations
@@ -25,6 +26,9 @@ METRIC_LABEL = {"ppl_ratio": "perplexity / teacher's (held-out text, lower is be
 #: notebook 06: the frontiers of two language models, the same components and scorers
 TWO_MODELS = {"smollm2-135m": ("SmolLM2-135M", ["frontier-smollm2-135m-units.csv", "frontier-smollm2-135m.csv"]),
               "gemma3-270m": ("Gemma 3 270M", ["frontier-gemma3-270m-units.csv", "frontier-gemma3-270m-heads.csv"])}
+
+#: the README's picture (hero.png): notebook 01's routing map next to the whole-model frontier
+HERO = ("lm_routing_map.csv", "frontier-smollm2-135m-model.csv")
 
 
 def frontier_table(name: str, results: Path = RESULTS) -> pd.DataFrame:
@@ -62,6 +66,8 @@ def names(results: Path = RESULTS) -> list[str]:
         if (s.startswith("frontier-") and not s.endswith("-per-item")) or s.startswith("generation-") \
                 or s in ("speed_cpu", "decode_cpu"):
             out.append(s)
+    if all((Path(results) / f).is_file() for f in HERO):
+        out.append("hero")
     return out
 
 
@@ -104,6 +110,9 @@ def _draw(name: str, results: Path):
         from elastilab.analysis.generation import plot_generation
         df = pd.read_csv(results / f"{name}.csv")
         return plot_generation(df, title=f"{name}: greedy tokens matching the teacher (held-out prompts)")
+    if name == "hero":
+        from elastilab.analysis.text_map import plot_hero
+        return plot_hero(pd.read_csv(results / HERO[0]), frontier_table(HERO[1], results))
     if name == "speed_cpu":
         return bench.plot_speed(bench.read(results / "speed_cpu.csv"), "SmolLM2-135M on this CPU: measured (solid, "
                                 "dotted = head-routing loop reference) vs ideal (dashed)")

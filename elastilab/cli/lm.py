@@ -6,6 +6,7 @@ CSV only into --out:
     elastilab lm keep-dense       [--out DIR]   -> lm_layer_damage.csv, lm_keep_dense.csv
     elastilab lm attn-variants    [--out DIR]   -> lm_attn_variants.csv
     elastilab lm threshold-modes  [--out DIR]   -> lm_threshold_modes.csv
+    elastilab lm routing-map      [--out DIR]   -> lm_routing_map.csv (the README's picture)
 """
 from __future__ import annotations
 
@@ -94,8 +95,18 @@ def cmd_threshold_modes(args) -> int:
     return _emit(args, {"lm_threshold_modes.csv": df}, df.iloc[:, :5])
 
 
+def cmd_routing_map(args) -> int:
+    from elastilab.analysis import text_map
+    em, tok = _load(args)
+    ids = text_map.passage_ids(tok, args.domain, args.tokens)
+    keep = lx.routing_map(em, ids, args.component, args.capacity)
+    df = _stamp(text_map.routing_map_table(keep, text_map.pieces(tok, ids), component=args.component,
+                                           capacity=args.capacity, command=_command(args)))
+    return _emit(args, {"lm_routing_map.csv": df}, df.groupby("layer").kept.mean().round(3).to_frame().T)
+
+
 def add_parsers(sub) -> None:
-    """``elastilab lm quality | keep-dense | attn-variants | threshold-modes``."""
+    """``elastilab lm quality | keep-dense | attn-variants | threshold-modes | routing-map``."""
     lm = sub.add_parser("lm", help="language-model experiments (SmolLM2 and its shipped routers by default)")
     cmds = lm.add_subparsers(dest="lm_command", required=True)
 
@@ -104,8 +115,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--model", default="smollm2-135m", help="a causal LM: offline name, Hugging Face id or folder")
         p.add_argument("--routers", type=Path,
                        help="routers for --model (default: the shipped data/routers/smollm2-135m)")
-        p.add_argument("--blocks", type=ca.int_at_least(1), default=blocks, help="held-out blocks per domain")
-        p.add_argument("--seq-len", type=ca.int_at_least(2), default=128, help="tokens per block")
+        if blocks:  # (routing-map reads one passage, not blocks)
+            p.add_argument("--blocks", type=ca.int_at_least(1), default=blocks, help="held-out blocks per domain")
+            p.add_argument("--seq-len", type=ca.int_at_least(2), default=128, help="tokens per block")
         p.add_argument("--out", type=Path, help="folder to write the CSV into (else it is only printed)")
         p.set_defaults(func=fn)
         return p
@@ -138,3 +150,9 @@ def add_parsers(sub) -> None:
                    help="requested")
     t.add_argument("--components", type=ca.names, default=ca.default_of(lx.threshold_modes, "components"),
                    help="token components")
+    r = command("routing-map", cmd_routing_map, "which tokens each layer keeps, one token component on one "
+                "held-out passage (notebook 01's map; the README's picture)", blocks=None)
+    r.add_argument("--domain", default="licenses", help="text domain of the passage (its held-out part)")
+    r.add_argument("--tokens", type=ca.int_at_least(2), default=48, help="tokens of the passage")
+    r.add_argument("--component", choices=("mlp_tokens", "attn_tokens"), default="mlp_tokens", help="routed alone")
+    r.add_argument("--capacity", type=ca.capacity, default=0.5, help="of that component, the others dense")

@@ -61,6 +61,7 @@ def cmd_train(args) -> int:
     _check_trainable(caps, args.capacity_range)
     if args.steps == 0 and not args.warm_start:
         raise ValueError("--steps 0 trains nothing; add --warm-start BLOCKS to only fit the routers to the oracle")
+    _check_resumable(args)
     cfg = _train_config(args)
     # a second run on the same --out is refused, not silently mixed in; under torchrun, rank 0 holds it for the job
     with folder_lock(args.out, "--out") if os.environ.get("RANK", "0") == "0" else nullcontext():
@@ -73,8 +74,9 @@ def _train(args, caps: dict, cfg) -> int:
     from elastilab.training.trainer_state import check_checkpoint_dir
     check_checkpoint_dir(cfg)  # --out is usable: checked before minutes go into loading and training
     model, tok = _load_lm(args.model)
-    if args.init_from:  # start from saved routers (the optimizer state starts afresh)
-        em = el.load_routers(model, args.init_from)
+    if args.init_from:  # start from saved routers (the optimizer state starts afresh); a resumed run from the
+        # checkpoint in --out, whose layout (and LoRA) they share: distill then restores its routers and optimizer
+        em = el.load_routers(model, args.out if args.resume else args.init_from)
         em.set_capacity(**caps)
         _init_lora(em, args)
     else:  # fresh routers; distill draws them from --seed (init_routers), so runs repeat exactly
@@ -112,11 +114,27 @@ def _continue(args, saved: int | None) -> str:
     command = command_line
     if saved is None:
         return f"start again with: {command(args.argv)}"
-    if args.init_from:  # --resume takes the routers from --out, --init-from from elsewhere: they exclude each other
-        again = args.argv if args.overwrite else [*args.argv, "--overwrite"]
-        return f"a run started with --init-from cannot be resumed; start again with: {command(again)}"
     again = [a for a in args.argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
     return f"resume with: {command(again)}"
+
+
+def _check_resumable(args) -> None:
+    """--resume of a run begun with --init-from: its --init-from is read from the trainer state when not given,
+    and a run stopped before its first checkpoint is told so, with the command that starts it again."""
+    from elastilab.training.trainer_state import TRAINER_STATE_FILE, read_trainer_state
+    if not args.resume:
+        return
+    if not (Path(args.out) / TRAINER_STATE_FILE).is_file():
+        again = [a for a in args.argv if a != "--resume"]
+        if Path(args.out, "routers.json").exists():
+            again.append("--overwrite")
+        raise FileNotFoundError(f"nothing to resume in {args.out}: it holds no {TRAINER_STATE_FILE} (written at "
+                                f"every checkpoint), so the run stopped before its first checkpoint; start it "
+                                f"again with: {command_line(again)}")
+    began = read_trainer_state(args.out)[1]["run"]["distill"].get("extra", {}).get("init_from")
+    if began and args.init_from is None:  # the same run, as the command that started it said
+        args.init_from = Path(began)
+        print(f"resuming a run begun with --init-from {began}", file=sys.stderr)
 
 
 def _init_lora(em, args) -> None:
@@ -133,8 +151,6 @@ def _init_lora(em, args) -> None:
 def _train_config(args):
     """The DistillConfig of ``elastilab train``; it refuses bad numbers (NaN/inf lr, temperature...)."""
     from elastilab.training.distill import DistillConfig
-    if args.resume and args.init_from:
-        raise ValueError("--resume continues the run in --out, --init-from starts a new one: give only one")
     # (--steps 0, the warm start alone, never calls distill; its config still checks --out)
     return DistillConfig(steps=max(1, args.steps), batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
                          temperature=args.temperature,
@@ -142,7 +158,9 @@ def _train_config(args):
                          components_per_step=args.components_per_step, checkpoint_dir=str(args.out),
                          checkpoint_every=args.checkpoint_every,
                          init_routers=args.init_from is None and not args.warm_start,
-                         resume=args.resume, overwrite=args.overwrite)
+                         resume=args.resume, overwrite=args.overwrite,
+                         # recorded in the trainer state (and checked by --resume): where the routers began
+                         extra={"init_from": str(args.init_from)} if args.init_from else {})
 
 
 def _check_trainable(caps: dict, capacity_range) -> None:
@@ -196,7 +214,8 @@ def add_parsers(sub) -> None:
                         "Saved with the routers; "
                         "merged at inference, so it costs no FLOPs per token")
     t.add_argument("--lora-lr", type=float, default=d("lora_lr"), help="AdamW learning rate of the LoRA factors")
-    t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components)")
+    t.add_argument("--init-from", type=Path, help="start from the routers in this folder (same model and components); "
+                   "recorded in the trainer state, so --resume continues such a run like any other")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted run in --out from its last checkpoint, to the routers an "

@@ -20,9 +20,11 @@ def _components_arg(text: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- elastilab vit train | bench | crossdomain
 def _cmd_train(args) -> int:
-    print(json.dumps(vision.train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
-                           components=args.components, skipped_tokens=args.skipped_tokens, command=command_line(args)),
-                     indent=1))
+    from elastilab.files import folder_lock
+    with folder_lock(args.out, "--out"):  # a second run on the same --out is refused, as by `elastilab train`
+        info = vision.train(args.domain, args.out, args.images, args.steps, args.batch_size, args.lr,
+                            components=args.components, skipped_tokens=args.skipped_tokens, command=command_line(args))
+    print(json.dumps(info, indent=1))
     return 0
 
 

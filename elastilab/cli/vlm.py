@@ -35,8 +35,10 @@ def add_parsers(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    vlm.train_visual_router(args.steps, args.batch_size, args.lr, tuple(args.capacity_range), args.out, args.seed,
-                        tasks=tuple(args.tasks))
+    from elastilab.files import folder_lock
+    with folder_lock(args.out, "--out"):  # a second run on the same --out is refused, as by `elastilab train`
+        vlm.train_visual_router(args.steps, args.batch_size, args.lr, tuple(args.capacity_range), args.out,
+                                args.seed, tasks=tuple(args.tasks))
     return 0
 
 

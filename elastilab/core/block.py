@@ -101,7 +101,7 @@ class ElasticBlock(nn.Module):
     def _merged(self) -> Tensor | None:
         """After a merging scorer (ToMe) chose: the token each token merges into [B, T], else None."""
         scorer = self.scoring.scorer
-        return scorer.partner if getattr(scorer, "merges", False) else None
+        return None if scorer is None else scorer.merged_into()
 
     def _receives(self, h: Tensor, keep: Tensor) -> Tensor | None:
         """With skipped_tokens="merge": the kept token whose output each token receives [B, T]."""

@@ -90,7 +90,7 @@ def measure_flops(em, *args, **kwargs) -> dict[str, int]:
     with torch.no_grad():  # weights built once, not per token (a merged LoRA, clustered experts): before counting
         for b in em.blocks:
             b._spec()
-    if hasattr(scorer, "before_forward"):  # an oracle's preparation (Taylor scores) is not counted
+    if scorer is not None:  # an oracle's preparation (Taylor scores) is not counted
         with torch.no_grad():
             scorer.before_forward(em, args, kwargs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

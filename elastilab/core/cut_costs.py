@@ -159,7 +159,7 @@ def _block_counts(em, per_layer: dict[int, dict[str, float]], args, kwargs) -> t
             b.capacity = {c: per_layer.get(b.layer_idx, {}).get(c, 1.0) for c in b.capacity}
             b._spec()  # weights built once (a merged LoRA, clustered experts): not per forward
         scorer = em.scorer
-        if hasattr(scorer, "before_forward"):  # an oracle's preparation is not counted
+        if scorer is not None:  # an oracle's preparation is not counted
             scorer.before_forward(em, args, kwargs)
         with FlopCounterMode(display=False) as counter:
             em(*args, **kwargs)

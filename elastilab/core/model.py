@@ -66,7 +66,7 @@ class ElasticModel(nn.Module):
     def forward(self, *args, **kwargs):
         self.adapter.check_inputs(self.model, args, kwargs)  # e.g. ViTs: image size and channels
         scorer = self.scorer
-        if scorer is not None and hasattr(scorer, "before_forward") and not torch.is_grad_enabled() \
+        if scorer is not None and not torch.is_grad_enabled() \
                 and any(b.enabled for b in self.blocks):
             scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
         return self.model(*args, **kwargs)

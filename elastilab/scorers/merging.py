@@ -23,13 +23,13 @@ class ToMe(Scorer):
 
     name = "tome"
     components = TOKEN_COMPONENTS
-    merges = True
+    kinds = ("vit",)
 
     def check(self, em, component):
-        super().check(em, component)
-        if em.adapter.causal:
+        if em.adapter.causal:  # the kind check would refuse it too: this says why
             raise ValueError("scorer 'tome' merges the tokens of vision transformers (non-causal); "
                              f"{type(em.model).__name__} is causal")
+        super().check(em, component)
         low = {i: c for i, c in em.layer_capacities.get(component, {}).items() if c < 0.5}
         if low:  # e.g. a budget allocated across layers cut these deeper than one merging step reaches
             raise ValueError(f"scorer 'tome' merges at most half of a layer's tokens in one step; {component} "
@@ -53,6 +53,9 @@ class ToMe(Scorer):
         self.partner.scatter_(1, a_idx[merged], b_idx[partner_b.gather(1, merged)])
         scores = torch.ones(B, T, device=h.device, dtype=h.dtype)
         return scores.scatter_(1, a_idx[merged], 0.0)  # top-k keeps exactly the unmerged tokens
+
+    def merged_into(self):
+        return self.partner
 
 
 def merge_rows(h: Tensor, partner: Tensor) -> Tensor:

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elastilab.core.config import GATED_COMPONENTS, PARAM_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, PARAM_COMPONENTS
 from elastilab.core.spec import mlp_hidden
-from elastilab.scorers.base import Scorer, _heads, _positions, register
+from elastilab.scorers.base import KINDS, Scorer, _heads, _positions, register
 
 
 @register
@@ -19,6 +19,8 @@ class Oracle(Scorer):
     Only a proxy for what matters downstream (see ``Taylor``)."""
 
     name = "oracle"
+    components = LAYER_COMPONENTS + GATED_COMPONENTS
+    kinds = KINDS
     counted = False
 
     def __call__(self, c):
@@ -61,6 +63,8 @@ class Taylor(Scorer):
 A ceiling for analysis, not counted."""
 
     name = "taylor"
+    components = LAYER_COMPONENTS + GATED_COMPONENTS
+    kinds = ("lm", "vit")  # before_forward runs em.model on the ElasticModel's input: not ElasticLlava's
     counted = False
 
     def __init__(self, loss=None):

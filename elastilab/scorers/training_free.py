@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from elastilab.core.config import TOKEN_COMPONENTS
 from elastilab.core.spec import mlp_gate
-from elastilab.scorers.base import Scorer, _positions, _project, register
+from elastilab.scorers.base import KINDS, Scorer, _positions, _project, register
 
 
 @register
@@ -19,6 +19,7 @@ class Magnitude(Scorer):
 
     name = "magnitude"
     components = ("attn_heads", "mlp_experts", "mlp_units")
+    kinds = KINDS
 
     def __call__(self, c):
         if c.component == "mlp_units":
@@ -40,6 +41,7 @@ class AttentionReceived(Scorer):
 
     name = "attention_received"
     components = TOKEN_COMPONENTS
+    kinds = KINDS
 
     def __call__(self, c):
         a, pos = c.spec.attn, _positions(c)
@@ -59,13 +61,14 @@ class ClsAttention(Scorer):
 
     name = "cls_attention"
     components = TOKEN_COMPONENTS
+    kinds = ("vit",)
 
     def check(self, em, component):
-        super().check(em, component)
         model = em.model
-        if em.adapter.causal or not em.adapter.has_cls(model):
+        if component in self.components and (em.adapter.causal or not em.adapter.has_cls(model)):
             raise ValueError(f"scorer 'cls_attention' needs a vision transformer with a CLS token; "
                              f"{type(model).__name__} has none")
+        super().check(em, component)
 
     def __call__(self, c):
         a = c.spec.attn
@@ -77,17 +80,40 @@ class ClsAttention(Scorer):
 
 @register
 class FastV(Scorer):
-    """Training-free image-token pruning in a VLM (FastV): after LM layer K-1, keep the image tokens
-    that received the most attention from the text that follows them. Runs inside ``ElasticLlava``
-    (its ``fastv_layer``); counted, since its layers before K see every image token."""
+    """Training-free image-token pruning in a VLM (FastV, Chen et al. 2024): layers < K see every
+    image token; an image token scores the attention it received in layer K-1 (mean over heads and
+    over the text tokens after the last image, recomputed from that layer's input with its frozen
+    q/k weights), and layers >= K run on the kept ones. ``layer``: K; None: the model's
+    ``fastv_layer`` (2). Counted, since its layers before K see every image token."""
 
     name = "fastv"
     components = ("visual_tokens",)
+    kinds = ("vlm",)
 
-    def check(self, em, component):
-        super().check(em, component)
-        if not hasattr(em, "fastv_layer"):
-            raise ValueError("scorer 'fastv' chooses image tokens of a visual-language model (ElasticLlava)")
+    def __init__(self, layer: int | None = None):
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+            raise ValueError(f"FastV's layer must be an integer >= 1 (layers before it see every image token), "
+                             f"got {layer!r}")
+        self.layer = layer
+
+    def image_layer(self, em) -> int:
+        return em.fastv_layer if self.layer is None else self.layer
 
     def __call__(self, c):
-        raise RuntimeError("FastV chooses image tokens inside ElasticLlava, not per block")
+        spec = c.spec
+        a = spec.attn
+        h = spec.attn_norm(c.h)
+        B, T, _ = h.shape
+        q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        kk = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        cos, sin = (t.expand(B, -1, -1) for t in c.rope)
+        q, kk = a.heads(q, "q", (cos, sin)), a.heads(kk, "k", (cos, sin))
+        s = a.scores(q, kk.repeat_interleave(a.n_heads // a.n_kv_heads, 1))
+        allowed = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None] & c.valid[:, None, :]
+        att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, T(q), T(k)]
+        slots = torch.zeros(B * T, dtype=torch.bool, device=h.device).index_fill_(0, c.rows.reshape(-1), True)
+        slots = slots.view(B, T)
+        last = T - 1 - torch.flip(slots, [1]).float().argmax(1)                   # last image slot per row
+        after = (torch.arange(T, device=h.device)[None] > last[:, None]) & c.valid  # the text that follows
+        received = (att * after[..., None]).sum(1) / after.sum(1, keepdim=True).clamp(min=1)
+        return received.reshape(-1)[c.rows]

@@ -28,7 +28,7 @@ from torch import Tensor
 from elastilab.core.routing import n_kept
 from elastilab.core.spec import ACTIVATIONS
 from elastilab.core.unit_plan import UnitPlan, exact_hidden, pre_gate_weights
-from elastilab.scorers.base import Candidates, Scorer, register
+from elastilab.scorers.base import KINDS, Candidates, Scorer, register
 
 #: just below 1: mlp_units runs routed (so the predictors' inputs pass the MLP) but keeps every unit
 _ALL_KEPT = 1.0 - 1e-7
@@ -148,6 +148,7 @@ class LowRankGate(Scorer):
 
     name = "lowrank_gate"
     components = ("mlp_units",)
+    kinds = KINDS
 
     def __init__(self, rank: int = 64):
         if rank < 1:

@@ -6,6 +6,7 @@ expert's slice) is computed exactly by the same formulas restricted to those row
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,15 @@ class MLPWeights:
             None if self.b_in is None else self.b_in[start:stop], None,
             None if self.b_gate is None else self.b_gate[start:stop],
         )
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "MLPWeights":
+        """A copy with every weight and bias converted (``Tensor.to``; the originals are untouched). The
+        kernels take one dtype for the weights and the activations, e.g. ``w.to(torch.bfloat16)``."""
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: t.to(device=device, dtype=dtype)
+                                            for k, t in tensors.items() if torch.is_tensor(t)})
 
     def permuted(self, order: Tensor) -> "MLPWeights":
         """The same function with hidden units reordered (used by clustered experts)."""

@@ -29,9 +29,21 @@ def make_mlp(kind, act, dtype=torch.float32, biases=True, seed=0):
                       r(F) if biases else None, r(D) if biases else None)
 
 
-def cast(w: MLPWeights, dtype):
-    c = lambda t: None if t is None else t.to(dtype)
-    return MLPWeights(w.kind, w.act, c(w.w_in), c(w.w_out), c(w.w_gate), c(w.b_in), c(w.b_out))
+def test_mlp_weights_to_converts_a_copy_of_every_tensor():
+    w = make_mlp("swiglu", "silu")
+    w.b_gate, w.w_out_t = torch.ones(F), w.w_out.t().contiguous()
+    half = w.to(torch.bfloat16)
+    fields = ("w_in", "w_out", "w_gate", "b_in", "b_out", "b_gate", "w_out_t")
+    assert all(getattr(half, f).dtype == torch.bfloat16 for f in fields)
+    assert all(getattr(w, f).dtype == torch.float32 for f in fields)  # the original is untouched
+    assert (half.kind, half.act, half.width) == ("swiglu", "silu", F)
+    torch.testing.assert_close(half.w_in.float(), w.w_in, rtol=1e-2, atol=1e-2)
+    gelu = make_mlp("gelu", "gelu", biases=False).to(device="cpu", dtype=torch.float16)
+    assert gelu.w_gate is None and gelu.b_in is None and gelu.w_in.dtype == torch.float16
+    same = w.to()
+    assert same is not w and same.w_in is w.w_in  # nothing to convert: the same tensors (as Tensor.to)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        w.to("bf16")
 
 
 def rand(*shape, seed=1, dtype=torch.float32):
@@ -122,13 +134,13 @@ def test_routed_residual_half_precision(kind, dtype, tol):
     x32, h32 = rand(N, D, seed=13), rand(N, D, seed=14)
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(15))[:n]
     gate32 = 0.5 + rand(n, seed=16).abs()
-    w, x, h, gate = cast(w32, dtype), x32.to(dtype), h32.to(dtype), gate32.to(dtype)
+    w, x, h, gate = w32.to(dtype), x32.to(dtype), h32.to(dtype), gate32.to(dtype)
     out = run_triton(ops.routed_mlp_residual, x, h, idx, w, gate)
     assert out.dtype == dtype
     ref = routed_mlp_residual_reference(x, h, idx, w, gate)
     assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
     # fp32 accumulation and one rounding per stored value: on average closer to the fp32 truth than torch
-    exact = routed_mlp_residual_reference(x.float(), h.float(), idx, cast(w, torch.float32), gate.float())
+    exact = routed_mlp_residual_reference(x.float(), h.float(), idx, w.to(torch.float32), gate.float())
     assert (out.float() - exact).abs().mean() <= (ref.float() - exact).abs().mean()
 
 
@@ -182,12 +194,12 @@ def test_expert_mlp_half_precision(dtype, tol):
     n, E, k = 33, 4, 2
     h32, gates32 = rand(n, D, seed=25), 0.5 + rand(n, k, seed=26).abs()
     experts = choose_experts(n, k, E)
-    w, h, gates = cast(w32, dtype), h32.to(dtype), gates32.to(dtype)
+    w, h, gates = w32.to(dtype), h32.to(dtype), gates32.to(dtype)
     y = run_triton(ops.expert_mlp, h, experts, gates, w, E)
     assert y.dtype == dtype
     ref = mlp.mlp_experts_forward(w, h, experts, gates, E)
     assert (y.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
-    exact = mlp.mlp_experts_forward(cast(w, torch.float32), h.float(), experts, gates.float(), E)
+    exact = mlp.mlp_experts_forward(w.to(torch.float32), h.float(), experts, gates.float(), E)
     assert (y.float() - exact).abs().mean() <= (ref.float() - exact).abs().mean()
 
 
@@ -278,11 +290,11 @@ def test_unit_gemv_kernels_match_the_torch_path(kind, act, biases, n, capacity, 
 
 def test_unit_gemv_kernels_in_bf16():
     from elastilab_kernels import reference
-    w = cast(make_mlp("swiglu", "silu"), torch.bfloat16)
+    w = make_mlp("swiglu", "silu").to(torch.bfloat16)
     h = rand(2, D, seed=7, dtype=torch.bfloat16)
     gate = mlp.mlp_gate(w, h)
     units = choose_units(gate, 0.5)
     got = run_triton(ops.unit_mlp, h, gate, units, w)
-    expected = reference.unit_mlp_sparse(cast(w, torch.float32), h.float(), gate.float(), units)
+    expected = reference.unit_mlp_sparse(w.to(torch.float32), h.float(), gate.float(), units)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)

@@ -12,6 +12,7 @@ class LlavaAdapter(LlamaAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     components = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)
+    kind = "vlm"
     #: ElasticLlava, set by elastilab.adapters.llava.model (which the package imports): it builds on
     #: ElasticModel, whose module imports the adapters, so it points at this adapter, not the reverse
     elastic_class = None

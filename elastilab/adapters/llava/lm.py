@@ -1,8 +1,9 @@
 """Inside LLaVA's language model: the two ways ``ElasticLlava`` runs it on part of the image tokens
 without removing them from the input sequence first.
 
-FastV (training-free baseline): the layers before K see every token; after layer K-1 the image tokens
-that received the least attention are pruned by forward pre-hooks on the later layers.
+Pruning inside the LM (FastV, a visual_tokens scorer whose ``image_layer`` is K): the layers before K
+see every token; the scorer scores the image tokens from layer K-1's input, and the dropped ones are
+pruned by forward pre-hooks on the later layers.
 
 Key-gated attention (the router's training estimator): the forward value is the hard top-k selection,
 but while ``training_estimator()`` is on, the sequence keeps every token and each image token's *key*
@@ -18,24 +19,19 @@ import contextlib
 import contextvars
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from elastilab.core.routing import keep_to_index
 
 _KEY_GATE: contextvars.ContextVar = contextvars.ContextVar("elastilab_key_gate", default=None)
 GATED_ATTENTION = "elastilab_gated"
 
 
-# -- FastV (training-free baseline) ----------------------------------------------------------------
-def fastv(lm, layers, K: int, spec, emb: Tensor, mask: Tensor, pos: Tensor, slots: Tensor, n_img: int, N: int,
-          k: int) -> tuple[Tensor, Tensor]:
-    """Run ``lm`` (a LlamaModel whose decoder ``layers`` are given) FastV's way: layers < K see every
-    token; at layer K the image tokens that received the least attention in layer K-1 (``spec``: its
-    BlockSpec; mean over heads and over the text tokens after the images) are dropped, k kept per
-    image, and layers >= K run on the rest (the mask and rotary tables are sliced to match).
-    Returns (last hidden state [B, T', d], idx [B, T']: the original positions of the tokens kept)."""
-    B, T = slots.shape
+# -- pruning inside the LM (FastV) ---------------------------------------------------------------
+def prune_after(lm, layers, K: int, emb: Tensor, mask: Tensor, pos: Tensor, choose) -> tuple[Tensor, Tensor, object]:
+    """Run ``lm`` (a LlamaModel whose decoder ``layers`` are given) with layers < K on every token; at
+    layer K, ``choose(x, rope)`` (layer K-1's input [B, T, d] and rotary tables, captured by a hook)
+    returns (idx [B, T']: the positions kept, anything else), and layers >= K run on those tokens only
+    (the mask and rotary tables are sliced to match). Returns (last hidden state [B, T', d], idx, else)."""
+    B, T = emb.shape[:2]
     state = {}
 
     def capture(module, args, kwargs):
@@ -44,7 +40,7 @@ def fastv(lm, layers, K: int, spec, emb: Tensor, mask: Tensor, pos: Tensor, slot
 
     def prune(module, args, kwargs):
         if "idx" not in state:
-            state["idx"] = _fastv_keep(spec, state, mask, slots, n_img, N, k)
+            state["idx"], state["else"] = choose(state["x"], tuple(t.expand(B, -1, -1) for t in state["rope"]))
         idx = state["idx"]
         x = args[0] if args else kwargs.pop("hidden_states")
         if x.shape[1] == T:
@@ -67,31 +63,7 @@ def fastv(lm, layers, K: int, spec, emb: Tensor, mask: Tensor, pos: Tensor, slot
     finally:
         for hk in hooks:
             hk.remove()
-    return out.last_hidden_state, state["idx"]
-
-
-def _fastv_keep(spec, state, mask, slots, n_img, N, k):
-    """Indices [B, T'] of the tokens kept after layer K: all text, top-k image tokens per image by
-    the attention they received in layer K-1 (``spec``; recomputed from its input)."""
-    a = spec.attn
-    h = spec.attn_norm(state["x"])
-    B, T, _ = h.shape
-    q = F.linear(h, a.w_q, a.b_q).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-    kk = F.linear(h, a.w_k, a.b_k).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    cos, sin = (t.expand(B, -1, -1) for t in state["rope"])
-    q, kk = a.heads(q, "q", (cos, sin)), a.heads(kk, "k", (cos, sin))
-    s = a.scores(q, kk.repeat_interleave(a.n_heads // a.n_kv_heads, 1))
-    valid = mask.bool()
-    allowed = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None] & valid[:, None, :]
-    att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, T(q), T(k)]
-    last = T - 1 - torch.flip(slots, [1]).float().argmax(1)                  # last image slot per row
-    after = (torch.arange(T, device=h.device)[None] > last[:, None]) & valid  # the text that follows
-    received = (att * after[..., None]).sum(1) / after.sum(1, keepdim=True).clamp(min=1)
-    img_scores = received[slots].view(n_img, N)
-    keep_img = torch.zeros_like(img_scores, dtype=torch.bool).scatter_(1, img_scores.topk(k, 1).indices, True)
-    keep = ~slots
-    keep[slots] = keep_img.reshape(-1)
-    return keep_to_index(keep)[0]
+    return out.last_hidden_state, state["idx"], state["else"]
 
 
 # -- gated attention (the training estimator) ------------------------------------------------------

@@ -14,13 +14,16 @@ the llama adapter, exactly as for a text LM:
     em = el.elastify(model, el.ElasticConfig(visual_tokens=0.5))      # an ElasticLlava
     batch = build_inputs(tok, "What digit is this?", digit_image)
     em.generate(**batch, max_new_tokens=3)                               # KV cache, dropped tokens
-    em.selector = "fastv"                                                # baselines: "random", "fastv"
+    with em.scoring("fastv"):                                            # baselines: "random", "fastv"
+        em.generate(**batch, max_new_tokens=3)
 
-Training (self-distillation, KL on the answer tokens; ``elastilab.tasks.vlm``) keeps every token but
-gates the image tokens' keys inside attention, and the FastV baseline prunes inside the LM: both in
-``llava_lm.py``. ``elastify`` wraps a LLaVA in ``ElasticLlava`` through the llava adapter, whose
-``elastic_class`` this module sets (it builds on ElasticModel; elastic imports the adapters, so the
-adapter cannot import this module).
+The baselines are scorers of ``visual_tokens`` (``elastilab.scorers``): one whose ``image_layer`` is 0
+(random) scores the image tokens at the LM's input, one whose ``image_layer`` is K >= 1 (FastV) scores
+them from LM layer K-1's input and prunes from layer K on. Training (self-distillation, KL on the answer
+tokens; ``elastilab.tasks.vlm``) keeps every token but gates the image tokens' keys inside attention;
+that and the pruning inside the LM are in ``lm.py``. ``elastify`` wraps a LLaVA in ``ElasticLlava``
+through the llava adapter, whose ``elastic_class`` this module sets (it builds on ElasticModel;
+elastic imports the adapters, so the adapter cannot import this module).
 """
 from __future__ import annotations
 
@@ -33,15 +36,18 @@ import torch
 from torch import Tensor
 
 from elastilab.adapters.llava.adapter import LlavaAdapter
-from elastilab.adapters.llava.lm import fastv, gated_attention
+from elastilab.adapters.llava.lm import gated_attention, prune_after
 from elastilab.adapters.vit import check_finite
 from elastilab.core.checkpoint import config_of, fingerprint, read_checkpoint
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
 from elastilab.core.loading import elastify_with
 from elastilab.core.model import ElasticModel
 from elastilab.core.routers import Router
 from elastilab.core.routing import hard_gates, keep_to_index, n_kept
+from elastilab.scorers import SCORERS, Candidates, get_scorer
 
-SELECTORS = ("router", "random", "fastv")
+#: who chooses the image tokens (``ElasticLlava.selector``): the router, or a visual_tokens scorer
+SELECTORS = ("router", *(n for n, s in SCORERS.items() if "visual_tokens" in s.components))
 
 
 @dataclass
@@ -56,9 +62,10 @@ class VLMOutput:
 class ElasticLlava(ElasticModel):
     """An ElasticModel for ``LlavaForConditionalGeneration``: LM components in the blocks of the inner
     language model, plus the ``visual_tokens`` router (kept outside the wrapped model, like the block
-    routers it is the only thing that trains). ``selector`` picks the image tokens: "router" (learned),
-    "random" (seeded, training-free) or "fastv" (training-free: after LM layer ``fastv_layer``, keep
-    the image tokens that received the most attention from the text that follows the image)."""
+    routers it is the only thing that trains). The image tokens are chosen by the router, or by the
+    ``visual_scorer`` that ``scoring()`` sets: "random" (seeded, training-free) or "fastv" (training-free:
+    after LM layer ``fastv_layer``, keep the image tokens that received the most attention from the text
+    that follows the image)."""
 
     def __init__(self, model, config, adapter=None):
         super().__init__(model, config, adapter)
@@ -66,9 +73,8 @@ class ElasticLlava(ElasticModel):
         if config.visual_tokens is not None:
             self.visual_router = Router(model.config.text_config.hidden_size, 1)
             self.visual_router.requires_grad_(True)
-        self.selector = "router"
-        self.fastv_layer = 2
-        self.random_seed = 0
+        self.visual_scorer = None  #: a Scorer of visual_tokens; None: the router
+        self.fastv_layer = 2       #: FastV's K when its scorer does not set one
         self._visual_off = False
         self._estimating = False
 
@@ -110,21 +116,35 @@ class ElasticLlava(ElasticModel):
 
     @contextlib.contextmanager
     def scoring(self, scorer="learned"):
-        """As ``ElasticModel.scoring``; image tokens are chosen by the router ("learned"), "random"
-        or "fastv" (attention received from the text in an early LM layer, ``fastv_layer``)."""
-        name = scorer if isinstance(scorer, str) else getattr(scorer, "name", "learned")
-        selector = {"learned": "router", "random": "random", "fastv": "fastv"}.get(name)
-        if selector is None and self.visual_capacity < 1.0:
-            raise ValueError(f"scorer {name!r} does not support visual_tokens; it supports learned, random, fastv")
-        old, self.selector = self.selector, selector or self.selector
+        """As ``ElasticModel.scoring``, image tokens included: a scorer of visual_tokens ("random",
+        "fastv") chooses them, the router ("learned") otherwise; one of visual_tokens only (FastV) leaves
+        the LM components to their routers. Yields the scorer."""
+        s = get_scorer(scorer)
+        if s is not None and self.visual_capacity < 1.0:
+            s.check(self, "visual_tokens")
+        visual = s if s is not None and "visual_tokens" in s.components else None
+        lm = s if s is not None and set(s.components) & set(LAYER_COMPONENTS + GATED_COMPONENTS) else None
+        old, self.visual_scorer = self.visual_scorer, visual
         try:
-            if name == "fastv":  # chooses image tokens only; the LM components keep their routers
-                yield None
-            else:
-                with super().scoring(scorer) as s:
-                    yield s
+            with super().scoring(lm):
+                yield s
         finally:
-            self.selector = old
+            self.visual_scorer = old
+
+    @property
+    def selector(self) -> str:
+        """Who chooses the image tokens: "router", or the visual scorer's name (as records name them)."""
+        return "router" if self.visual_scorer is None else self.visual_scorer.name
+
+    @selector.setter
+    def selector(self, name: str) -> None:
+        if name not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {name!r}")
+        self.visual_scorer = None if name == "router" else get_scorer(name)
+
+    def _image_layer(self) -> int:
+        """The first LM layer that sees only the kept image tokens (0: they are chosen before the LM)."""
+        return 0 if self.visual_scorer is None or self.visual_capacity >= 1.0 else self.visual_scorer.image_layer(self)
 
     @property
     def visual_capacity(self) -> float:
@@ -149,25 +169,28 @@ class ElasticLlava(ElasticModel):
         layer = self.adapter.layers(self.model)[0]
         return self.adapter.block_spec(getattr(layer, "base_layer", layer), 0).attn_norm(feats)
 
-    def _scores(self, feats: Tensor) -> Tensor:
-        if self.selector == "router":
-            if self.visual_router is None:
-                raise ValueError("this model has no visual_tokens router; elastify it with visual_tokens=...")
-            return self.visual_router(self.router_input(feats))
-        g = torch.Generator().manual_seed(self.random_seed)  # the same choice on every call
-        return torch.rand(feats.shape[:2], generator=g).to(feats.device)
+    def image_candidates(self, h: Tensor, rows: Tensor, mask: Tensor, pos: Tensor, rope=None,
+                         layer: int = 0) -> Candidates:
+        """What a visual_tokens scorer whose ``image_layer`` is ``layer`` sees: the sequence h [B, T, d] as LM
+        layer max(layer - 1, 0) receives it (and that layer's spec), the flat index of each image's tokens
+        rows [n_images, N], the mask, positions and rotary tables."""
+        lm_layer = self.adapter.layers(self.model)[max(layer - 1, 0)]
+        spec = self.adapter.block_spec(getattr(lm_layer, "base_layer", lm_layer), 0)
+        return Candidates(self, "visual_tokens", h, rows, pos=pos, rope=rope, valid=mask.bool(), layer_spec=spec)
 
-    def choose_image_tokens(self, feats: Tensor) -> tuple[Tensor, Tensor | None]:
-        """keep [n_images, N] bool (top ceil(c*N) per image) and the router scores (None otherwise)."""
-        if self.selector not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+    def choose_image_tokens(self, feats: Tensor, c: Candidates | None = None) -> tuple[Tensor, Tensor | None]:
+        """keep [n_images, N] bool (top ceil(c*N) per image) and the router scores (None for a scorer,
+        which scores the candidates ``c``)."""
         n_img, N = feats.shape[:2]
         k = n_kept(self.visual_capacity, N)
-        if k == N or self.selector == "fastv":  # fastv chooses inside the LM
+        if k == N:
             return torch.ones(n_img, N, dtype=torch.bool, device=feats.device), None
-        scores = self._scores(feats)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
-        return keep, scores if self.selector == "router" else None
+        if self.visual_scorer is not None:
+            return _top(self.visual_scorer(c), k), None
+        if self.visual_router is None:
+            raise ValueError("this model has no visual_tokens router; elastify it with visual_tokens=...")
+        scores = self.visual_router(self.router_input(feats))
+        return _top(scores, k), scores
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None,
@@ -211,11 +234,13 @@ class ElasticLlava(ElasticModel):
                              f"(image tokens per row: {per_row.tolist()}, {N} per image)")
         emb = emb.masked_scatter(slots[..., None], feats.to(emb.dtype))
         pos = (attention_mask.cumsum(1) - 1).clamp(min=0) if position_ids is None else position_ids
-        keep_img, scores = self.choose_image_tokens(feats)
-        if self.selector == "fastv" and self.visual_capacity < 1.0:
+        rows = slots.reshape(-1).nonzero()[:, 0].view(n_img, N)  # image tokens in order, as masked_scatter put them
+        if self._image_layer() > 0:  # the scorer chooses inside the LM (FastV)
             if use_cache or past_key_values is not None:
-                raise ValueError("the FastV baseline runs without a KV cache (use_cache=False)")
-            return self._fastv(emb, attention_mask, pos, slots, n_img, N, logits_at, logits_to_keep)
+                raise ValueError(f"scorer {self.visual_scorer.name!r} prunes inside the language model: it runs "
+                                 "without a KV cache (use_cache=False)")
+            return self._prune_inside(emb, attention_mask, pos, slots, rows, logits_at, logits_to_keep)
+        keep_img, scores = self.choose_image_tokens(feats, self.image_candidates(emb, rows, attention_mask, pos))
         keep = ~slots
         keep[slots] = keep_img.reshape(-1)
         if scores is not None and self._estimating and torch.is_grad_enabled():
@@ -251,19 +276,25 @@ class ElasticLlava(ElasticModel):
             return self.model.lm_head(h[sel])
         return self.model.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
 
-    # -- FastV (training-free baseline) ----------------------------------------------------------
+    # -- a scorer that chooses inside the LM (FastV) ----------------------------------------------
     @torch.no_grad()
-    def _fastv(self, emb, mask, pos, slots, n_img, N, logits_at, logits_to_keep):
-        """``llava_lm.fastv`` after LM layer ``fastv_layer``, keeping the visual capacity's share of image tokens."""
-        layers, K = self.adapter.layers(self.model), self.fastv_layer
+    def _prune_inside(self, emb, mask, pos, slots, rows, logits_at, logits_to_keep):
+        """``lm.prune_after`` LM layer K-1 (the scorer's ``image_layer``): the scorer scores the image
+        tokens from that layer's input, and the visual capacity's share of them is kept."""
+        layers, K = self.adapter.layers(self.model), self._image_layer()
         if not 1 <= K < len(layers):
-            raise ValueError(f"fastv_layer must be in [1, {len(layers) - 1}], got {K}")
-        spec = self.adapter.block_spec(getattr(layers[K - 1], "base_layer", layers[K - 1]), 0)
-        h, idx = fastv(self.adapter.language_model(self.model), layers, K, spec, emb, mask, pos, slots, n_img,
-                       N, n_kept(self.visual_capacity, N))
-        keep = torch.zeros_like(slots).scatter_(1, idx, True)
-        return VLMOutput(self._logits(h, idx, logits_at, logits_to_keep), None, idx, keep[slots].view(n_img, N),
-                         pos[:, -1] + 1)
+            raise ValueError(f"scorer {self.visual_scorer.name!r}: its layer (fastv_layer) must be in "
+                             f"[1, {len(layers) - 1}], got {K}")
+
+        def choose(x, rope):  # called once, at layer K's input
+            keep_img = _top(self.visual_scorer(self.image_candidates(x, rows, mask, pos, rope, K)),
+                            n_kept(self.visual_capacity, rows.shape[1]))
+            keep = ~slots
+            keep[slots] = keep_img.reshape(-1)
+            return keep_to_index(keep)[0], keep_img
+
+        h, idx, keep_img = prune_after(self.adapter.language_model(self.model), layers, K, emb, mask, pos, choose)
+        return VLMOutput(self._logits(h, idx, logits_at, logits_to_keep), None, idx, keep_img, pos[:, -1] + 1)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -272,7 +303,8 @@ class ElasticLlava(ElasticModel):
                  use_cache: bool = True, **kwargs) -> Tensor:
         """Greedy decoding; returns the new tokens [B, n]. With the KV cache (default) the prompt is
         prefilled once with its image tokens already dropped, and each new token gets the position
-        after the *original* prompt. use_cache=False recomputes everything each step (FastV)."""
+        after the *original* prompt. use_cache=False recomputes everything each step (as a scorer that
+        prunes inside the LM, FastV, always does)."""
         kwargs.pop("answer_mask", None)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -284,7 +316,7 @@ class ElasticLlava(ElasticModel):
         B = input_ids.shape[0]
         new = input_ids.new_zeros(B, 0)
         done = torch.zeros(B, dtype=torch.bool)
-        if use_cache and self.selector == "fastv" and self.visual_capacity < 1.0:
+        if use_cache and self._image_layer() > 0:
             use_cache = False
         out = self(input_ids, pixel_values, image_features, attention_mask, use_cache=use_cache, logits_to_keep=1)
         mask = attention_mask if out.kept_positions is None else torch.gather(attention_mask, 1, out.kept_positions)
@@ -306,6 +338,11 @@ class ElasticLlava(ElasticModel):
                 am = torch.cat([attention_mask, attention_mask.new_ones(B, new.shape[1])], 1)
                 out = self(ids, pixel_values, image_features, am, logits_to_keep=1)
         return new
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """keep [n_images, N] bool: the k highest scores of each image."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
 
 
 def _cache_kwarg(lm) -> str:
