@@ -12,6 +12,11 @@ LAYERS = ["elastilab_kernels", "elastilab.files", "elastilab.data", "elastilab.c
           "elastilab.scorers", "elastilab.zoo", "elastilab.training", "elastilab.tasks", "elastilab.analysis",
           "elastilab.cli", "elastilab"]
 MAX_LINES = 350
+#: the modules allowed to be longer, each for a reason
+LONG_MODULES = {
+    # ElasticLlava after the scorer contract (visual scorers, image candidates): to be split with that work
+    "elastilab.adapters.llava.model",
+}
 MAX_FUNCTION_LINES = 60  # def line to last line, docstring included
 #: the functions allowed to be longer, each for a reason
 LONG_FUNCTIONS = {
@@ -110,7 +115,9 @@ def test_command_handlers_live_in_cli_and_modules_stay_small():
         if not name.startswith("elastilab.cli"):
             assert not handlers, f"{name} defines command handlers {handlers}: they belong in elastilab/cli/"
         n = len(path.read_text().splitlines())
-        assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES}): split it"
+        assert n <= MAX_LINES or name in LONG_MODULES, \
+            f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES}): split it"
+        assert not (name in LONG_MODULES and n <= MAX_LINES), f"{name} is short now: take it off LONG_MODULES"
 
 
 def test_functions_stay_short():
