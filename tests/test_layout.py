@@ -1,5 +1,6 @@
 """The tree keeps its shape (docs/DESIGN.md): the kernels distribution stands alone, the package layers import
-downwards only, module-level imports have no cycle, command handlers live in cli/, modules stay small."""
+downwards only, module-level imports have no cycle, command handlers live in cli/, modules and functions stay
+small."""
 import ast
 from pathlib import Path
 
@@ -10,7 +11,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["elastilab_kernels", "elastilab.files", "elastilab.data", "elastilab.core", "elastilab.adapters",
           "elastilab.scorers", "elastilab.zoo", "elastilab.training", "elastilab.tasks", "elastilab.analysis",
           "elastilab.cli", "elastilab"]
-MAX_LINES = 400  # "about 350": the largest, core/model.py, is the ElasticModel class read top to bottom
+MAX_LINES = 350
+#: the modules allowed to be longer, each for a reason
+LONG_MODULES = {
+    # ElasticLlava after the scorer contract (visual scorers, image candidates): to be split with that work
+    "elastilab.adapters.llava.model",
+}
+MAX_FUNCTION_LINES = 60  # def line to last line, docstring included
+#: the functions allowed to be longer, each for a reason
+LONG_FUNCTIONS = {
+    # the routed forward of one block reads top to bottom: its attention and MLP sub-layers share a dozen
+    # locals (positions, kept rows, gates, the pad mask)
+    ("elastilab.core.block", "routed"),
+    ("elastilab.core.estimator", "estimate"),  # its training twin, the same shape
+    # the training loop: step, epoch position, log and last checkpoint run through all of it
+    # (its parts: _training_data, _optimizer, _update, _checkpoint)
+    ("elastilab.training.distill", "distill"),
+    # one pass over the batches filling eight per-task tallies (accuracy, agreement, patches kept, KL)
+    ("elastilab.tasks.vlm", "evaluate"),
+    ("elastilab.adapters.llava.model", "forward"),  # visual-token choice and the three LM paths it feeds
+}
 
 
 def modules() -> dict[str, Path]:
@@ -95,4 +115,19 @@ def test_command_handlers_live_in_cli_and_modules_stay_small():
         if not name.startswith("elastilab.cli"):
             assert not handlers, f"{name} defines command handlers {handlers}: they belong in elastilab/cli/"
         n = len(path.read_text().splitlines())
-        assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES}): split it"
+        assert n <= MAX_LINES or name in LONG_MODULES, \
+            f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES}): split it"
+        assert not (name in LONG_MODULES and n <= MAX_LINES), f"{name} is short now: take it off LONG_MODULES"
+
+
+def test_functions_stay_short():
+    long = {}
+    for name, path in modules().items():
+        for f in ast.walk(ast.parse(path.read_text())):
+            n = f.end_lineno - f.lineno + 1 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) else 0
+            if n > MAX_FUNCTION_LINES:
+                long[name, f.name] = n
+    over = {k: n for k, n in long.items() if k not in LONG_FUNCTIONS}
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines (split them, or list one with its reason): {over}"
+    stale = LONG_FUNCTIONS - set(long)
+    assert not stale, f"{stale} are short now: take them off LONG_FUNCTIONS"

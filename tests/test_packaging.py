@@ -112,13 +112,13 @@ def test_command_defaults_are_the_functions_defaults(tmp_path):
     from elastilab.analysis import bench, vision, vlm
     from elastilab.cli import main as cli
     from elastilab.cli.args import default_of
-    from elastilab.zoo import dinov2, tiny_llava
+    from elastilab.zoo import dinov2, tiny_llava_train
     parse = lambda *argv: cli.parser().parse_args([*argv, "--out", str(tmp_path)])  # noqa: E731
     assert parse("vit", "train", "--domain", "photos").images == default_of(vision.train, "n") == 256
     assert parse("vit", "crossdomain").images == default_of(vision.crossdomain, "n")
     assert parse("vlm", "train").capacity_range == default_of(vlm.train_visual_router, "capacity_range")
     assert parse("vlm", "bench").routers == default_of(vlm.bench, "routers")
-    assert parse("zoo", "tiny-llava-train").steps == default_of(tiny_llava.train, "steps") == 120
+    assert parse("zoo", "tiny-llava-train").steps == default_of(tiny_llava_train.train, "steps") == 120
     assert parse("zoo", "dinov2-probe").size == default_of(dinov2.train_probe, "size")
     assert parse("bench", "mlp").reps == default_of(bench.mlp_speed, "reps") == 5
     assert parse("bench", "speed").reps == default_of(bench.speed, "reps") == 3

@@ -264,7 +264,7 @@ def test_the_library_never_calls_torch_load():
     (["vit", "bench"], "elastilab.analysis.vision", "bench"),
     (["vit", "crossdomain"], "elastilab.analysis.vision", "crossdomain"),
     (["vlm", "train"], "elastilab.zoo.tiny_llava", "load"), (["vlm", "bench"], "elastilab.zoo.tiny_llava", "load"),
-    (["zoo", "tiny-llava-train"], "elastilab.zoo.tiny_llava", "train"),
+    (["zoo", "tiny-llava-train"], "elastilab.zoo.tiny_llava_train", "train"),
     (["zoo", "dinov2-probe"], "elastilab.zoo.dinov2", "train_probe"),
     (["bench", "speed", "--model", "tiny"], "elastilab.analysis.bench", "speed"),
 ])

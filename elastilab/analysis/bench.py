@@ -28,6 +28,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from elastilab.analysis.timing import device_kind, interleaved, load_average, sync_for, total_flops
+from elastilab.core.components import in_sublayer
 from elastilab.core.config import LAYER_COMPONENTS
 from elastilab_kernels.head_attention import head_routed_attention
 from elastilab_kernels.reference import head_attention_reference
@@ -102,45 +104,6 @@ def machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
-
-
-def device_kind(device: str) -> str:
-    return "cpu" if torch.device(device).type == "cpu" else "gpu"
-
-
-def _sync(device: str):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 1, sync=lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each fn, taking turns within every repetition (so a change of machine
-    load hits all of them alike); the first ``warmup`` rounds are not recorded."""
-    times = {k: [] for k in fns}
-    for r in range(warmup + reps):
-        for k, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def total_flops(fn) -> int:
-    """Matmul + attention FLOPs of ``fn()`` (elastilab.core.compute registers the CPU attention formula)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from elastilab.core import compute  # noqa: F401  (registers the FLOP formulas torch lacks)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def _capacities(component: str, capacity: float) -> dict[str, float]:
     return {c: capacity if component in ("all", c) else 1.0 for c in LAYER_COMPONENTS}
 
@@ -167,7 +130,7 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
     net, vocab = load_model(model, device, getattr(torch, dtype), seed)
     em = el.elastify(net, el.ElasticConfig(**{c: 1.0 for c in LAYER_COMPONENTS}, n_experts=n_experts))
     em.to(device=device, dtype=getattr(torch, dtype))  # routers are created on the CPU in fp32
-    sync, rows = _sync(device), []
+    sync, rows = sync_for(device), []
     gen = torch.Generator().manual_seed(seed)
     try:
         for B, T, caps in plan:
@@ -183,12 +146,7 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
                 RoutedAttention.head_attention = staticmethod(impls[impl])
                 net(inputs)
 
-            configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
-            configs += [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends
-                        for i in heads
-                        # backends differ in the MLP only
-                        if (b == backends[0] or c not in ("attn_tokens", "attn_heads"))
-                        and (i == heads[0] or c in ("attn_heads", "all"))]
+            configs = _configs(caps, components, backends, heads)
             fns = {"dense": dense, **{cfg: (lambda cfg=cfg: routed(*cfg)) for cfg in configs}}
             load0 = load_average()
             t0 = time.perf_counter()
@@ -203,24 +161,39 @@ def speed(model: str = "smollm2-135m", shapes=SHAPES, capacities=CAPACITIES, com
             load1 = load_average()
             log(f"{B}x{T}: {len(fns)} configurations x {warmup}+{reps} rounds in {time.perf_counter() - t0:.0f} s "
                 f"(load {load0} -> {load1})")
-            d_med = statistics.median(times["dense"])
-            for cfg in configs:
-                comp, cap, backend, impl = cfg
-                r_med = statistics.median(times[cfg])
-                paired = statistics.median(d / r for d, r in zip(times["dense"], times[cfg]))
-                ideal = flops["dense"] / flops[comp, cap]
-                for c in (components if cap == 1.0 else (comp,)):
-                    rows.append({
-                        "model": model, "device": device_kind(device), "dtype": dtype, "backend": backend,
-                        "heads": impl, "batch": B, "seq": T, "component": c, "capacity": cap,
-                        "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med, "speedup_paired": paired,
-                        "dense_gflops": flops["dense"] * B / 1e9, "routed_gflops": flops[comp, cap] * B / 1e9,
-                        "ideal_speedup": ideal, "realised": d_med / r_med / ideal,
-                        "reps": reps, "threads": torch.get_num_threads(), "load_start": load0, "load_end": load1})
+            rows += _rows(configs, times, flops, components, (B, T),
+                          dict(model=model, device=device_kind(device), dtype=dtype),
+                          dict(reps=reps, threads=torch.get_num_threads(), load_start=load0, load_end=load1))
     finally:
         RoutedAttention.head_attention = staticmethod(impls["grouped"])
         em.unelastify()
     return pd.DataFrame(rows)
+
+
+def _configs(caps, components, backends, heads) -> list[tuple]:
+    """(component, capacity, backend, heads) to time at one shape: capacity 1.0 once (every component at
+    1.0), other backends only where they differ (the MLP), other head implementations only for heads."""
+    configs = [("all", 1.0, backends[0], heads[0])] if 1.0 in caps else []
+    return configs + [(c, cap, b, i) for cap in caps if cap < 1.0 for c in components for b in backends for i in heads
+                      if (b == backends[0] or c not in in_sublayer("attention"))
+                      and (i == heads[0] or c in ("attn_heads", "all"))]
+
+
+def _rows(configs, times, flops, components, shape, first: dict, last: dict) -> list[dict]:
+    """One row per timed configuration (capacity 1.0: one under each component): medians, their ratio,
+    the median of the paired ratios, and the ideal speedup the FLOPs of one sequence give."""
+    (B, T), d_med, rows = shape, statistics.median(times["dense"]), []
+    for cfg in configs:
+        comp, cap, backend, impl = cfg
+        r_med = statistics.median(times[cfg])
+        paired = statistics.median(d / r for d, r in zip(times["dense"], times[cfg]))
+        ideal = flops["dense"] / flops[comp, cap]
+        rows += [{**first, "backend": backend, "heads": impl, "batch": B, "seq": T, "component": c, "capacity": cap,
+                  "dense_s": d_med, "routed_s": r_med, "speedup": d_med / r_med, "speedup_paired": paired,
+                  "dense_gflops": flops["dense"] * B / 1e9, "routed_gflops": flops[comp, cap] * B / 1e9,
+                  "ideal_speedup": ideal, "realised": d_med / r_med / ideal, **last}
+                 for c in (components if cap == 1.0 else (comp,))]
+    return rows
 
 
 #: the head-routing implementations ``speed(heads=...)`` can time
@@ -275,7 +248,7 @@ def mlp_speed(dims: str = "smollm2-135m", rows: int = 4096, capacities=(0.75, 0.
             fns.update({(comp, cap, b): (lambda fn=fn, b=b: fn(b)) for b in backends})
     load0 = load_average()
     with torch.no_grad():
-        times = interleaved(fns, reps, warmup, _sync(device))
+        times = interleaved(fns, reps, warmup, sync_for(device))
     load1 = load_average()
     d_med = statistics.median(times["dense"])
     out = []

@@ -72,6 +72,16 @@ def _matched(tokens: torch.Tensor, teacher: torch.Tensor) -> float:
     return float(same.float().median())
 
 
+def _quality(em, blocks: torch.Tensor, teacher, apply, base: dict) -> dict:
+    """A point's held-out perplexity ratio and measured model compute (one block at a time, as frontier() counts)."""
+    apply()
+    q = evaluate(em, blocks, teacher=teacher)
+    f = [measure_flops(em, b[None]) for b in blocks]
+    with em.capacity(**base):
+        d = [measure_flops(em, b[None]) for b in blocks]
+    return {"ppl_ratio": q["ppl_ratio"], "model_compute": sum(x["total"] for x in f) / sum(x["total"] for x in d)}
+
+
 def decode_speed(em, tok, points: list[dict], batches=(1, 4), prompt_len: int = 64, new_tokens: int = 64,
                  prefill: tuple[int, int] | None = (8, 512), reps: int = 5, warmup: int = 1,
                  domain: str = "licenses", quality_blocks: int = 8, seq_len: int = 128, log=print) -> pd.DataFrame:
@@ -100,15 +110,7 @@ def decode_speed(em, tok, points: list[dict], batches=(1, 4), prompt_len: int = 
     rows = []
     with torch.no_grad():
         teacher = teacher_logits(em, blocks)
-        quality = {}
-        for p in pts[1:]:
-            at(p, lambda: None)()
-            q = evaluate(em, blocks, teacher=teacher)
-            f = [measure_flops(em, b[None]) for b in blocks]
-            with em.capacity(**base):
-                d = [measure_flops(em, b[None]) for b in blocks]
-            quality[p["name"]] = {"ppl_ratio": q["ppl_ratio"], "model_compute": sum(x["total"] for x in f) /
-                                  sum(x["total"] for x in d)}
+        quality = {p["name"]: _quality(em, blocks, teacher, at(p, lambda: None), base) for p in pts[1:]}
         for B in batches:
             ids = prompts[:B]
             times = {p["name"]: [] for p in pts}

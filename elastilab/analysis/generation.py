@@ -76,6 +76,24 @@ def _equal_length_chunks(prompts: list, batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def _check_decodable(em) -> None:
+    """Token routing decodes in a causal mode with calibrated routers only (see generation_agreement)."""
+    blocks = em.blocks
+    active = sorted({c for b in blocks for c, r in b.routers.items() if b.capacity[c] < 1.0})
+    tokens = [c for c in active if c in TOKEN_COMPONENTS]
+    mode = em.elastic_config.mode
+    if tokens and mode == "topk":
+        raise ValueError(f"{', '.join(tokens)} below capacity 1.0 in mode 'topk': generation decodes one token per "
+                         "step, and top-k over one token always keeps it (every step would run dense); use "
+                         "em.set_mode('threshold') with calibrated routers (em.calibrate)")
+    if tokens:
+        missing = sorted({c for b in blocks for c, r in b.routers.items()
+                          if c in TOKEN_COMPONENTS and b.capacity[c] < 1.0 and not r.calibrated})
+        if missing:
+            raise ValueError(f"{mode} mode needs calibrated token routers, and the {', '.join(missing)} routers "
+                             "are not; call em.calibrate(token_blocks) first")
+
+
 def generation_agreement(em, prompts, max_new_tokens: int = 32, batch_size: int = 16, teacher=None,
                          teacher_forced: bool = True) -> dict:
     """How long greedy generation of the elastic model stays on the teacher's path.
@@ -97,20 +115,7 @@ def generation_agreement(em, prompts, max_new_tokens: int = 32, batch_size: int 
     Head and expert routing (``attn_heads``, ``mlp_experts``) choose per token: either mode.
     """
     prompts = _prompt_list(prompts)
-    blocks = em.blocks
-    active = sorted({c for b in blocks for c, r in b.routers.items() if b.capacity[c] < 1.0})
-    tokens = [c for c in active if c in TOKEN_COMPONENTS]
-    mode = em.elastic_config.mode
-    if tokens and mode == "topk":
-        raise ValueError(f"{', '.join(tokens)} below capacity 1.0 in mode 'topk': generation decodes one token per "
-                         "step, and top-k over one token always keeps it (every step would run dense); use "
-                         "em.set_mode('threshold') with calibrated routers (em.calibrate)")
-    if tokens:
-        missing = sorted({c for b in blocks for c, r in b.routers.items()
-                          if c in TOKEN_COMPONENTS and b.capacity[c] < 1.0 and not r.calibrated})
-        if missing:
-            raise ValueError(f"{mode} mode needs calibrated token routers, and the {', '.join(missing)} routers "
-                             "are not; call em.calibrate(token_blocks) first")
+    _check_decodable(em)
     if teacher is None:
         with em.routers_disabled():
             teacher = greedy_continuations(em, prompts, max_new_tokens, batch_size)

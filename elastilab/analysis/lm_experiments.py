@@ -57,9 +57,8 @@ def routing_map(em, ids: torch.Tensor, component: str, capacity: float) -> np.nd
     """keep[layer, token] (bool) of one token component at ``capacity``, the others dense, for the
     first sequence of ``ids``; a layer that does not route it (no router, kept dense) keeps every token."""
     with em.capacity(**_alone(em, component, capacity)):
-        em(ids)
-        rows = {b.layer_idx: b.aux[component][1][0].cpu().numpy() for b in em.blocks if component in b.aux}
-    return np.stack([rows.get(i, np.ones(ids.shape[1], bool)) for i in range(_n_layers(em))])
+        trace = em.trace(ids)
+    return trace.map(component, tuple(ids.shape))[:, 0]
 
 
 @torch.no_grad()
@@ -69,14 +68,8 @@ def slot_usage(em, ids: torch.Tensor, component: str, capacity: float, layer: in
     if ids.shape[0] != 1:
         raise ValueError(f"slot_usage takes one sequence, ids [1, T]; got {tuple(ids.shape)}")
     with em.capacity(**_alone(em, component, capacity)):
-        em(ids)
-    n = next(b for b in em.blocks if component in b.routers).routers[component].proj.out_features
-    chosen = {b.layer_idx: b.aux[component][1].cpu() for b in em.blocks if component in b.aux}
-    per_layer = np.stack([torch.bincount(chosen[i].reshape(-1), minlength=n).numpy() / ids.shape[1]
-                          if i in chosen else np.ones(n) for i in range(_n_layers(em))])  # no router: dense
-    token_map = np.zeros((ids.shape[1], n))
-    np.put_along_axis(token_map, chosen[layer].numpy(), 1, axis=1)
-    return token_map, per_layer
+        trace = em.trace(ids)
+    return trace.slot_map(component, layer), trace.usage(component)
 
 
 # ---------------------------------------------------------------- experiments

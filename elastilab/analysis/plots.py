@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from elastilab.core.config import TOKEN_COMPONENTS
+from elastilab.core.config import PARAM_COMPONENTS, TOKEN_COMPONENTS
+from elastilab.core.trace import RoutingTrace
 from elastilab.tasks.vit import SIZE, prefix_tokens, vit_outputs
 
 
@@ -18,30 +19,17 @@ def routing_maps(em, x: Tensor) -> dict[str, np.ndarray]:
     """After one forward on x: for each token component, keep masks [layers, B, patches] (bool, prefix
     tokens dropped); a layer whose router is off (capacity 1.0, dense layer) shows every patch kept."""
     hidden, _ = vit_outputs(em, x)
-    P, (B, T) = prefix_tokens(em), hidden.shape[:2]
-    layers = em.adapter.layers(em.model)
-    out = {}
-    for comp in TOKEN_COMPONENTS:
-        if comp in em.capacities:
-            maps = np.ones((len(layers), B, T - P), bool)
-            for b in em.blocks:
-                if comp in b.aux:
-                    maps[b.layer_idx] = b.aux[comp][1][:, P:].cpu().numpy()
-            out[comp] = maps
-    return out
+    trace, P = RoutingTrace.of(em), prefix_tokens(em)
+    return {c: trace.map(c, hidden.shape[:2])[:, :, P:] for c in TOKEN_COMPONENTS if c in em.capacities}
 
 
 @torch.no_grad()
 def slot_usage(em, x: Tensor) -> dict[str, np.ndarray]:
-    """After one forward on x: fraction of tokens choosing each head [layers, H] / expert [layers, E]."""
+    """After one forward on x: fraction of tokens choosing each head [layers, H] / expert [layers, E]
+    (1.0 in a layer that does not route it); a component no layer routed is left out."""
     vit_outputs(em, x)
-    out = {}
-    for comp in ("attn_heads", "mlp_experts"):
-        rows = [torch.bincount(b.aux[comp][1].reshape(-1), minlength=b.routers[comp].proj.out_features).float()
-                / len(b.aux[comp][1]) for b in em.blocks if comp in b.aux]
-        if rows:
-            out[comp] = torch.stack(rows).numpy()
-    return out
+    trace = RoutingTrace.of(em)
+    return {c: trace.usage(c) for c in PARAM_COMPONENTS if c in trace.components}
 
 
 def overlay(ax, image: np.ndarray, keep: np.ndarray, title: str = "", size: int = SIZE):
@@ -55,7 +43,7 @@ def overlay(ax, image: np.ndarray, keep: np.ndarray, title: str = "", size: int 
     ax.set_xticks([]), ax.set_yticks([])
 
 
-def routing_grid(images, maps: dict, layers=None, components=("attn_tokens", "mlp_tokens"), labels=None,
+def routing_grid(images, maps: dict, layers=None, components=TOKEN_COMPONENTS, labels=None,
                  size: float = 1.1):
     """One row per (image, component), one column per layer: the patches each layer kept (bright) on the
     image. Layer numbers head the columns once and each row is named at its left, so no label sits over

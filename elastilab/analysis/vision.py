@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from elastilab.core.config import TOKEN_COMPONENTS
+from elastilab.core.config import LAYER_COMPONENTS, TOKEN_COMPONENTS
 from elastilab.data import ROOT
 from elastilab.files import atomic_write
 from elastilab.tasks.vit import (
@@ -116,7 +116,7 @@ def bench(routers: str = SHIPPED_ROUTERS, n: int = 16, caps=(0.75, 0.5), command
 def crossdomain(n: int = 24, caps: dict | None = None, command: str = "", out=None) -> list[dict]:
     """Routers trained on each domain, evaluated on every domain at the same capacities; random
     routing (``trained_on="random"``) as the floor. Stored under "crossdomain" in ``out`` if given."""
-    caps = caps or {"attn_tokens": 1.0, "mlp_tokens": 1.0, "attn_heads": 1.0, "mlp_experts": 0.75}
+    caps = caps or {**dict.fromkeys(LAYER_COMPONENTS, 1.0), "mlp_experts": 0.75}
     tests = {d: domain(d, "test", n) for d in DOMAINS}
     rows = []
     for trained in (*DOMAINS, "random"):

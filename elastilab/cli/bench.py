@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from elastilab.analysis import bench
+from elastilab.analysis import bench, timing
 from elastilab.cli.args import HelpFormatter, capacities, capacity, command_line, default_of, positive_int
 from elastilab.core.config import LAYER_COMPONENTS
 
@@ -66,8 +66,8 @@ def cmd_speed(args) -> int:
     info = {**bench.machine(), "model": args.model, "command": command_line(args)}
     df = bench.speed(args.model, args.shape, args.capacities, args.components, args.backends, args.reps, args.warmup,
                      args.device, args.dtype, args.n_experts, heads=args.heads)
-    info["load_end"] = bench.load_average()
-    name = args.name or f"speed_{bench.device_kind(args.device)}" + ("" if args.model == "smollm2-135m"
+    info["load_end"] = timing.load_average()
+    name = args.name or f"speed_{timing.device_kind(args.device)}" + ("" if args.model == "smollm2-135m"
                                                                        else f"_{args.model}")
     path = bench.write(df, args.out, name, info)
     bench.plot_speed(df, f"{args.model} {args.dtype} on {info['cpu'] if info['gpu'] == 'none' else info['gpu']}, "
@@ -82,7 +82,7 @@ def cmd_mlp(args) -> int:
     info = {**bench.machine(), "command": command_line(args)}
     df = bench.mlp_speed(args.dims, args.rows, args.capacities, args.backends, args.n_experts, args.reps, args.warmup,
                          args.device, args.dtype)
-    name = args.name or (f"mlp_{bench.device_kind(args.device)}"
+    name = args.name or (f"mlp_{timing.device_kind(args.device)}"
                          + ("" if args.dims == "smollm2-135m" else f"_{args.dims}"))
     path = bench.write(df, args.out, name, info)
     print(df[["component", "capacity", "backend", "rows", "dense_s", "routed_s", "speedup", "ideal_speedup",
@@ -99,11 +99,11 @@ def cmd_decode(args) -> int:
     model, tok = load_lm(args.model)
     em = bench_decode.elastic_model(model, args.point or [], args.routers)
     info = {**bench.machine(), "model": args.model, "routers": args.routers, "command": command_line(args),
-            "load_start": bench.load_average()}
+            "load_start": timing.load_average()}
     df = bench_decode.decode_speed(em, tok, args.point or [], args.batches, args.prompt_len, args.new_tokens,
                                    args.prefill, args.reps, args.warmup, args.domain, args.quality_blocks,
                                    args.seq_len)
-    info["load_end"] = bench.load_average()
+    info["load_end"] = timing.load_average()
     path = bench.write(df, args.out, args.name, info)
     bench_decode.plot_decode(df, f"{args.model} on {info['cpu']}, {info['threads']} thread(s), {info['date'][:10]}",
                              args.out / f"{args.name}.png")
@@ -128,29 +128,35 @@ def cmd_profile(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    """``elastilab bench speed | mlp | profile``; defaults are those of bench.speed / mlp_speed / profile."""
+    """``elastilab bench speed | mlp | decode | profile``; defaults are those of the functions they run."""
     p = sub.add_parser("bench", help="speed benchmarks: dense vs routed time next to the ideal (FLOPs) speedup")
     bsub = p.add_subparsers(dest="bench", required=True)
+    for add in (_add_speed, _add_mlp, _add_decode, _add_profile):
+        add(bsub)
 
-    def common(q, fn):
-        q.add_argument("--device", default=DEVICE, help="where to run (cuda if available)")
-        q.add_argument("--dtype", default=default_of(fn, "dtype"), choices=("float32", "bfloat16", "float16"),
-                       help="weights and activations")
-        q.add_argument("--n-experts", type=positive_int, default=default_of(fn, "n_experts"), help="MLP slices")
-        q.add_argument("--reps", type=positive_int, default=default_of(fn, "reps"),
-                       help="timed rounds (medians are reported)")
-        q.add_argument("--warmup", type=int, default=default_of(fn, "warmup"), help="untimed rounds first")
-        q.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
-                       help="MLP kernels to compare (auto: Triton on CUDA, else torch; triton needs CUDA)")
-        q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-        q.add_argument("--out", type=Path, required=True,
-                       help=f"folder for the CSV (and plot); the committed results are in {bench.RESULTS}/")
-        q.add_argument("--name", help="file name stem (default: speed_ or mlp_, the device kind, and _MODEL "
-                                      "unless smollm2-135m)")
-        return q
 
-    s = common(bsub.add_parser("speed", help="whole-model forward time per component and capacity",
-                               formatter_class=HelpFormatter), bench.speed)
+def _common(q, fn):
+    """The options speed and mlp share (their defaults: fn's)."""
+    q.add_argument("--device", default=DEVICE, help="where to run (cuda if available)")
+    q.add_argument("--dtype", default=default_of(fn, "dtype"), choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations")
+    q.add_argument("--n-experts", type=positive_int, default=default_of(fn, "n_experts"), help="MLP slices")
+    q.add_argument("--reps", type=positive_int, default=default_of(fn, "reps"),
+                   help="timed rounds (medians are reported)")
+    q.add_argument("--warmup", type=int, default=default_of(fn, "warmup"), help="untimed rounds first")
+    q.add_argument("--backends", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
+                   help="MLP kernels to compare (auto: Triton on CUDA, else torch; triton needs CUDA)")
+    q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    q.add_argument("--out", type=Path, required=True,
+                   help=f"folder for the CSV (and plot); the committed results are in {bench.RESULTS}/")
+    q.add_argument("--name", help="file name stem (default: speed_ or mlp_, the device kind, and _MODEL "
+                                  "unless smollm2-135m)")
+    return q
+
+
+def _add_speed(bsub) -> None:
+    s = _common(bsub.add_parser("speed", help="whole-model forward time per component and capacity",
+                                formatter_class=HelpFormatter), bench.speed)
     s.add_argument("--model", default=default_of(bench.speed, "model"), choices=bench.MODELS,
                    help="the offline SmolLM2, or a random-init Llama of these dims")
     s.add_argument("--shape", nargs="+", default=list(default_of(bench.speed, "shapes")),
@@ -163,8 +169,11 @@ def add_parsers(sub) -> None:
                    help="head-routing implementations: the library's, grouped by head "
                         "(elastilab_kernels.head_attention), and/or the plain loop over rows x heads")
     s.set_defaults(func=cmd_speed)
-    m = common(bsub.add_parser("mlp", help="the MLP alone: dense vs token-routed vs expert-sliced",
-                               formatter_class=HelpFormatter), bench.mlp_speed)
+
+
+def _add_mlp(bsub) -> None:
+    m = _common(bsub.add_parser("mlp", help="the MLP alone: dense vs token-routed vs expert-sliced",
+                                formatter_class=HelpFormatter), bench.mlp_speed)
     m.add_argument("--dims", default=default_of(bench.mlp_speed, "dims"), choices=tuple(bench.MLP_DIMS),
                    help="(d, hidden) of this model's MLP")
     m.add_argument("--rows", type=positive_int, default=default_of(bench.mlp_speed, "rows"),
@@ -172,6 +181,9 @@ def add_parsers(sub) -> None:
     m.add_argument("--capacities", type=capacities, default=default_of(bench.mlp_speed, "capacities"),
                    help="comma-separated")
     m.set_defaults(func=cmd_mlp)
+
+
+def _add_decode(bsub) -> None:
     from elastilab.analysis.bench_decode import decode_speed
     from elastilab.analysis.generation_points import point_spec
     c = bsub.add_parser("decode", help="greedy decoding with the KV cache and a long prefill: dense vs operating "
@@ -200,8 +212,11 @@ def add_parsers(sub) -> None:
                    help="tokens per quality block")
     c.add_argument("--out", type=Path, required=True,
                    help=f"folder for the CSV and plot (committed: {bench.RESULTS}/)")
-    c.add_argument("--name", default=f"decode_{bench.device_kind(DEVICE)}", help="file name stem")
+    c.add_argument("--name", default=f"decode_{timing.device_kind(DEVICE)}", help="file name stem")
     c.set_defaults(func=cmd_decode)
+
+
+def _add_profile(bsub) -> None:
     f = bsub.add_parser("profile", help="operator self-times of one routed forward vs the dense one",
                         formatter_class=HelpFormatter)
     f.add_argument("--model", default=default_of(profile, "model"), choices=bench.MODELS, help="as for speed")

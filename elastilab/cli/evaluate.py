@@ -13,6 +13,7 @@ from pathlib import Path
 
 from elastilab.cli import train
 from elastilab.cli.args import HelpFormatter, positive_int, recommended_capacities
+from elastilab.core.components import COMPONENTS
 from elastilab.core.config import TOKEN_COMPONENTS
 
 
@@ -51,7 +52,7 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
 
 def _slots(block, comp: str) -> tuple[int, str]:
     """What ``comp`` chooses among in each token of ``block``: (how many, their name)."""
-    if comp == "mlp_units":
+    if COMPONENTS[comp].kind == "gated":  # units of the MLP's width, chosen by its gate
         return block.adapter.block_spec(block.base_layer, block.layer_idx).mlp.width, "units"
     return block.routers[comp].proj.out_features, "heads" if comp == "attn_heads" else "experts"
 
@@ -68,8 +69,8 @@ def _measured_capacities(em):
             return
         c = block.counts
         for comp in block.capacity:
-            if comp in ("attn_tokens", "mlp_tokens"):
-                frac = c["attn_rows" if comp == "attn_tokens" else "mlp_rows"] / (c["B"] * c["T"])
+            if comp in TOKEN_COMPONENTS:  # the rows its sub-layer computed
+                frac = c["attn_rows" if COMPONENTS[comp].sublayer == "attention" else "mlp_rows"] / (c["B"] * c["T"])
             else:
                 n = _slots(block, comp)[0]
                 frac = n_kept(block.capacity[comp], n) / n

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from elastilab.analysis.report import report, update_block
 from elastilab.cli.args import HelpFormatter, capacities, command_line, default_of, int_at_least, names, positive_int
-from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, VISUAL_COMPONENTS
 from elastilab.data import ROOT, read_images
 from elastilab.zoo import VISION_MODELS, VLM_MODELS
 
@@ -52,56 +52,18 @@ def build(args):
     """(elastic model, task, components, calibration task or None) for the command's model and data.
     The calibration task is what ``--allocate`` measures the layers' costs on: a domain's train split,
     a text file or an image folder (never the data the frontier reports)."""
-    from elastilab.analysis import frontier as fr
     kind = modality(args)
     comps = args.components or LAYER_COMPONENTS
     if kind == "language":
-        from elastilab import data, zoo
-        if args.images is not None:
-            raise ValueError("--images needs a vision model (--model dinov2-small or a ViT folder)")
-        model, tok = zoo.load(args.model)
-        if not args.components:  # every component the family supports (OLMo 2 has no attn_heads)
-            from elastilab.adapters import find_adapter
-            comps = [c for c in comps if c in find_adapter(model).components]
-        text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
-        blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
-        calibration = None
-        if cal := args.allocate or args.allocate_model:
-            src = Path(cal)
-            text, split = (data.text_file(src), "all") if src.is_file() else (data.text(cal), "train")
-            calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:args.calibration_blocks])
-        em = _elastic(model, args, comps)
-        if args.calibrate:
-            _fit_unit_predictors(em, tok, args)
-        return em, fr.LMTask(blocks), comps, calibration
+        return _language(args, comps)
     if args.calibrate:
         raise ValueError("--calibrate fits the unit predictors of language models (--model smollm2-135m, ...)")
     if kind == "vision":
-        from elastilab.tasks import vit as vision
-        from elastilab.zoo import dinov2, pretrained
-        if args.text is not None:
-            raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
-        if args.model in VISION_MODELS:
-            model, probe = dinov2.load_hf(), dinov2.load_probe()
-        else:
-            from transformers import AutoModel
-            model, probe = pretrained(AutoModel, args.model), None
-        if args.images is not None:
-            images, labels = read_images(args.images, args.n_images), None
-        else:
-            images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
-        em = _elastic(model, args, comps)
-        if args.skipped_tokens:  # else the routers' own setting (drop for fresh ones)
-            em.set_skipped_tokens(args.skipped_tokens)
-        calibration = None
-        if src_name := args.allocate or args.allocate_model:
-            src = Path(src_name)
-            cal = read_images(src, 32) if src.is_dir() else vision.domain(src_name, "train", 32)[0]
-            calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
-        return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
+        return _vision(args, comps)
     if args.allocate or args.allocate_model:
         raise ValueError("--allocate and --allocate-model spread a layer component's budget across layers; "
                          "tiny-llava's visual_tokens are chosen once, before the language model")
+    from elastilab.analysis import frontier as fr
     from elastilab.tasks import vlm
     from elastilab.zoo import tiny_llava
     if args.images is not None or args.text is not None or args.domain not in (None, "digits", "scenes"):
@@ -112,8 +74,58 @@ def build(args):
         items, feats = vlm.tiny_llava_data(model, tok, "test", tasks="scenes", scenes=args.n_images)
     else:
         items, feats = vlm.tiny_llava_data(model, tok, "test", args.per_class, args.faces)
-    comps = args.components or ("visual_tokens",)
+    comps = args.components or VISUAL_COMPONENTS
     return _elastic(model, args, comps), fr.VLMTask(tok, items, feats), comps, None
+
+
+def _language(args, comps):
+    """build() for a causal LM: held-out token blocks of --text / --domain, calibration blocks for --allocate."""
+    from elastilab import data, zoo
+    from elastilab.analysis import frontier as fr
+    if args.images is not None:
+        raise ValueError("--images needs a vision model (--model dinov2-small or a ViT folder)")
+    model, tok = zoo.load(args.model)
+    if not args.components:  # every component the family supports (OLMo 2 has no attn_heads)
+        from elastilab.adapters import find_adapter
+        comps = [c for c in comps if c in find_adapter(model).components]
+    text = data.text_file(args.text) if args.text else data.text(args.domain or "licenses")
+    blocks = data.token_blocks(tok, text, args.seq_len, split=args.split)[: args.blocks]
+    calibration = None
+    if cal := args.allocate or args.allocate_model:
+        src = Path(cal)
+        text, split = (data.text_file(src), "all") if src.is_file() else (data.text(cal), "train")
+        calibration = fr.LMTask(data.token_blocks(tok, text, args.seq_len, split=split)[:args.calibration_blocks])
+    em = _elastic(model, args, comps)
+    if args.calibrate:
+        _fit_unit_predictors(em, tok, args)
+    return em, fr.LMTask(blocks), comps, calibration
+
+
+def _vision(args, comps):
+    """build() for a vision tower: --images or a domain's test images (with the shipped probe for DINOv2)."""
+    from elastilab.analysis import frontier as fr
+    from elastilab.tasks import vit as vision
+    from elastilab.zoo import dinov2, pretrained
+    if args.text is not None:
+        raise ValueError("--text needs a language model; vision models take --images DIR or --domain")
+    if args.model in VISION_MODELS:
+        model, probe = dinov2.load_hf(), dinov2.load_probe()
+    else:
+        from transformers import AutoModel
+        model, probe = pretrained(AutoModel, args.model), None
+    if args.images is not None:
+        images, labels = read_images(args.images, args.n_images), None
+    else:
+        images, labels = vision.domain(args.domain or "digits", "test", args.n_images)
+    em = _elastic(model, args, comps)
+    if args.skipped_tokens:  # else the routers' own setting (drop for fresh ones)
+        em.set_skipped_tokens(args.skipped_tokens)
+    calibration = None
+    if src_name := args.allocate or args.allocate_model:
+        src = Path(src_name)
+        cal = read_images(src, 32) if src.is_dir() else vision.domain(src_name, "train", 32)[0]
+        calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
+    return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
 
 
 def _fit_unit_predictors(em, tok, args) -> None:
@@ -140,22 +152,7 @@ def cmd_frontier(args) -> int:
     run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
                               progress=not args.json)
     if args.allocate:
-        import pandas as pd
-
-        from elastilab.core.budget import allocate
-        em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
-        uniform = run()
-        for comp in comps:
-            if comp in LAYER_COMPONENTS + GATED_COMPONENTS:
-                # the layers' costs as the routers (or mlp_units' gate) choose, else as the oracle does
-                allocate(em, comp, calibration, scorer="learned" if args.routers or comp in GATED_COMPONENTS
-                         else "oracle", progress=not args.json)
-        df = pd.concat([uniform, run()], ignore_index=True)
-        df.attrs.update(uniform.attrs)
-        if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
-            em.save_routers(args.out / "routers", command=command_line(args),
-                            allocated_on=args.allocate, source=str(args.routers))
-            print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+        df = _allocated_frontier(args, em, comps, calibration, run)
     elif args.allocate_model:
         df = _model_frontier(args, em, task, calibration, run)
     else:
@@ -170,26 +167,54 @@ def cmd_frontier(args) -> int:
         from elastilab.analysis.model_frontier import model_savings
         summary = model_savings(df)
     if args.out is not None:
-        from elastilab.files import atomic_write
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "frontier.csv", lambda f: df.to_csv(f, index=False))
-        atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
-        if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
-            atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
-        if args.allocate_model:
-            from elastilab.analysis.model_frontier import plot_model_frontier
-            fig = plot_model_frontier(df, title=meta["command"][:110])
-        else:
-            fig = fr.plot_frontier(df, title=meta["command"][:90])
-        atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
-        print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png"
-              + (", per_item.csv" if getattr(task, "records", None) else ""), file=sys.stderr)
+        _write(args, df, summary, task, meta["command"])
     if args.json:
         print(json.dumps({**meta, "rows": df.drop(columns=["command", "date", "machine", "torch"]).to_dict("records")},
                          indent=1, default=float))
     else:
         print(summary.round(4).to_string(index=False))
     return 0
+
+
+def _allocated_frontier(args, em, comps, calibration, run):
+    """--allocate: the frontier with one capacity per layer, then with each component's budget allocated
+    across layers on the calibration data; the routers are saved with their allocation into --out."""
+    import pandas as pd
+
+    from elastilab.core.budget import allocate
+    em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
+    uniform = run()
+    for comp in comps:
+        if comp in LAYER_COMPONENTS + GATED_COMPONENTS:
+            # the layers' costs as the routers (or mlp_units' gate) choose, else as the oracle does
+            allocate(em, comp, calibration, scorer="learned" if args.routers or comp in GATED_COMPONENTS
+                     else "oracle", progress=not args.json)
+    df = pd.concat([uniform, run()], ignore_index=True)
+    df.attrs.update(uniform.attrs)
+    if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
+        em.save_routers(args.out / "routers", command=command_line(args),
+                        allocated_on=args.allocate, source=str(args.routers))
+        print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+    return df
+
+
+def _write(args, df, summary, task, command: str) -> None:
+    """frontier.csv, summary.csv, frontier.png (and per_item.csv for VLMs) into --out."""
+    from elastilab.analysis import frontier as fr
+    from elastilab.files import atomic_write
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "frontier.csv", lambda f: df.to_csv(f, index=False))
+    atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
+    if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
+        atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
+    if args.allocate_model:
+        from elastilab.analysis.model_frontier import plot_model_frontier
+        fig = plot_model_frontier(df, title=command[:110])
+    else:
+        fig = fr.plot_frontier(df, title=command[:90])
+    atomic_write(args.out / "frontier.png", lambda f: fig.savefig(f, dpi=110, format="png"))
+    print(f"wrote {args.out}/frontier.csv, summary.csv, frontier.png"
+          + (", per_item.csv" if getattr(task, "records", None) else ""), file=sys.stderr)
 
 
 def _model_frontier(args, em, task, calibration, run):
@@ -223,8 +248,12 @@ def cmd_report(args) -> int:
 
 def add_parsers(sub) -> None:
     """``elastilab frontier | report``."""
+    _add_frontier(sub)
+    _add_report(sub)
+
+
+def _add_frontier(sub) -> None:
     from elastilab.analysis.frontier import frontier
-    from elastilab.analysis.model_frontier import COMPUTES
     from elastilab.core.config import ElasticConfig
     f = sub.add_parser("frontier", help="quality vs measured compute for every selection method",
                        formatter_class=HelpFormatter)
@@ -257,6 +286,20 @@ def add_parsers(sub) -> None:
     f.add_argument("--skipped-tokens", choices=("drop", "merge"),
                    help="vision models: what a skipped token receives (nothing, or its nearest kept token's "
                         "output); default: what the --routers were trained with, else drop")
+    _allocation_options(f)
+    f.add_argument("--calibrate", metavar="DOMAIN_OR_PATH",
+                   help="fit the gate predictors of the lowrank_gate and two_stage scorers (mlp_units) on this "
+                        "calibration text (a shipped domain's train split or a text file; never the data "
+                        "reported); without it they use the weights' SVD")
+    f.add_argument("--out", type=Path,
+                   help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
+    f.add_argument("--json", action="store_true", help="print the rows as JSON")
+    f.set_defaults(func=_run_frontier)
+
+
+def _allocation_options(f) -> None:
+    """--allocate and --allocate-model: budgets spread across layers (and components), measured on calibration data."""
+    from elastilab.analysis.model_frontier import COMPUTES
     f.add_argument("--allocate", metavar="DOMAIN_OR_PATH",
                    help="also trace each component with its compute budget allocated across layers, measured on "
                         "this calibration data (a shipped domain's train split, a text file or an image folder; "
@@ -276,14 +319,9 @@ def add_parsers(sub) -> None:
                         "besides the oracle choosing under the routers' schedule")
     f.add_argument("--calibration-blocks", type=positive_int, default=4,
                    help="text blocks of the --allocate / --allocate-model calibration data")
-    f.add_argument("--calibrate", metavar="DOMAIN_OR_PATH",
-                   help="fit the gate predictors of the lowrank_gate and two_stage scorers (mlp_units) on this "
-                        "calibration text (a shipped domain's train split or a text file; never the data "
-                        "reported); without it they use the weights' SVD")
-    f.add_argument("--out", type=Path,
-                   help="folder for frontier.csv, summary.csv and frontier.png (else nothing is written)")
-    f.add_argument("--json", action="store_true", help="print the rows as JSON")
-    f.set_defaults(func=_run_frontier)
+
+
+def _add_report(sub) -> None:
     r = sub.add_parser("report", help="the result tables of docs/RESULTS.md from the committed CSVs",
                        formatter_class=HelpFormatter)
     r.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of frontier CSVs")

@@ -56,45 +56,15 @@ def cmd_generation(args) -> int:
     import transformers  # only for its version in the table; slow to import
     torch.manual_seed(0)
     model, tok = load_lm(args.model)
-    if args.routers is None:  # components chosen without a router (mlp_units: the MLP's own gate)
-        gated = list(args.components or ())
-        if not gated or any(c not in GATED_COMPONENTS for c in gated):
-            raise ValueError("without --routers, give --components from those that need none: "
-                             f"{', '.join(GATED_COMPONENTS)}")
-        em = elastify(model, ElasticConfig(**dict.fromkeys(gated, 1.0)))
-    else:
-        em = load_routers(model, args.routers)
-    em.set_mode(args.mode)
+    em = _elastic(model, args).set_mode(args.mode)
     points = generation_points(em, args, recommended_capacities(args.routers) if args.routers else None)
     prompts = _generation_prompts(tok, args)
-    calibration = None
-    if args.recalibrate:  # token routers: also run each point with thresholds measured on this text
-        src = Path(args.recalibrate)
-        text = data.text_file(src) if src.is_file() else data.text(args.recalibrate)
-        calibration = data.token_blocks(tok, text, 128, split="all" if src.is_file() else "train")
-        calibration = calibration[: args.calibration_blocks]
+    calibration = _calibration_blocks(tok, args) if args.recalibrate else None
     routers = _token_routers(em)
     shipped = {k: r.quantiles.clone() for k, r in routers.items()}
     base = {c: 1.0 for c in em.capacities}
     default_variant = em.elastic_config.attn_tokens_variant
-    runs = []  # (point, calibration name)
-    for p in points:
-        apply_point(em, base, p, default_variant)
-        active = [(b.layer_idx, c) for b in em.blocks for c in b.routers
-                  if (b.layer_idx, c) in routers and b._active(c)]
-        if not active:
-            runs.append((p, "-"))
-            continue
-        uncalibrated = sorted({c for k in active if not routers[k].calibrated for c in [k[1]]})
-        if uncalibrated and calibration is None:
-            raise ValueError(f"{p['name']}: {args.mode} mode needs calibrated token routers, and the "
-                             f"{', '.join(uncalibrated)} routers in {args.routers} are not; give --recalibrate DOMAIN "
-                             "(e.g. pydocs) to calibrate them at each point")
-        if not uncalibrated:
-            runs.append((p, "shipped"))
-        if calibration is not None:
-            runs.append((p, f"{args.recalibrate} ({len(calibration)} x 128 tokens)"))
-    apply_point(em, base, points[0], default_variant)
+    runs = _runs(em, points, routers, calibration, args)
     n_new = args.new_tokens
     print(f"elastilab generation: {len(prompts)} prompts of {args.prompt_len} tokens, {n_new} new tokens, "
           f"{len(runs)} points, mode {args.mode}", file=sys.stderr)
@@ -113,21 +83,7 @@ def cmd_generation(args) -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "transformers": transformers.__version__}
     rows = []
-
-    def row(p, cal, r, f=None):
-        return {"point": p["name"], "source": p["source"], "components": "+".join(p["capacities"]) or "-",
-                "capacities": " ".join(f"{c}={v:g}" for c, v in p["capacities"].items()) or "-",
-                "keep_dense": "; ".join(f"{c}: {' '.join(map(str, v))}" for c, v in p["keep_dense"].items()) or "-",
-                "attn_tokens_variant": p["variant"] or default_variant, "mode": args.mode, "calibration": cal,
-                "prompts": r["prompts"], "prompt_len": args.prompt_len, "new_tokens": n_new,
-                "median_matched": r["median_matched"], "mean_matched": round(r["mean_matched"], 4),
-                "min_matched": r["min_matched"], "all_matched": r["all_matched"],
-                "teacher_forced_agreement": round(r["teacher_forced_agreement"], 4),
-                "attention_compute": None if f is None else round(f["attention"] / dense["attention"], 5),
-                "mlp_compute": None if f is None else round(f["mlp"] / dense["mlp"], 5),
-                "routers_cost": None if f is None else round(f["routers"] / dense["total"], 6),
-                "model_compute": None if f is None else round(f["total"] / dense["total"], 5),
-                "matched": " ".join(map(str, r["matched"])), **meta}
+    row = lambda p, cal, r, f=None: _row(p, cal, r, f, dense, args, default_variant, meta)  # noqa: E731
 
     try:
         for p, cal in runs:
@@ -153,15 +109,79 @@ def cmd_generation(args) -> int:
                "source": "reference"}
         rows.append(row(ref, "-", r))
         del half
-    df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "generation.csv", lambda f: df.to_csv(f, index=False))
-    fig = plot_generation(df, title=meta["command"][:100])
-    atomic_write(args.out / "generation.png", lambda f: fig.savefig(f, dpi=100, format="png"))
-    print(f"wrote {args.out}/generation.csv, generation.png", file=sys.stderr)
+    _write(pd.DataFrame(rows), args.out, meta["command"])
+    return 0
+
+
+def _calibration_blocks(tok, args) -> torch.Tensor:
+    """--recalibrate's text (a file, or a shipped domain's training split) in 128-token blocks: token routers
+    also run each point with thresholds measured on it."""
+    src = Path(args.recalibrate)
+    text = data.text_file(src) if src.is_file() else data.text(args.recalibrate)
+    return data.token_blocks(tok, text, 128, split="all" if src.is_file() else "train")[: args.calibration_blocks]
+
+
+def _write(df: pd.DataFrame, out: Path, command: str) -> None:
+    """generation.csv and its plot into --out; the headline columns to stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "generation.csv", lambda f: df.to_csv(f, index=False))
+    fig = plot_generation(df, title=command[:100])
+    atomic_write(out / "generation.png", lambda f: fig.savefig(f, dpi=100, format="png"))
+    print(f"wrote {out}/generation.csv, generation.png", file=sys.stderr)
     cols = ["point", "calibration", "median_matched", "mean_matched", "teacher_forced_agreement", "model_compute"]
     print(df[cols].to_string(index=False))
-    return 0
+
+
+def _elastic(model, args):
+    """The shipped (or --routers) routers on the model, or, without routers, the gated components alone."""
+    if args.routers is not None:
+        return load_routers(model, args.routers)
+    gated = list(args.components or ())  # components chosen without a router (mlp_units: the MLP's own gate)
+    if not gated or any(c not in GATED_COMPONENTS for c in gated):
+        raise ValueError("without --routers, give --components from those that need none: "
+                         f"{', '.join(GATED_COMPONENTS)}")
+    return elastify(model, ElasticConfig(**dict.fromkeys(gated, 1.0)))
+
+
+def _runs(em, points, routers, calibration, args) -> list[tuple[dict, str]]:
+    """(point, calibration name) to run: a point without token routing once ("-"); one with token routing
+    with the shipped thresholds if they are calibrated, and with --recalibrate's if given."""
+    base, default_variant, runs = {c: 1.0 for c in em.capacities}, em.elastic_config.attn_tokens_variant, []
+    for p in points:
+        apply_point(em, base, p, default_variant)
+        active = [(b.layer_idx, c) for b in em.blocks for c in b.routers
+                  if (b.layer_idx, c) in routers and b._active(c)]
+        if not active:
+            runs.append((p, "-"))
+            continue
+        uncalibrated = sorted({c for k in active if not routers[k].calibrated for c in [k[1]]})
+        if uncalibrated and calibration is None:
+            raise ValueError(f"{p['name']}: {args.mode} mode needs calibrated token routers, and the "
+                             f"{', '.join(uncalibrated)} routers in {args.routers} are not; give --recalibrate DOMAIN "
+                             "(e.g. pydocs) to calibrate them at each point")
+        if not uncalibrated:
+            runs.append((p, "shipped"))
+        if calibration is not None:
+            runs.append((p, f"{args.recalibrate} ({len(calibration)} x 128 tokens)"))
+    apply_point(em, base, points[0], default_variant)
+    return runs
+
+
+def _row(p, cal, r, f, dense, args, default_variant, meta) -> dict:
+    """One table row: the point, its agreement with the teacher's greedy text, its measured compute (f)."""
+    return {"point": p["name"], "source": p["source"], "components": "+".join(p["capacities"]) or "-",
+            "capacities": " ".join(f"{c}={v:g}" for c, v in p["capacities"].items()) or "-",
+            "keep_dense": "; ".join(f"{c}: {' '.join(map(str, v))}" for c, v in p["keep_dense"].items()) or "-",
+            "attn_tokens_variant": p["variant"] or default_variant, "mode": args.mode, "calibration": cal,
+            "prompts": r["prompts"], "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "median_matched": r["median_matched"], "mean_matched": round(r["mean_matched"], 4),
+            "min_matched": r["min_matched"], "all_matched": r["all_matched"],
+            "teacher_forced_agreement": round(r["teacher_forced_agreement"], 4),
+            "attention_compute": None if f is None else round(f["attention"] / dense["attention"], 5),
+            "mlp_compute": None if f is None else round(f["mlp"] / dense["mlp"], 5),
+            "routers_cost": None if f is None else round(f["routers"] / dense["total"], 6),
+            "model_compute": None if f is None else round(f["total"] / dense["total"], 5),
+            "matched": " ".join(map(str, r["matched"])), **meta}
 
 
 def add_generation_parser(sub) -> None:

@@ -30,7 +30,7 @@ def cmd_dinov2_probe(args) -> int:
 
 
 def cmd_tiny_llava_train(args) -> int:
-    from elastilab.zoo.tiny_llava import train
+    from elastilab.zoo.tiny_llava_train import train
     kw = {"task_weights": args.task_weights} if args.task_weights else {}
     train(args.steps, args.batch_size, args.lr, args.seed, out=args.out, init=args.init, **kw)
     return 0
@@ -66,7 +66,7 @@ def _patch_multiple(text: str) -> int:
 
 def add_parsers(sub) -> None:
     """``elastilab zoo dinov2-build | dinov2-probe | tiny-llava-train``."""
-    from elastilab.zoo import dinov2, tiny_llava
+    from elastilab.zoo import dinov2, tiny_llava, tiny_llava_train
     z = sub.add_parser("zoo", help="rebuild the offline models' parts: DINOv2-S weights and probe, "
                                    "tiny-llava's projector")
     zsub = z.add_subparsers(dest="zoo", required=True)
@@ -86,7 +86,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_dinov2_probe)
     t = zsub.add_parser("tiny-llava-train", help="train tiny-llava's projector (LLaVA stage 1)",
                         formatter_class=HelpFormatter)
-    d = lambda name: default_of(tiny_llava.train, name)  # noqa: E731
+    d = lambda name: default_of(tiny_llava_train.train, name)  # noqa: E731
     t.add_argument("--steps", type=positive_int, default=d("steps"), help="optimizer steps")
     t.add_argument("--batch-size", type=positive_int, default=d("batch_size"), help="examples per step")
     t.add_argument("--lr", type=float, default=d("lr"), help="AdamW peak learning rate (warm-up, cosine decay)")

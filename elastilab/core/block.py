@@ -4,16 +4,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from elastilab.core.estimator import estimate
 from elastilab.core.lora import effective_weights
 from elastilab.core.routers import Router
 from elastilab.core.routing import (
     RoutedAttention,
     RoutedMLP,
     choose_slots,
-    estimator_attention,
-    estimator_mlp,
     gathers,
-    hard_gates,
     keep_to_index,
     n_kept,
     running_threshold,
@@ -21,6 +19,7 @@ from elastilab.core.routing import (
     select_tokens,
     straight_through,
 )
+from elastilab.core.trace import RoutingDecision
 from elastilab.core.unit_plan import UnitPlan
 from elastilab.scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
 
@@ -67,12 +66,17 @@ class ElasticBlock(nn.Module):
         else:
             self.unit_order = None
         self._seen: dict = {}   # running mode: this sequence's scores so far, per component [B, S]
-        self.aux: dict = {}     # training signals of the last forward (scores and choices)
+        self.decisions: dict = {}  # {component: RoutingDecision} of the last forward (core.trace)
         self.counts: dict = {}  # sizes the last forward computed, for the analytic FLOP count
         #: training: forward values of the routed path, gradients for unchosen rows too (see estimate)
         self.estimator = False
         #: {} while Taylor scores are measured: estimate() runs dense with all-ones gates it stores here
         self.probe: dict | None = None
+
+    @property
+    def aux(self) -> dict:
+        """{component: (scores, chosen)} of the last forward: the tuples notebooks read before ``decisions``."""
+        return {c: (d.scores, d.chosen) for c, d in self.decisions.items()}
 
     # -- helpers -------------------------------------------------------------------------------
     def _active(self, comp: str) -> bool:
@@ -119,7 +123,7 @@ class ElasticBlock(nn.Module):
                 threshold, self._seen[comp] = running_threshold(past, scores[:, n_protected:].detach(),
                                                                 self.capacity[comp], threshold)
         keep = select_tokens(scores, self.capacity[comp], threshold, n_protected)
-        self.aux[comp] = (scores, keep)
+        self.decisions[comp] = RoutingDecision(self.layer_idx, comp, scores, keep)
         return scores, keep
 
     def _transposed(self, name: str, t: Tensor) -> Tensor:
@@ -140,7 +144,7 @@ class ElasticBlock(nn.Module):
             if call.cache is not None or self._padded(call.mask):
                 raise ValueError("router training takes unpadded batches without a KV cache "
                                  "(pass input_ids only, use_cache=False)")
-            out = self.estimate(call.hidden, call.rope)
+            out = estimate(self, call.hidden, call.rope)
         else:
             out = self.routed(call.hidden, call.mask, call.cache, call.rope)
         return self.adapter.pack_output(out, args, kwargs)
@@ -168,7 +172,7 @@ class ElasticBlock(nn.Module):
         """The execution users run: only chosen tokens, heads and slices are computed."""
         spec = self._spec()
         B, T, d = x.shape
-        self.aux, counts = {}, {"B": B, "T": T}
+        self.decisions, counts = {}, {"B": B, "T": T}
         start = 0
         if cache is not None:  # layer 0 caches every token, so its length counts the tokens seen
             start = cache.get_seq_length(0) - (T if self.layer_idx > 0 else 0)
@@ -211,7 +215,7 @@ class ElasticBlock(nn.Module):
             rows = (pos - start) + T * torch.arange(B, device=x.device)[:, None]  # each row's place in B x T
             hs = self._scores("attn_heads", h, rows, pos=pos, rope=rope, valid=valid)
             heads = choose_slots(hs, self.capacity["attn_heads"])
-            self.aux["attn_heads"] = (hs[valid], heads[0][valid])
+            self.decisions["attn_heads"] = RoutingDecision(self.layer_idx, "attn_heads", hs[valid], heads[0][valid])
             if gathers(heads[0].shape[0] * heads[0].shape[1]):  # decoding: each row its own heads, no padding
                 spec.attn.w_o_t = self._transposed("w_o", spec.attn.w_o)
                 counts["head_pairs"] = heads[0].numel()
@@ -249,7 +253,7 @@ class ElasticBlock(nn.Module):
         if self._active("mlp_experts"):
             es = self._scores("mlp_experts", h, torch.arange(B * T, device=x.device) if rows is None else rows)
             experts = choose_slots(es, self.capacity["mlp_experts"])
-            self.aux["mlp_experts"] = (es, experts[0])
+            self.decisions["mlp_experts"] = RoutingDecision(self.layer_idx, "mlp_experts", es, experts[0])
             counts["expert_pairs"] = experts[0].numel()
         units = self._units(h, torch.arange(B * T, device=x.device) if rows is None else rows)
         if units is not None:
@@ -271,79 +275,3 @@ class ElasticBlock(nn.Module):
             else:
                 x = x + y if rows is None else scatter_add_rows(x, rows, y * gate[:, None])
         return x.view(B, T, d)
-
-    def estimate(self, x: Tensor, rope) -> Tensor:
-        """Router training: the same forward value as ``routed`` (same choices, skipped parts add
-        exactly 0), but skipped tokens / heads / slices are computed too and multiplied by a gate
-        that is 0 in value and has the straight-through gradient. So each router learns from what
-        every candidate *would* contribute, not only from the ones it already picked (with
-        gradients only on chosen rows, the ranking barely moves from its random start).
-
-        With ``self.probe`` set (a dict), nothing is chosen: every candidate is computed with a gate
-        of exactly 1, a leaf stored in the dict, whose gradient is a first-order (Taylor) estimate of
-        what removing that candidate would change (``scorers.Taylor``).
-
-        With skipped_tokens="merge" a token's update is gate·(its own output) + (1 − gate)·(the output
-        of the most similar *other* kept token): the value is what ``routed`` gives (a skipped token
-        receives its nearest kept token's output), and the gradient tells each token's router what
-        being merged instead of computed would change, kept tokens included."""
-        spec = self._spec()
-        B, T, d = x.shape
-        self.aux = {}
-        pos = torch.arange(T, device=x.device).expand(B, T)
-        if rope is not None:
-            rope = tuple(r.expand(B, -1, -1) for r in rope)
-        sizes = {"attn_tokens": (B, T), "attn_heads": (B, T, spec.attn.n_heads),
-                 "mlp_tokens": (B * T,), "mlp_experts": (B * T, self.n_experts), "mlp_units": (B * T, spec.mlp.width)}
-        probe = {c: torch.ones(sizes[c], device=x.device, requires_grad=True)
-                 for c in self.capacity} if self.probe is not None else {}
-        if self.probe is not None:
-            self.probe.update(probe)
-        h = spec.attn_norm(x)
-        key_idx, tok_gate, head_gates = None, probe.get("attn_tokens"), probe.get("attn_heads")
-        if self._active("attn_tokens") and not probe:
-            scores, keep = self._token_keep("attn_tokens", h, min(T, spec.n_protected))
-            if self.attn_tokens_variant == "drop":  # else every token stays a key/value (key_idx None)
-                key_idx = keep_to_index(keep)[0]  # top-k: the same count in every row, no padding
-            tok_gate = hard_gates(keep, scores)
-        if self._active("attn_heads") and not probe:
-            hs = self.routers["attn_heads"](h)
-            ids = choose_slots(hs, self.capacity["attn_heads"])[0]
-            self.aux["attn_heads"] = (hs.reshape(B * T, -1), ids.reshape(B * T, -1))
-            head_gates = hard_gates(ids, hs)
-        y = estimator_attention(spec.attn, h, pos, rope, key_idx, head_gates)
-        y = spec.attn_out(y)  # post-norm (Gemma), LayerScale (DINOv2)
-        x = x + self._gated_tokens(y, tok_gate, h, keep if self._active("attn_tokens") and not probe else None)
-
-        h = spec.mlp_norm(x).reshape(B * T, d)
-        tok_gate, unit_gates = probe.get("mlp_tokens"), probe.get("mlp_experts")
-        keep = None
-        if self._active("mlp_tokens") and not probe:
-            scores, keep = self._token_keep("mlp_tokens", h.view(B, T, d), min(T, spec.n_protected))
-            tok_gate = hard_gates(keep, scores)
-        if self._active("mlp_experts") and not probe:
-            es = self.routers["mlp_experts"](h)
-            ids = choose_slots(es, self.capacity["mlp_experts"])[0]
-            self.aux["mlp_experts"] = (es, ids)
-            unit_gates = hard_gates(ids, es)
-        units = self._units(h, torch.arange(B * T, device=x.device)) if not probe else None
-        if "mlp_units" in probe:
-            units = (1.0, probe["mlp_units"])
-        elif units is not None and units[1] is not None:
-            raise ValueError("router training chooses mlp_units by their gate activations; leave em.scoring() first")
-        y = estimator_mlp(spec.mlp, h, unit_gates, units)
-        y = spec.mlp_out(y)
-        return x + self._gated_tokens(y.view(B, T, d), tok_gate, h.view(B, T, d), keep)
-
-    def _gated_tokens(self, y: Tensor, gate: Tensor | None, h: Tensor, keep: Tensor | None) -> Tensor:
-        """The estimator's token-routed update [B, T, d]: y times the token gates, or, with
-        skipped_tokens="merge", the gated mix of each token's own output and that of its most similar
-        other kept token (see ``estimate``). No token routing (gate None): y as it is."""
-        if gate is None:
-            return y
-        gate = gate.view(y.shape[:2])  # Taylor probes are flat over B x T
-        if self.skipped_tokens == "drop" or keep is None:
-            return y * gate[..., None]
-        other = nearest_kept(h, keep, exclude_self=True)
-        stand_in = torch.gather(y, 1, other[..., None].expand_as(y))
-        return stand_in + (y - stand_in) * gate[..., None]

@@ -28,6 +28,16 @@ def write_checkpoint(path: str | os.PathLike, meta: dict, tensors: dict[str, tor
     return path
 
 
+def save_routers(em, path: str | os.PathLike, **metadata) -> Path:
+    """``em.save_routers``: its trainable state (routers, and a LoRA's factors as "<layer>.lora.*", fp32) and
+    what it fits (elastic_config, adapter, model class, fingerprint, parameter counts) with ``metadata``."""
+    meta = {"elastic_config": em.elastic_config.to_dict(), "adapter": em.adapter.name,
+            "model_class": type(em.model).__name__, "fingerprint": fingerprint(em.model),
+            **em.parameter_summary(), "metadata": metadata}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in em.trainable_state().items()}
+    return write_checkpoint(path, meta, tensors)
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(routers.json as a dict, routers.safetensors as tensors) of the checkpoint folder ``path``,
     validated: readable, the metadata keys present, every tensor floating point and finite."""

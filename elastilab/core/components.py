@@ -50,3 +50,8 @@ COMPONENTS = {c.name: c for c in TABLE}
 def names(*kinds: str) -> tuple[str, ...]:
     """The components of the given kinds, in table order."""
     return tuple(c.name for c in TABLE if c.kind in kinds)
+
+
+def in_sublayer(sublayer: str) -> tuple[str, ...]:
+    """The components that save compute in ``sublayer`` ("attention", "mlp" or "total"), in table order."""
+    return tuple(c.name for c in TABLE if c.sublayer == sublayer)

@@ -12,6 +12,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count
 
+from elastilab.core.components import in_sublayer
+
 _aten = torch.ops.aten
 
 
@@ -126,9 +128,8 @@ def compute_report(em, *args, **kwargs) -> pd.DataFrame:
     analytic_total = (dense["total"] - dense["attention"] - dense["mlp"] + routed["analytic_attention"]
                       + routed["analytic_mlp"] + routed["analytic_routers"])
     parts = [  # (part, components, dense, routed measured, routed analytic)
-        ("attention", ("attn_tokens", "attn_heads"), dense["attention"], routed["attention"],
-         routed["analytic_attention"]),
-        ("mlp", ("mlp_tokens", "mlp_experts", "mlp_units"), dense["mlp"], routed["mlp"], routed["analytic_mlp"]),
+        ("attention", in_sublayer("attention"), dense["attention"], routed["attention"], routed["analytic_attention"]),
+        ("mlp", in_sublayer("mlp"), dense["mlp"], routed["mlp"], routed["analytic_mlp"]),
         # as a share of the dense model
         ("routers", (), dense["total"], routed["routers"], routed["analytic_routers"]),
         ("whole model", tuple(caps), dense["total"], routed["total"], analytic_total),

@@ -13,6 +13,8 @@ PARAM_COMPONENTS = components.names("params")
 LAYER_COMPONENTS = TOKEN_COMPONENTS + PARAM_COMPONENTS
 #: per-layer components without a router: single MLP hidden units chosen by the MLP's own gate (CATS)
 GATED_COMPONENTS = components.names("gated")
+#: chosen once for the whole language model: a VLM's image tokens
+VISUAL_COMPONENTS = components.names("visual")
 COMPONENTS = tuple(components.COMPONENTS)
 MODES = ("topk", "threshold", "running")
 #: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention

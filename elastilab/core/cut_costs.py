@@ -31,11 +31,9 @@ def cut_levels(em, component: str, step: float = 0.125, wanted=None) -> list[flo
             return levels(em, component, step)
     levels(em, component, step)  # (raises if the component is routed nowhere)
     grid = None
-    if component in ("attn_heads", "mlp_experts"):
-        b = next(b for b in em.blocks if component in b.capacity)
-        n = (b.adapter.block_spec(b.base_layer, b.layer_idx).attn.n_heads if component == "attn_heads"
-             else b.n_experts)
-        grid = [k / n for k in range(n, 0, -1)]  # every k/H heads; every k/E slices
+    if COMPONENTS[component].kind == "params":  # heads or slices: every k/H heads, every k/E slices
+        n = next(b for b in em.blocks if component in b.capacity).routers[component].proj.out_features
+        grid = [k / n for k in range(n, 0, -1)]
     out = {1.0}
     for w in wanted:
         if not 0 < w <= 1:

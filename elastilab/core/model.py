@@ -12,16 +12,17 @@ from elastilab.adapters import Adapter, find_adapter
 from elastilab.core import lora
 from elastilab.core.block import ElasticBlock
 from elastilab.core.budget import capacities_at
-from elastilab.core.checkpoint import fingerprint, write_checkpoint
+from elastilab.core.calibration import calibrate
+from elastilab.core.checkpoint import save_routers
 from elastilab.core.config import (
     GATED_COMPONENTS,
     LAYER_COMPONENTS,
-    TOKEN_COMPONENTS,
     ElasticConfig,
     check_capacity,
     check_keep_dense,
     layer_indices,
 )
+from elastilab.core.trace import RoutingTrace
 from elastilab.core.wrapping import blocks_to_wrap
 
 
@@ -69,6 +70,13 @@ class ElasticModel(nn.Module):
                 and any(b.enabled for b in self.blocks):
             scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
         return self.model(*args, **kwargs)
+
+    def trace(self, *args, **kwargs) -> RoutingTrace:
+        """Run one forward ``self(*args, **kwargs)`` and return what every layer's routers chose in it, by
+        (layer, component) (``core.trace``); ``trace.output`` is the forward's output."""
+        for b in self.blocks:  # a disabled block keeps its last decisions: none of them belong to this forward
+            b.decisions = {}
+        return RoutingTrace.of(self, self(*args, **kwargs))
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
@@ -202,33 +210,29 @@ class ElasticModel(nn.Module):
         n = len(self.adapter.layers(self.model))
         return layer_indices(self.elastic_config.keep_dense.get(component, ()), n, f"keep_dense[{component!r}]")
 
-    def set_mode(self, mode: str) -> "ElasticModel":
-        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "mode": mode})  # validates
-        self.elastic_config.mode = mode
+    def _set_option(self, name: str, value) -> "ElasticModel":
+        """An ElasticConfig field every block holds a copy of (mode, skipped_tokens, attn_tokens_variant)."""
+        ElasticConfig.from_dict({**self.elastic_config.to_dict(), name: value})  # validates
+        setattr(self.elastic_config, name, value)
         for b in self.blocks:
-            b.mode = mode
+            setattr(b, name, value)
         return self
+
+    def set_mode(self, mode: str) -> "ElasticModel":
+        return self._set_option("mode", mode)
 
     def set_skipped_tokens(self, how: str) -> "ElasticModel":
         """"drop" or "merge": what a token skipped by token routing receives (ElasticConfig.skipped_tokens)."""
-        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "skipped_tokens": how})  # validates
         if how == "merge" and self.adapter.causal:
             raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
                              "a kept token from each skipped token's own past in every chunk")
-        self.elastic_config.skipped_tokens = how
-        for b in self.blocks:
-            b.skipped_tokens = how
-        return self
+        return self._set_option("skipped_tokens", how)
 
     def set_attn_tokens_variant(self, variant: str) -> "ElasticModel":
         """Live switch of what a token skipped by ``attn_tokens`` leaves out of attention: "drop"
         (query, key and value) or "keep_kv" (only its query side; every token stays a key/value).
         The same routers choose in both; ``ElasticConfig.attn_tokens_variant`` documents them."""
-        ElasticConfig.from_dict({**self.elastic_config.to_dict(), "attn_tokens_variant": variant})  # validates
-        self.elastic_config.attn_tokens_variant = variant
-        for b in self.blocks:
-            b.attn_tokens_variant = variant
-        return self
+        return self._set_option("attn_tokens_variant", variant)
 
     def set_backend(self, backend: str) -> "ElasticModel":
         """MLP kernels: "auto" (Triton on CUDA at inference, torch otherwise), "torch" or "triton"."""
@@ -315,42 +319,16 @@ class ElasticModel(nn.Module):
         return self.model
 
     # -- threshold mode -----------------------------------------------------------------------
-    @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, batch_size: int = 4) -> "ElasticModel":
-        """Fill the score-quantile table of each token router in use (capacity below 1.0) from sample
-        text, so threshold mode keeps the target fraction. Scores are recorded while running top-k
-        routing at the current capacities, i.e. on the hidden states the routed model really produces."""
-        mode = self.elastic_config.mode
-        self.set_mode("topk")
-        scores: dict[tuple[int, str], list] = {}
-        try:
-            for chunk in input_ids.split(batch_size):
-                self.model(chunk.to(self.device))
-                for b in self.blocks:
-                    for comp in TOKEN_COMPONENTS:
-                        if comp in b.aux:
-                            scores.setdefault((b.layer_idx, comp), []).append(b.aux[comp][0].flatten())
-        finally:
-            self.set_mode(mode)
-        if not scores:
-            raise RuntimeError("no token router was routing during calibration (every token capacity 1.0?); "
-                               "calibrate at a capacity below 1.0")
-        for b in self.blocks:  # the routers in use; the others keep their tables (NaN: refused when used)
-            for comp in TOKEN_COMPONENTS:
-                if (b.layer_idx, comp) in scores:
-                    b.routers[comp].set_quantiles(torch.cat(scores[(b.layer_idx, comp)]))
-        return self
+        """Fill the score-quantile table of each token router in use from sample text, so threshold mode
+        keeps the target fraction (``core.calibration``)."""
+        return calibrate(self, input_ids, batch_size)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_routers(self, path: str | os.PathLike, **metadata) -> Path:
-        """Write routers.safetensors + routers.json into the folder ``path``, as a pair
-        (``checkpoint.write_checkpoint``); ``load_routers`` reads them back. A LoRA is saved with
-        the routers (its rank and targets in the elastic_config, its factors as "<layer>.lora.*")."""
-        meta = {"elastic_config": self.elastic_config.to_dict(), "adapter": self.adapter.name,
-                "model_class": type(self.model).__name__, "fingerprint": fingerprint(self.model),
-                **self.parameter_summary(), "metadata": metadata}
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.trainable_state().items()}
-        return write_checkpoint(path, meta, tensors)
+        """Write routers.safetensors + routers.json into the folder ``path``, as a pair; ``load_routers``
+        reads them back. A LoRA is saved with the routers (``checkpoint.save_routers``)."""
+        return save_routers(self, path, **metadata)
 
     def compute_report(self, *args, **kwargs):
         from elastilab.core.compute import compute_report

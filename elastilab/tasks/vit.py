@@ -34,7 +34,7 @@ from elastilab.adapters import find_adapter
 from elastilab.adapters.hf_vit import base_model
 from elastilab.adapters.siglip2 import patchify
 from elastilab.core.compute import measure_flops
-from elastilab.core.config import ElasticConfig
+from elastilab.core.config import LAYER_COMPONENTS, ElasticConfig
 from elastilab.core.loading import load_routers
 from elastilab.core.model import elastify
 from elastilab.training.distill import DistillConfig, distill
@@ -43,7 +43,7 @@ from elastilab.zoo import dinov2
 
 SIZE = 112  # 8x8 patches of 14 px: the probe's resolution, cheap on a CPU
 DOMAINS = ("digits04", "digits59", "photos")
-DEFAULT_CAPS = dict(attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5)
+DEFAULT_CAPS = dict.fromkeys(LAYER_COMPONENTS, 0.5)
 
 
 # ---------------------------------------------------------------- model plumbing

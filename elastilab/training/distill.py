@@ -145,14 +145,7 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
 
     # a validated copy: a config changed after it was made (cfg.lr = inf) is checked again
     cfg = replace(config or DistillConfig(), **overrides)
-    if loss_fn is None and isinstance(data, str):
-        if tokenizer is None:
-            raise ValueError("data is text: pass tokenizer= to cut it into token blocks")
-        data = token_blocks(tokenizer, data, cfg.seq_len)
-    if loss_fn is None and (not torch.is_tensor(data) or data.dim() != 2 or data.dtype != torch.long):
-        raise TypeError("data must be a LongTensor [n_blocks, seq_len] of token ids or a text string")
-    if len(data) < cfg.batch_size:
-        raise ValueError(f"only {len(data)} training blocks for batch_size {cfg.batch_size}; give more data")
+    data = _training_data(data, cfg, tokenizer, default_loss=loss_fn is None)
     loss_fn = loss_fn or lm_loss
     check_checkpoint_dir(cfg)  # before step 1, not at the first checkpoint
 
@@ -164,12 +157,7 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     data_order = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=data_order)
-    groups = [{"params": params, "lr": lr} for params, lr in  # the routers, then a LoRA at its own rate
-              ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
-    if not groups:  # e.g. only mlp_units, which its gate chooses: torch would only say "empty parameter list"
-        raise ValueError(f"nothing to train: no routed component of this model has a router (elastic: "
-                         f"{', '.join(em.capacities)}; mlp_units is chosen by the MLP's gate and needs no training)")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(em, cfg)
     run = run_identity(em, data, cfg) if cfg.checkpoint_dir else None  # before set_mode: the caller's config
     em.model.eval()  # frozen base: no dropout; routers have none
     mode = em.elastic_config.mode
@@ -192,18 +180,7 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
             for batch in itertools.islice(loader, in_epoch, None):  # on resume, skip the batches already seen
                 if cfg.capacity_range is not None or cfg.components_per_step:
                     em.set_capacity(**sample_capacities(rng, base_caps, cfg))
-                main, metrics = loss_fn(em, wrapped, batch, cfg)
-                bce, bal = router_aux_losses(em)
-                loss = main + cfg.bce_weight * bce + cfg.balance_weight * bal
-                parts = {"loss": loss.detach().item(), "kl": metrics["kl"], "bce": bce.detach().item(),
-                         "balance": bal.detach().item()}
-                _check_loss(step + 1, parts, cfg, last_saved)  # before the update: the routers stay finite
-                acc.backward(loss)
-                if cfg.grad_clip:  # each group on its own: LoRA gradients do not shrink the routers' steps
-                    for group in groups:
-                        acc.clip_grad_norm_(group["params"], cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                parts, metrics = _update(em, wrapped, batch, loss_fn, cfg, acc, opt, step, last_saved)
                 step += 1
                 in_epoch += 1
                 _check_routers(em, step, cfg, last_saved)
@@ -215,10 +192,8 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
                 every = cfg.checkpoint_every
                 if cfg.checkpoint_dir and acc.is_main_process and (step == cfg.steps or every and step % every == 0):
                     with interrupts_deferred(), em.capacity(**base_caps):  # not this step's sampled capacities
-                        em.save_routers(Path(cfg.checkpoint_dir), step=step, distill=asdict(cfg))
                         position = {"step": step, "batch_in_epoch": in_epoch, "epoch_start": epoch_start}
-                        save_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng, position, run, cfg, log)
-                        last_saved = step
+                        last_saved = _checkpoint(em, optimizer, rng, position, run, cfg, log)
                 if step >= cfg.steps:
                     break
             else:
@@ -231,6 +206,54 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
         em.set_capacity(**base_caps)
         em.set_mode(mode)
     return pd.DataFrame(log)
+
+
+def _training_data(data, cfg: DistillConfig, tokenizer, default_loss: bool):
+    """The data checked against the batch size; text is cut into token blocks first (the LM loss's data)."""
+    if default_loss and isinstance(data, str):
+        if tokenizer is None:
+            raise ValueError("data is text: pass tokenizer= to cut it into token blocks")
+        data = token_blocks(tokenizer, data, cfg.seq_len)
+    if default_loss and (not torch.is_tensor(data) or data.dim() != 2 or data.dtype != torch.long):
+        raise TypeError("data must be a LongTensor [n_blocks, seq_len] of token ids or a text string")
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"only {len(data)} training blocks for batch_size {cfg.batch_size}; give more data")
+    return data
+
+
+def _optimizer(em, cfg: DistillConfig) -> torch.optim.AdamW:
+    """AdamW over the routers, then a LoRA at its own rate (one parameter group each)."""
+    groups = [{"params": params, "lr": lr} for params, lr in
+              ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
+    if not groups:  # e.g. only mlp_units, which its gate chooses: torch would only say "empty parameter list"
+        raise ValueError(f"nothing to train: no routed component of this model has a router (elastic: "
+                         f"{', '.join(em.capacities)}; mlp_units is chosen by the MLP's gate and needs no training)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _update(em, wrapped, batch, loss_fn, cfg: DistillConfig, acc, opt, step: int, last_saved) -> tuple[dict, dict]:
+    """One optimizer step on one batch: the task's loss plus the routers' auxiliary losses. Returns the
+    loss parts and the task's metrics."""
+    main, metrics = loss_fn(em, wrapped, batch, cfg)
+    bce, bal = router_aux_losses(em)
+    loss = main + cfg.bce_weight * bce + cfg.balance_weight * bal
+    parts = {"loss": loss.detach().item(), "kl": metrics["kl"], "bce": bce.detach().item(),
+             "balance": bal.detach().item()}
+    _check_loss(step + 1, parts, cfg, last_saved)  # before the update: the routers stay finite
+    acc.backward(loss)
+    if cfg.grad_clip:  # each group on its own: LoRA gradients do not shrink the routers' steps
+        for group in opt.param_groups:
+            acc.clip_grad_norm_(group["params"], cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return parts, metrics
+
+
+def _checkpoint(em, optimizer, rng, position: dict, run, cfg: DistillConfig, log) -> int:
+    """The routers pair and the trainer state into ``cfg.checkpoint_dir``; returns the step saved."""
+    em.save_routers(Path(cfg.checkpoint_dir), step=position["step"], distill=asdict(cfg))
+    save_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng, position, run, cfg, log)
+    return position["step"]
 
 
 def init_routers(em, seed: int) -> None:

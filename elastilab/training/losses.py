@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elastilab.core.config import PARAM_COMPONENTS, TOKEN_COMPONENTS
+from elastilab.core.trace import RoutingTrace
 
 
 def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
@@ -22,15 +22,13 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 def router_aux_losses(em) -> tuple[Tensor, Tensor]:
     """(top-k BCE of token routers, load-balance loss of head/expert routers), averaged over layers."""
     bce, bal, n_bce, n_bal = 0.0, 0.0, 0, 0
-    for b in em.blocks:
-        for comp, (scores, chosen) in b.aux.items():
-            if comp in TOKEN_COMPONENTS:
-                bce = bce + F.binary_cross_entropy_with_logits(scores.float(), chosen.float())
-                n_bce += 1
-            elif comp in PARAM_COMPONENTS:
-                n = scores.shape[-1]
-                frac = torch.bincount(chosen.reshape(-1), minlength=n).float() / chosen.numel()
-                bal = bal + n * (frac * scores.float().softmax(-1).mean(0)).sum()
-                n_bal += 1
+    for d in RoutingTrace.of(em).values():  # the last forward's own tensors: scores carry the gradient
+        if d.kind == "tokens":
+            bce = bce + F.binary_cross_entropy_with_logits(d.scores.float(), d.chosen.float())
+            n_bce += 1
+        elif d.kind == "params":
+            frac = torch.bincount(d.chosen.reshape(-1), minlength=d.n_slots).float() / d.chosen.numel()
+            bal = bal + d.n_slots * (frac * d.scores.float().softmax(-1).mean(0)).sum()
+            n_bal += 1
     zero = torch.zeros((), device=em.device)
     return (bce / n_bce if n_bce else zero), (bal / n_bal if n_bal else zero)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from elastilab.core.components import COMPONENTS
 from elastilab.core.config import LAYER_COMPONENTS
 from elastilab.scorers import Candidates, get_scorer
 
@@ -38,7 +39,7 @@ def warm_start(em, inputs: torch.Tensor, components=None, scorer="oracle", batch
         if c.valid is not None:  # attention rows: padding rows are not candidates
             h, y = h[c.valid], y[c.valid]
         y = torch.log(y.float().clamp_min(1e-8))
-        if c.component in ("attn_tokens", "mlp_tokens"):  # one score per token: rank within the sequence
+        if COMPONENTS[c.component].kind == "tokens":  # one score per token: rank within the sequence
             y = (y - y.mean(-1, keepdim=True)).reshape(-1, 1)
         else:  # one score per head / slice: rank within the row
             y = y.reshape(-1, y.shape[-1])
@@ -64,15 +65,20 @@ def warm_start(em, inputs: torch.Tensor, components=None, scorer="oracle", batch
         for comp in comps:
             if (b.layer_idx, comp) not in samples:
                 continue
-            X = torch.cat([x for x, _ in samples[(b.layer_idx, comp)]])
-            Y = torch.cat([y for _, y in samples[(b.layer_idx, comp)]])
-            mx, my = X.mean(0), Y.mean(0)
-            Xc, Yc = X - mx, Y - my
-            lam = ridge * Xc.pow(2).sum(0).mean()
-            W = torch.linalg.solve(Xc.T @ Xc + lam * torch.eye(X.shape[1], dtype=X.dtype), Xc.T @ Yc)  # [d, n]
-            proj = b.routers[comp].proj
-            proj.weight.copy_(W.T.to(proj.weight.dtype))
-            proj.bias.copy_((my - mx @ W).to(proj.bias.dtype))
-            resid = (Yc - Xc @ W).pow(2).sum()
-            fit.setdefault(comp, []).append(float(1 - resid / Yc.pow(2).sum().clamp_min(1e-12)))
+            fit.setdefault(comp, []).append(_ridge_fit(b.routers[comp].proj, samples[(b.layer_idx, comp)], ridge))
     return {c: sum(v) / len(v) for c, v in fit.items()}
+
+
+def _ridge_fit(proj, samples: list, ridge: float) -> float:
+    """Set the router's Linear to the ridge fit of the scores y from its inputs x (pairs of [n, d], [n, k]);
+    returns the fit's R²."""
+    X = torch.cat([x for x, _ in samples])
+    Y = torch.cat([y for _, y in samples])
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    lam = ridge * Xc.pow(2).sum(0).mean()
+    W = torch.linalg.solve(Xc.T @ Xc + lam * torch.eye(X.shape[1], dtype=X.dtype), Xc.T @ Yc)  # [d, n]
+    proj.weight.copy_(W.T.to(proj.weight.dtype))
+    proj.bias.copy_((my - mx @ W).to(proj.bias.dtype))
+    resid = (Yc - Xc @ W).pow(2).sum()
+    return float(1 - resid / Yc.pow(2).sum().clamp_min(1e-12))
