@@ -21,7 +21,6 @@ from elastilab.core.lora import reset as reset_lora
 from elastilab.core.routers import Router
 from elastilab.data import token_blocks
 from elastilab.files import interrupts_deferred
-from elastilab.tasks.lm import lm_loss
 from elastilab.training.losses import router_aux_losses
 from elastilab.training.trainer_state import (
     check_checkpoint_dir,
@@ -146,7 +145,8 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     # a validated copy: a config changed after it was made (cfg.lr = inf) is checked again
     cfg = replace(config or DistillConfig(), **overrides)
     data = _training_data(data, cfg, tokenizer, default_loss=loss_fn is None)
-    loss_fn = loss_fn or lm_loss
+    if loss_fn is None:  # the LM task's loss, reached up to lazily: tasks build on training, not the reverse
+        from elastilab.tasks.lm import lm_loss as loss_fn
     check_checkpoint_dir(cfg)  # before step 1, not at the first checkpoint
 
     acc = accelerator or Accelerator(split_batches=True, kwargs_handlers=[
