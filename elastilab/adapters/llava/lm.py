@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -105,3 +107,19 @@ def gated_attention(lm, gate: Tensor):
     finally:
         lm.config._attn_implementation = old
         _KEY_GATE.reset(token)
+
+
+# -- small helpers of ElasticLlava's LM calls --------------------------------------------------------
+def top_per_image(scores: Tensor, k: int) -> Tensor:
+    """keep [n_images, N] bool: the k highest scores of each image."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+
+
+def cache_kwarg(lm) -> str:
+    """transformers renamed past_key_values to cache (5.2x); use whichever this version takes."""
+    return _cache_kwarg_of(type(lm))
+
+
+@functools.cache
+def _cache_kwarg_of(lm_class) -> str:  # once per class, not once per decoding step
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"

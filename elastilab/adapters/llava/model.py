@@ -28,19 +28,16 @@ elastic imports the adapters, so the adapter cannot import this module).
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from elastilab.adapters.llava.adapter import LlavaAdapter
-from elastilab.adapters.llava.lm import gated_attention, prune_after
+from elastilab.adapters.llava.lm import cache_kwarg, gated_attention, prune_after, top_per_image
+from elastilab.adapters.llava.lm_routers import load_lm_routers  # noqa: F401  (notebook 03 imports it from here)
 from elastilab.adapters.vit import check_finite
-from elastilab.core.checkpoint import config_of, fingerprint, read_checkpoint
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
-from elastilab.core.loading import elastify_with
 from elastilab.core.model import ElasticModel
 from elastilab.core.routers import Router
 from elastilab.core.routing import hard_gates, keep_to_index, n_kept
@@ -186,11 +183,11 @@ class ElasticLlava(ElasticModel):
         if k == N:
             return torch.ones(n_img, N, dtype=torch.bool, device=feats.device), None
         if self.visual_scorer is not None:
-            return _top(self.visual_scorer(c), k), None
+            return top_per_image(self.visual_scorer(c), k), None
         if self.visual_router is None:
             raise ValueError("this model has no visual_tokens router; elastify it with visual_tokens=...")
         scores = self.visual_router(self.router_input(feats))
-        return _top(scores, k), scores
+        return top_per_image(scores, k), scores
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None,
@@ -261,7 +258,7 @@ class ElasticLlava(ElasticModel):
         lm = self.adapter.language_model(self.model)
         if gate is None:
             out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=use_cache,
-                     **{_cache_kwarg(lm): cache})
+                     **{cache_kwarg(lm): cache})
         else:
             with gated_attention(lm, gate):
                 out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
@@ -287,7 +284,7 @@ class ElasticLlava(ElasticModel):
                              f"[1, {len(layers) - 1}], got {K}")
 
         def choose(x, rope):  # called once, at layer K's input
-            keep_img = _top(self.visual_scorer(self.image_candidates(x, rows, mask, pos, rope, K)),
+            keep_img = top_per_image(self.visual_scorer(self.image_candidates(x, rows, mask, pos, rope, K)),
                             n_kept(self.visual_capacity, rows.shape[1]))
             keep = ~slots
             keep[slots] = keep_img.reshape(-1)
@@ -338,42 +335,6 @@ class ElasticLlava(ElasticModel):
                 am = torch.cat([attention_mask, attention_mask.new_ones(B, new.shape[1])], 1)
                 out = self(ids, pixel_values, image_features, am, logits_to_keep=1)
         return new
-
-
-def _top(scores: Tensor, k: int) -> Tensor:
-    """keep [n_images, N] bool: the k highest scores of each image."""
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
-
-
-def _cache_kwarg(lm) -> str:
-    """transformers renamed past_key_values to cache (5.2x); use whichever this version takes."""
-    return _cache_kwarg_of(type(lm))
-
-
-@functools.cache
-def _cache_kwarg_of(lm_class) -> str:  # once per class, not once per decoding step
-    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
-
-
-def load_lm_routers(model, path, visual_tokens: float | None = None, visual_from=None) -> ElasticLlava:
-    """A LLaVA with the LM-component routers trained for its language model *as a text LM* (e.g.
-    data/routers/smollm2-135m for tiny-llava, whose LM is the same SmolLM2 plus one <image> row),
-    optionally with a fresh visual_tokens router. The check is the router layout (layers, components,
-    shapes), since the LLaVA's fingerprint differs from the text LM's by construction.
-    ``visual_from``: a visual-router checkpoint of this very LLaVA (fingerprint checked) to load too."""
-    meta, state = read_checkpoint(path)  # everything is checked before the model is changed
-    state = {k: v for k, v in state.items() if not k.startswith("visual.")}
-    if visual_from is not None:
-        vmeta, vstate = read_checkpoint(visual_from)
-        if vmeta["fingerprint"] != fingerprint(model):
-            raise ValueError(f"the visual router in {visual_from} was trained for a different model")
-        state.update({k: v for k, v in vstate.items() if k.startswith("visual.")})
-        if visual_tokens is None:
-            visual_tokens = vmeta["elastic_config"].get("visual_tokens")
-    config = config_of(meta, path, visual_tokens=visual_tokens)
-    keep_fresh_visual = visual_from is None  # a new visual router (if any) keeps its initial weights
-    return elastify_with(model, config, state, path,
-                         select=lambda k: not (keep_fresh_visual and k.startswith("visual.")))
 
 
 LlavaAdapter.elastic_class = ElasticLlava  # what elastify wraps a LLaVA in (see the module doc)
