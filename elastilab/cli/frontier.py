@@ -179,8 +179,6 @@ def cmd_frontier(args) -> int:
 def _allocated_frontier(args, em, comps, calibration, run):
     """--allocate: the frontier with one capacity per layer, then with each component's budget allocated
     across layers on the calibration data; the routers are saved with their allocation into --out."""
-    import pandas as pd
-
     from elastilab.core.budget import allocate
     em.set_allocation(**{c: () for c in em.elastic_config.allocation})  # first: one capacity per layer
     uniform = run()
@@ -189,12 +187,19 @@ def _allocated_frontier(args, em, comps, calibration, run):
             # the layers' costs as the routers (or mlp_units' gate) choose, else as the oracle does
             allocate(em, comp, calibration, scorer="learned" if args.routers or comp in GATED_COMPONENTS
                      else "oracle", progress=not args.json)
-    df = pd.concat([uniform, run()], ignore_index=True)
-    df.attrs.update(uniform.attrs)
-    if args.out is not None and args.routers:  # the allocation travels with the routers it was measured for
-        em.save_routers(args.out / "routers", command=command_line(args),
-                        allocated_on=args.allocate, source=str(args.routers))
-        print(f"wrote {args.out}/routers (the routers with their allocation across layers)", file=sys.stderr)
+    return _joined_and_saved(args, em, uniform, run(), args.allocate, "allocation across layers")
+
+
+def _joined_and_saved(args, em, first, second, allocated_on, what: str):
+    """The two frontiers in one table; with --out and --routers the allocation travels with the routers it
+    was measured for."""
+    import pandas as pd
+    df = pd.concat([first, second], ignore_index=True)
+    df.attrs.update(first.attrs)
+    if args.out is not None and args.routers:
+        em.save_routers(args.out / "routers", command=command_line(args), allocated_on=allocated_on,
+                        source=str(args.routers))
+        print(f"wrote {args.out}/routers (the routers with their {what})", file=sys.stderr)
     return df
 
 
@@ -219,21 +224,13 @@ def _write(args, df, summary, task, command: str) -> None:
 
 def _model_frontier(args, em, task, calibration, run):
     """--allocate-model: the single-component frontier, then the global budget's lines (model_frontier)."""
-    import pandas as pd
-
     from elastilab.analysis.model_frontier import model_frontier
     single = run()
     chooser = "learned" if args.routers else "magnitude"  # without routers: the training-free scorer
     rows = model_frontier(em, task, calibration, chooser=chooser, oracle="oracle", computes=args.computes,
                           levels=args.levels, cache=args.out, progress=not args.json,
                           oracle_schedule=args.oracle_schedule)
-    df = pd.concat([single, rows], ignore_index=True)
-    df.attrs.update(single.attrs)
-    if args.out is not None and args.routers:  # the schedule travels with the routers it was measured for
-        em.save_routers(args.out / "routers", command=command_line(args),
-                        allocated_on=args.allocate_model, source=str(args.routers))
-        print(f"wrote {args.out}/routers (the routers with their whole-model schedule)", file=sys.stderr)
-    return df
+    return _joined_and_saved(args, em, single, rows, args.allocate_model, "whole-model schedule")
 
 
 def cmd_report(args) -> int:
