@@ -326,7 +326,6 @@ def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninter
     import shlex
 
     import elastilab.cli.main as cli
-    distill = sys.modules["elastilab.training.distill"]  # (el.distill is the function)
     run, _ = tiny_cli
     full, out = tmp_path / "full", tmp_path / "out"
     assert run("--steps", "5", "--checkpoint-every", "2", "--out", str(full)) == 0
@@ -338,7 +337,7 @@ def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninter
             raise KeyboardInterrupt
         return lm_loss(*args)
 
-    monkeypatch.setattr(distill, "lm_loss", ctrl_c_in_step_4)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", ctrl_c_in_step_4)
     capsys.readouterr()
     assert run("--steps", "5", "--checkpoint-every", "2", "--out", str(out)) == 130
     err = capsys.readouterr().err
@@ -346,7 +345,7 @@ def test_ctrl_c_during_train_prints_the_resume_command_which_reaches_the_uninter
     done = re.fullmatch(rf"elastilab train: interrupted at step 3; the checkpoint of step 2 in {re.escape(str(out))} "
                         r"is kept; resume with: (elastilab train .*)", err.strip().splitlines()[-1])
     assert done and done.group(1).endswith(f"--out {out} --resume"), err
-    monkeypatch.setattr(distill, "lm_loss", lm_loss)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", lm_loss)
     assert cli.main(shlex.split(done.group(1))[1:]) == 0  # the printed command, as a shell would split it
     assert_same_routers(load_file(out / "routers.safetensors"), load_file(full / "routers.safetensors"))
     assert pd.read_csv(out / "train_log.csv").step.tolist() == [1, 2, 3, 4, 5]
@@ -389,7 +388,7 @@ def test_a_second_train_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken
             finish.wait(60)
         return lm_loss(*args)
 
-    monkeypatch.setattr(sys.modules["elastilab.training.distill"], "lm_loss", first_run_waits)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", first_run_waits)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(run, "--steps", "1", "--out", str(out))
         assert training.wait(60)

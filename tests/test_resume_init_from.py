@@ -25,7 +25,7 @@ def _ctrl_c_in_step(n, monkeypatch):
         if len(calls) == n:
             raise KeyboardInterrupt
         return lm_loss(*args)
-    monkeypatch.setattr(sys.modules["elastilab.training.distill"], "lm_loss", loss)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", loss)
 
 
 def test_a_run_begun_with_init_from_resumes_to_the_uninterrupted_routers(tiny_cli, tmp_path, monkeypatch, capsys):
@@ -43,7 +43,7 @@ def test_a_run_begun_with_init_from_resumes_to_the_uninterrupted_routers(tiny_cl
     assert done and done.group(1).endswith(f"--init-from {start} --out {out} --resume"), last
     # the trainer state says where the routers began
     assert read_trainer_state(out)[1]["run"]["distill"]["extra"] == {"init_from": str(start)}
-    monkeypatch.setattr(sys.modules["elastilab.training.distill"], "lm_loss", lm_loss)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", lm_loss)
     assert cli.main(shlex.split(done.group(1))[1:]) == 0  # the printed command
     assert_same_routers(load_file(out / "routers.safetensors"), load_file(full / "routers.safetensors"))
     assert pd.read_csv(out / "train_log.csv").step.tolist() == [1, 2, 3, 4, 5]
@@ -70,6 +70,6 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_to_start_again(tiny_c
     assert (f"nothing to resume in {out}: it holds no trainer_state.safetensors (written at every checkpoint), so the "
             f"run stopped before its first checkpoint; start it again with: elastilab train ") in err
     assert err.strip().endswith(shlex.join(init)) and len(loads) == n  # refused before loading the model
-    monkeypatch.setattr(sys.modules["elastilab.training.distill"], "lm_loss", lm_loss)
+    monkeypatch.setattr(sys.modules["elastilab.tasks.lm"], "lm_loss", lm_loss)
     assert cli.main(shlex.split(err.strip().split("start it again with: ")[1])[1:]) == 0
     assert (Path(out) / "routers.safetensors").is_file()
