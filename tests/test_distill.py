@@ -365,11 +365,17 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_once_it_is_whole(tmp_
 
     monkeypatch.setattr(el.ElasticModel, "save_routers", save_then_ctrl_c)
     ck = tmp_path / "ck"
-    with pytest.raises(KeyboardInterrupt) as interrupt:
-        el.distill(tiny_elastic(), DATA, steps=6, checkpoint_dir=str(ck), checkpoint_every=2, **SAMPLED)
+    # Python's own Ctrl-C handler, whatever this run inherited (a shell starts a background job with SIGINT
+    # ignored, and Python then keeps ignoring it)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            el.distill(tiny_elastic(), DATA, steps=6, checkpoint_dir=str(ck), checkpoint_every=2, **SAMPLED)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert json.loads((ck / "routers.json").read_text())["metadata"]["step"] == read_trainer_state(ck)[1]["step"] == 2
     assert str(interrupt.value) == f"interrupted at step 2; the checkpoint of step 2 in {ck} is kept"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_a_second_train_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(
