@@ -147,7 +147,8 @@ def _remove_stale(folder: Path, names, tag: str) -> None:
         if not ours.fullmatch(t.name):
             continue
         if t.is_dir() and not t.is_symlink():
-            if {p.name for p in t.iterdir()} <= set(names):
+            # only plain files of the unit's names inside: a folder or link in there is not what a save left
+            if all(p.name in names and p.is_file() and not p.is_symlink() for p in t.iterdir()):
                 shutil.rmtree(t, ignore_errors=True)
         elif t.is_file():
             t.unlink(missing_ok=True)

@@ -219,11 +219,14 @@ def test_stale_temporaries_of_killed_runs_are_removed_on_the_next_save(tmp_path)
     (path / ".routers.json.abc.tmp").write_text("mine")
     (path / ".routers.zzzzzzzz.tmp").mkdir()
     (path / ".routers.zzzzzzzz.tmp" / "notes.txt").write_text("mine")
+    (path / ".routers.yyyyyyyy.tmp" / "routers.json").mkdir(parents=True)  # a folder with a unit file's name
+    (path / ".routers.yyyyyyyy.tmp" / "routers.json" / "notes.txt").write_text("mine")
     el.load_routers(model, path).save_routers(path)
     assert sorted(p.name for p in path.iterdir()) == [
-        ".routers.json.abc.tmp", ".routers.my-notes.tmp", ".routers.zzzzzzzz.tmp", "log.csv", "routers.json",
-        "routers.safetensors"]
+        ".routers.json.abc.tmp", ".routers.my-notes.tmp", ".routers.yyyyyyyy.tmp", ".routers.zzzzzzzz.tmp", "log.csv",
+        "routers.json", "routers.safetensors"]
     assert (path / ".routers.zzzzzzzz.tmp" / "notes.txt").read_text() == "mine"
+    assert (path / ".routers.yyyyyyyy.tmp" / "routers.json" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- 12. no pickles from the cache
