@@ -10,7 +10,8 @@ from elastilab.cli import main as cli
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
     code = cli.main(["bench", "decode", "--routers", "data/routers/smollm2-135m-heads",
-                     "--point", "mlp_units=0.5", "--point", "attn_heads=0.75,mlp_units=0.75", "--batches", "1", "2",
+                     "--point", "mlp_units=0.5", "--point", "attn_heads=0.75,mlp_units=0.75",
+                     "--point", '{"mlp_units": 0.5, "prefill": "dense"}', "--batches", "1", "2",
                      "--prompt-len", "16", "--new-tokens", "4", "--prefill", "1x16", "--reps", "1", "--warmup", "0",
                      "--quality-blocks", "1", "--seq-len", "32", "--out", str(out)])
     assert code == 0
@@ -23,7 +24,15 @@ def test_one_row_per_point_and_phase_with_quality_next_to_speed(table):
     assert {"torch", "transformers", "cpu", "date", "command", "threads"} <= set(info)
     assert info["threads"] == "1"  # pinned by default
     assert set(zip(df.phase, df.batch)) == {("decode", 1), ("decode", 2), ("prefill", 1)}
-    assert list(df.point.unique()) == ["dense", "mlp_units=0.5", "attn_heads=0.75 mlp_units=0.75"]
+    assert list(df.point.unique()) == ["dense", "mlp_units=0.5", "attn_heads=0.75 mlp_units=0.75",
+                                       "mlp_units=0.5 (dense prefill)"]
+    assert list(df.prefill.unique()) == ["routed", "dense"]
+    # a dense prefill computes the prompt as the dense model does and routes the decode steps as the routed point
+    fallback, same = df[df.prefill == "dense"].set_index("phase"), df[df.point == "mlp_units=0.5"].set_index("phase")
+    assert fallback.loc["prefill", "ideal_speedup"] == 1 and same.loc["prefill", "ideal_speedup"] > 1.05
+    assert (fallback.loc["decode", "ideal_speedup"] == same.loc["decode", "ideal_speedup"]).all()
+    assert fallback.loc["prefill", "ppl_ratio"] == same.loc["prefill", "ppl_ratio"]  # quality: every token routed
+    df = df[df.prefill == "routed"]
     dense = df[df.point == "dense"]
     assert (dense.speedup == 1).all() and (dense.ideal_speedup == 1).all() and (dense.ppl_ratio == 1).all()
     routed = df[df.point != "dense"]

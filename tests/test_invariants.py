@@ -144,7 +144,8 @@ def test_sliding_layers_remember_the_positions_of_the_keys_their_cache_keeps(nam
         windows.append(window)
         # a sliding layer keeps its last window - 1 keys (transformers' DynamicSlidingWindowLayer), a global one all
         expected = torch.arange(21 - (window - 1), 21) if window else torch.arange(21)
-        assert torch.equal(b.attn._kpos[0], expected), (b.layer_idx, b.attn._kpos)
+        positions = cache.layers[b.layer_idx].elastilab_positions[0]
+        assert torch.equal(positions[0], expected), (b.layer_idx, positions)
         assert cache.layers[b.layer_idx].keys.shape[-2] == len(expected)
     assert any(windows) and (name != "gemma3" or None in windows)  # Gemma 3: sliding and global layers
 

@@ -5,7 +5,9 @@
 
 For the dense model and each ``--point``, in one run: greedy decoding with the KV cache (batch 1 and 4,
 a prompt of held-out text, new tokens one step at a time: tokens/s of the decode steps, the prompt's
-prefill timed apart), a long prefill (8 x 512 tokens by default), and the point's quality on held-out text
+prefill timed apart), a long prompt into the KV cache (8 x 512 tokens by default; a point with
+``"prefill": "dense"`` computes prompts at capacity 1.0 and routes only the decode steps, ElasticConfig.prefill),
+and the point's quality on held-out text
 (perplexity ratio to the teacher, measured compute of the whole model) and how many of the teacher's greedy
 tokens it reproduces. Dense and routed runs take turns in every repetition and medians are reported, since
 this kind of machine is shared. ``ideal_speedup`` is dense FLOPs / routed FLOPs measured on the same step
@@ -132,10 +134,10 @@ def decode_speed(em, tok, points: list[dict], batches=(1, 4), prompt_len: int = 
             for r in range(warmup + reps):
                 for p in pts:
                     t0 = time.perf_counter()
-                    at(p, lambda: em(input_ids=ids, use_cache=False, logits_to_keep=1))()
+                    at(p, lambda: em(input_ids=ids, use_cache=True, logits_to_keep=1))()  # a prompt
                     if r >= warmup:
                         times[p["name"]].append(time.perf_counter() - t0)
-            flops = {p["name"]: at(p, lambda: measure_flops(em, input_ids=ids[:1], use_cache=False))()["total"]
+            flops = {p["name"]: at(p, lambda: measure_flops(em, input_ids=ids[:1], use_cache=True))()["total"]
                      for p in pts}
             rows += _rows(pts, times, flops, quality, "prefill", B, B * T, {})
             log(f"prefill {B}x{T}: " + ", ".join(f"{r['point']} x{r['speedup']:.2f}" for r in rows[-len(pts):]))
@@ -152,7 +154,8 @@ def _rows(pts, times, flops, quality, phase, batch, n_tokens, matched) -> list[d
         r_med = statistics.median(t)
         q = quality.get(name, {"ppl_ratio": 1.0, "model_compute": 1.0})
         out.append({"point": name, "capacities": " ".join(f"{c}={v:g}" for c, v in p["capacities"].items()) or "-",
-                    "phase": phase, "batch": batch, "tokens": n_tokens, "dense_s": d_med, "routed_s": r_med,
+                    "prefill": p.get("prefill", "routed"), "phase": phase, "batch": batch, "tokens": n_tokens,
+                    "dense_s": d_med, "routed_s": r_med,
                     "dense_tok_s": n_tokens / d_med, "routed_tok_s": n_tokens / r_med, "speedup": d_med / r_med,
                     "speedup_paired": statistics.median(a / b for a, b in zip(dense, t)),
                     "ideal_speedup": flops["dense"] / flops[name],

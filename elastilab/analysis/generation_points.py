@@ -1,6 +1,6 @@
 """The operating points of ``elastilab generation``: the ``--point`` grammar (``point_spec``), the
 sweep's list of points (``generation_points``) and putting a model at one (``apply_point``). A point
-is a dict: capacities, keep_dense {component: layers}, attn_tokens variant, label, source.
+is a dict: capacities, keep_dense {component: layers}, attn_tokens variant, prefill, label, source.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMP
 PER_LAYER = LAYER_COMPONENTS + GATED_COMPONENTS
 
 #: what a --point JSON object may hold besides component capacities
-POINT_KEYS = ("keep_dense", "attn_tokens_variant", "label")
+POINT_KEYS = ("keep_dense", "attn_tokens_variant", "prefill", "label")
 
 
 def point_spec(text: str) -> dict:
@@ -43,15 +43,16 @@ def point_spec(text: str) -> dict:
     if not caps:
         raise argparse.ArgumentTypeError(f"names no component capacity: {text!r}")
     keep, variant, label = spec.get("keep_dense", {}), spec.get("attn_tokens_variant"), spec.get("label")
+    prefill = spec.get("prefill", "routed")
     try:  # every layer component present, so keep_dense may name any of them
         ElasticConfig(**{**dict.fromkeys(PER_LAYER, 1.0), **caps}, keep_dense=keep,
-                      attn_tokens_variant="drop" if variant is None else variant)
+                      attn_tokens_variant="drop" if variant is None else variant, prefill=prefill)
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if label is not None and not isinstance(label, str):
         raise argparse.ArgumentTypeError(f"label must be a string, got {label!r}")
     return {"capacities": {k: float(v) for k, v in caps.items()}, "keep_dense": {k: tuple(v) for k, v in keep.items()},
-            "variant": variant, "label": label, "source": "point"}
+            "variant": variant, "prefill": prefill, "label": label, "source": "point"}
 
 
 def _number(text: str):
@@ -65,7 +66,8 @@ def point_name(pt: dict) -> str:
     """Capacities, dense layers and variant in words: also what makes two points the same."""
     caps = " ".join(f"{c}={v:g}" for c, v in pt["capacities"].items()) or "dense"
     keep = "".join(f" ({c} dense in layers {','.join(map(str, v))})" for c, v in pt["keep_dense"].items() if v)
-    return caps + keep + (f" [{pt['variant']}]" if pt["variant"] else "")
+    prefill = " (dense prefill)" if pt.get("prefill", "routed") == "dense" else ""
+    return caps + keep + (f" [{pt['variant']}]" if pt["variant"] else "") + prefill
 
 
 def generation_points(em, args, recommended: dict | None) -> list[dict]:
@@ -111,3 +113,5 @@ def apply_point(em, base: dict, pt: dict, default_variant: str) -> None:
         em.keep_dense(**pt["keep_dense"])
     if "attn_tokens" in em.capacities:
         em.set_attn_tokens_variant(pt["variant"] or default_variant)
+    if em.adapter.causal:
+        em.set_prefill(pt.get("prefill", "routed"))

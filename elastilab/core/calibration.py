@@ -15,9 +15,10 @@ def calibrate(em, input_ids: torch.Tensor, batch_size: int = 4):
     mode = em.elastic_config.mode
     em.set_mode("topk")
     scores: dict[tuple[int, str], list] = {}
+    no_cache = {"use_cache": False} if em.adapter.causal else {}  # no prompt into a cache (ElasticConfig.prefill)
     try:
         for chunk in input_ids.split(batch_size):
-            em.model(chunk.to(em.device))
+            em.model(chunk.to(em.device), **no_cache)
             for key, d in RoutingTrace.of(em).items():
                 if d.kind == "tokens":
                     scores.setdefault(key, []).append(d.scores.flatten())

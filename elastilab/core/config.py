@@ -20,6 +20,7 @@ MODES = ("topk", "threshold", "running")
 #: what a token skipped by ``attn_tokens`` routing leaves out of that layer's attention
 ATTN_TOKENS_VARIANTS = ("drop", "keep_kv")
 SKIPPED_TOKENS = ("drop", "merge")
+PREFILL = ("routed", "dense")
 PARTITIONS = ("contiguous", "clustered")
 
 
@@ -74,6 +75,14 @@ class ElasticConfig:
     #: --skipped-tokens merge``) learn which tokens can be merged; any routers can be switched live.
     #: ``ElasticModel.set_skipped_tokens`` changes it live.
     skipped_tokens: str = "drop"
+    #: a forward of more than one new token per sequence that asks for a KV cache (passes one, or use_cache=True:
+    #: a prompt of generation; a plain ``em(ids)`` does not ask, though transformers makes one): "routed" like every
+    #: forward, or "dense": every component at capacity 1.0 for it (the pretrained model's values and FLOPs)
+    #: and only the decode steps after it routed.
+    #: Per-token unit and head choices defeat the batched matmuls of a long prompt on a CPU (bench decode:
+    #: prefill is slower routed than dense), so "dense" trades the prompt's saved compute for its time.
+    #: Perplexity stays routed. ``ElasticModel.set_prefill`` changes it live.
+    prefill: str = "routed"
     #: layers left dense (e.g. the first and last); negative indices count from the end
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     #: {component: layers} that keep their routers but always run that component dense, whatever
@@ -115,6 +124,8 @@ class ElasticConfig:
                              f"got {self.attn_tokens_variant!r}")
         if self.skipped_tokens not in SKIPPED_TOKENS:
             raise ValueError(f"skipped_tokens must be one of {SKIPPED_TOKENS}, got {self.skipped_tokens!r}")
+        if self.prefill not in PREFILL:
+            raise ValueError(f"prefill must be one of {PREFILL}, got {self.prefill!r}")
         self.dense_layers = layer_list(self.dense_layers, "dense_layers")
         self.keep_dense = check_keep_dense(self.keep_dense, self.components)
         self.allocation = check_allocation(self.allocation, self.components)

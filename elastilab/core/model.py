@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from elastilab.adapters import Adapter, find_adapter
-from elastilab.core import lora
+from elastilab.core import lora, summary
 from elastilab.core.block import ElasticBlock
 from elastilab.core.budget import capacities_at
 from elastilab.core.calibration import calibrate
@@ -23,7 +23,7 @@ from elastilab.core.config import (
     layer_indices,
 )
 from elastilab.core.trace import RoutingTrace
-from elastilab.core.wrapping import blocks_to_wrap
+from elastilab.core.wrapping import blocks_to_wrap, check_family_options
 
 
 class ElasticModel(nn.Module):
@@ -42,6 +42,7 @@ class ElasticModel(nn.Module):
             p.requires_grad_(False)
         for i, block in wrapped.items():
             layers[i] = block
+        self._cache_hook = model.register_forward_pre_hook(self._note_cache_request, with_kwargs=True)
         for p in self.router_parameters():
             p.requires_grad_(True)
         if config.lora_rank:
@@ -70,6 +71,13 @@ class ElasticModel(nn.Module):
                 and any(b.enabled for b in self.blocks):
             scorer.before_forward(self, args, kwargs)  # e.g. Taylor scores: a dense forward + backward
         return self.model(*args, **kwargs)
+
+    def _note_cache_request(self, module, args, kwargs):
+        """ElasticConfig.prefill: a forward that passes a KV cache or use_cache=True (generation) asks for one;
+        a plain call (evaluation) does not, though transformers makes a cache for it by default."""
+        asks = kwargs.get("use_cache") is True or kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        for b in self.blocks:
+            b.cache_requested = asks
 
     def trace(self, *args, **kwargs) -> RoutingTrace:
         """Run one forward ``self(*args, **kwargs)`` and return what every layer's routers chose in it, by
@@ -120,22 +128,11 @@ class ElasticModel(nn.Module):
         return self
 
     def parameter_summary(self) -> dict:
-        n_router = sum(p.numel() for p in self.router_parameters())
-        n_base = sum(p.numel() for n, p in self.model.named_parameters() if ".routers." not in n and ".lora_" not in n)
-        out = {"router_params": n_router, "base_params": n_base, "fraction": n_router / n_base}
-        n_lora = sum(p.numel() for p in self.lora_parameters())
-        if n_lora:
-            out.update(lora_params=n_lora, lora_fraction=n_lora / n_base)
-        return out
+        """Router (and LoRA) parameters, absolute and as a fraction of the pretrained model's."""
+        return summary.parameter_summary(self)
 
     def __repr__(self) -> str:
-        s = self.parameter_summary()
-        caps = ", ".join(f"{k}={v:g}" for k, v in self.capacities.items())
-        extra = (f"; LoRA rank {self.elastic_config.lora_rank} {s['lora_params']:,} params = "
-                 f"{100 * s['lora_fraction']:.4f}%") if "lora_params" in s else ""
-        return (f"ElasticModel({type(self.model).__name__}, {len(self.blocks)} elastic blocks, {caps}, "
-                f"mode={self.elastic_config.mode}; routers {s['router_params']:,} params = "
-                f"{100 * s['fraction']:.4f}% of {s['base_params']:,}{extra})")
+        return summary.describe(self)
 
     # -- live control -------------------------------------------------------------------------
     @property
@@ -212,7 +209,8 @@ class ElasticModel(nn.Module):
 
     def _set_option(self, name: str, value) -> "ElasticModel":
         """An ElasticConfig field every block holds a copy of (mode, skipped_tokens, attn_tokens_variant)."""
-        ElasticConfig.from_dict({**self.elastic_config.to_dict(), name: value})  # validates
+        check_family_options(ElasticConfig.from_dict({**self.elastic_config.to_dict(), name: value}),  # validates
+                             self.adapter, self.model)
         setattr(self.elastic_config, name, value)
         for b in self.blocks:
             setattr(b, name, value)
@@ -223,10 +221,12 @@ class ElasticModel(nn.Module):
 
     def set_skipped_tokens(self, how: str) -> "ElasticModel":
         """"drop" or "merge": what a token skipped by token routing receives (ElasticConfig.skipped_tokens)."""
-        if how == "merge" and self.adapter.causal:
-            raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
-                             "a kept token from each skipped token's own past in every chunk")
         return self._set_option("skipped_tokens", how)
+
+    def set_prefill(self, how: str) -> "ElasticModel":
+        """"routed" or "dense": whether a prompt fed into a KV cache is routed or computed at capacity 1.0,
+        only the decode steps after it being routed (ElasticConfig.prefill)."""
+        return self._set_option("prefill", how)
 
     def set_attn_tokens_variant(self, variant: str) -> "ElasticModel":
         """Live switch of what a token skipped by ``attn_tokens`` leaves out of attention: "drop"
@@ -311,6 +311,7 @@ class ElasticModel(nn.Module):
 
     def unelastify(self) -> nn.Module:
         """Put the original blocks back and return the plain pretrained model."""
+        self._cache_hook.remove()
         layers = self.adapter.layers(self.model)
         for i, m in enumerate(layers):
             if isinstance(m, ElasticBlock):

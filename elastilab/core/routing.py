@@ -115,8 +115,8 @@ class RoutedAttention(nn.Module):
     ``keys`` given, as queries only, the ``keys`` rows offering keys and values: the "keep_kv"
     variant of ``ElasticConfig.attn_tokens_variant``), and a token computes only its chosen heads
     (q projection, scores, values and its slice of o_proj).
-    With a KV cache, the original positions of the cached keys are remembered so that causal masks
-    stay right when every layer caches a different subset of tokens.
+    With a KV cache, the original positions of the cached keys are remembered (with the cache) so that
+    causal masks stay right when every layer caches a different subset of tokens.
     """
 
     # head routing, grouped by head (one batched call per head; kernels/head_attention.py). The
@@ -127,18 +127,17 @@ class RoutedAttention(nn.Module):
     def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self._kpos: Tensor | None = None  # original positions of this layer's cached keys
         self.last_keys = 0
 
     def forward(self, w: AttnWeights, h: Tensor, pos: Tensor, valid: Tensor, rope=None,
                 pad_mask: Tensor | None = None, cache=None,
                 heads: tuple[Tensor, Tensor] | None = None,
-                keys: tuple[Tensor, Tensor, tuple | None] | None = None) -> Tensor:
+                keys: tuple[Tensor, Tensor, tuple | None] | None = None, start: int = 0) -> Tensor:
         """h [B, K, d] chosen rows; pos [B, K] their original positions; valid [B, K] (False = padding);
         rope: (cos, sin) gathered to [B, K, hd]; pad_mask [B, K, S_full] bool from the model's mask;
         heads: (ids [B, K, kh], gates [B, K, kh]); keys: (h_kv [B, S, d], pos_kv [B, S], rope_kv
         [B, S, hd] or None), the rows whose keys and values are computed and cached (all valid),
-        when they are not the chosen rows themselves. Returns [B, K, d]."""
+        when they are not the chosen rows themselves; start: tokens seen before this chunk. Returns [B, K, d]."""
         B, K, _ = h.shape
         hd = w.head_dim
         hk, rk = (h, rope) if keys is None else (keys[0], keys[2])
@@ -148,13 +147,13 @@ class RoutedAttention(nn.Module):
         k = w.heads(k, "k", rk)
         kpos = torch.where(valid, pos, torch.full_like(pos, _FAR)) if keys is None else keys[1]
         if cache is not None:
-            if cache.get_seq_length(self.layer_idx) == 0:
-                self._kpos = None
+            past = self._cached_positions(cache, start)
             k, v = cache.update(k, v, self.layer_idx)
-            kpos = kpos if self._kpos is None else torch.cat([self._kpos, kpos], 1)
+            kpos = kpos if past is None else torch.cat([past, kpos], 1)
             # remember the positions of the keys the cache holds: a sliding-window layer keeps its last ones only
-            held = cache.layers[self.layer_idx].keys.shape[-2]
-            self._kpos = kpos[:, max(0, kpos.shape[1] - held):]
+            layer = cache.layers[self.layer_idx]
+            layer.elastilab_positions = (kpos[:, max(0, kpos.shape[1] - layer.keys.shape[-2]):],
+                                         cache.get_seq_length(self.layer_idx))
         self.last_keys = k.shape[2]
         allowed = self._allowed(w, pos, valid, kpos, pad_mask)
         if heads is None:
@@ -165,10 +164,27 @@ class RoutedAttention(nn.Module):
             return head_attention_gather(w, h, k, v, allowed, rope, heads)
         return self.head_attention(w, h, k, v, allowed, rope, heads)
 
+    def _cached_positions(self, cache, start: int) -> Tensor | None:
+        """Original positions [B, held] of the keys this layer's cache holds (None: it holds none). They are
+        kept with the cache (so they follow whichever cache is passed); keys cached by the pretrained layer
+        itself (``routers_disabled``, ``ElasticConfig.prefill``) are every token before ``start``."""
+        seen = cache.get_seq_length(self.layer_idx)
+        if seen == 0:
+            return None
+        layer = cache.layers[self.layer_idx]
+        positions, seen_then = getattr(layer, "elastilab_positions", (None, 0))
+        if dense := seen - seen_then:  # cached since by the pretrained layer: the last `dense` tokens
+            new = torch.arange(start - dense, start, device=layer.keys.device).expand(layer.keys.shape[0], dense)
+            positions = new if positions is None else torch.cat([positions, new], 1)
+        return positions[:, positions.shape[1] - layer.keys.shape[-2]:]
+
     @staticmethod
     def _allowed(w, pos, valid, kpos, pad_mask):
         if not w.causal and pad_mask is None and bool((kpos < _FAR).all()):
             return None  # plain full attention (padding queries, if any, are discarded): sdpa's fastest path
+        if w.causal and pad_mask is None and pos.shape[1] == 1 and bool(valid.all()) \
+                and int(kpos.max()) <= int(pos.min()) and (w.window is None or int(pos.max() - kpos.min()) < w.window):
+            return None  # a decode step whose query may see every key held (none padding, none too far back)
         allowed = (kpos < _FAR)[:, None, :].expand(-1, pos.shape[1], -1)
         if (seen := w.visible(pos, kpos)) is not None:  # causal, within the sliding window
             allowed = allowed & seen

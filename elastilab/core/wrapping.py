@@ -33,9 +33,7 @@ def blocks_to_wrap(model: nn.Module, config: ElasticConfig, adapter: Adapter) ->
     dense = layer_indices(config.dense_layers, n, "dense_layers")
     for comp, kept in config.keep_dense.items():
         layer_indices(kept, n, f"keep_dense[{comp!r}]")
-    if config.skipped_tokens == "merge" and adapter.causal:
-        raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
-                         "a kept token from each skipped token's own past in every chunk")
+    check_family_options(config, adapter, model)
     wrapped = {}  # built first: the caller's model is touched only once every block was made
     for i in range(n):
         comps = {c: getattr(config, c) for c in layer_comps}
@@ -49,10 +47,20 @@ def blocks_to_wrap(model: nn.Module, config: ElasticConfig, adapter: Adapter) ->
             order = cluster_hidden_units(adapter.block_spec(layers[i], i).mlp, config.n_experts)
         wrapped[i] = ElasticBlock(layers[i], adapter, i, comps, config.n_experts, config.mode, order,
                                   attn_tokens_variant=config.attn_tokens_variant,
-                                  skipped_tokens=config.skipped_tokens)
+                                  skipped_tokens=config.skipped_tokens, prefill=config.prefill)
     if layer_comps and not wrapped:  # (a VLM may route only its visual tokens)
         why = ("every layer is in dense_layers" if len(set(dense)) == n else
                "attn_tokens is never routed in layer 0 of a causal model (its KV cache length counts "
                "the tokens seen) and no other layer is routed")
         raise ValueError(f"no layer was made elastic: {why}")
     return layers, wrapped
+
+
+def check_family_options(config: ElasticConfig, adapter, model) -> None:
+    """Settings that only one kind of model can take."""
+    if config.skipped_tokens == "merge" and adapter.causal:
+        raise ValueError("skipped_tokens='merge' is for vision transformers; a causal model would need "
+                         "a kept token from each skipped token's own past in every chunk")
+    if config.prefill == "dense" and not adapter.causal:
+        raise ValueError("prefill='dense' is for causal language models (a prompt before decoding with a "
+                         f"KV cache); {type(model).__name__} is not one: use prefill='routed'")
