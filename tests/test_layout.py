@@ -26,8 +26,6 @@ LONG_FUNCTIONS = {
     # locals (positions, kept rows, gates, the pad mask)
     ("elastilab.core.block", "routed"),
     ("elastilab.core.estimator", "estimate"),  # its training twin, the same shape
-    # one pass over the batches filling eight per-task tallies (accuracy, agreement, patches kept, KL)
-    ("elastilab.tasks.vlm", "evaluate"),
     ("elastilab.adapters.llava.model", "forward"),  # visual-token choice and the three LM paths it feeds
 }
 
