@@ -25,7 +25,6 @@ LONG_FUNCTIONS = {
     # the routed forward of one block reads top to bottom: its attention and MLP sub-layers share a dozen
     # locals (positions, kept rows, gates, the pad mask)
     ("elastilab.core.block", "routed"),
-    ("elastilab.adapters.llava.model", "forward"),  # visual-token choice and the three LM paths it feeds
 }
 
 
