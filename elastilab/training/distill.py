@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from elastilab.core.config import GATED_COMPONENTS
 from elastilab.core.lora import reset as reset_lora
 from elastilab.core.routers import Router
 from elastilab.data import token_blocks
@@ -268,9 +269,10 @@ def _optimizer(em, cfg: DistillConfig) -> torch.optim.AdamW:
     """AdamW over the routers, then a LoRA at its own rate (one parameter group each)."""
     groups = [{"params": params, "lr": lr} for params, lr in
               ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
-    if not groups:  # e.g. only mlp_units, which its gate chooses: torch would only say "empty parameter list"
+    if not groups:  # e.g. only gated components, which the gate chooses: torch would only say "empty parameter list"
         raise ValueError(f"nothing to train: no routed component of this model has a router (elastic: "
-                         f"{', '.join(em.capacities)}; mlp_units is chosen by the MLP's gate and needs no training)")
+                         f"{', '.join(em.capacities)}; {', '.join(GATED_COMPONENTS)} is chosen by the MLP's gate "
+                         "and needs no training)")
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

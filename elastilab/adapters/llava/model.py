@@ -7,8 +7,8 @@ so every LM layer (and the KV cache) holds fewer tokens. Kept tokens keep their 
 (RoPE sees the same relative distances as in the full model), the 2-D attention mask is gathered the
 same way, and decoding continues from the original length.
 
-The LM components (attn_tokens, mlp_tokens, attn_heads, mlp_experts) wrap the inner LlamaModel through
-the llama adapter, exactly as for a text LM:
+The LM's per-layer components wrap the inner LlamaModel through the llama adapter, exactly as for a
+text LM:
 
     model, tok = el.zoo.load("tiny-llava")
     em = el.elastify(model, el.ElasticConfig(visual_tokens=0.5))      # an ElasticLlava
