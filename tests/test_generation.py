@@ -105,8 +105,8 @@ def test_calibrate_fills_only_the_token_routers_in_use():
     assert not any(b.routers["attn_tokens"].calibrated for b in em.blocks if "attn_tokens" in b.routers)  # not layer 0
     em.set_mode("threshold")
     with torch.no_grad():
-        em(blocks)
-    kept = [b.aux["mlp_tokens"][1].float().mean().item() for b in em.blocks]
+        trace = em.trace(blocks)
+    kept = [trace[b.layer_idx, "mlp_tokens"].chosen.float().mean().item() for b in em.blocks]
     assert 0.3 < sum(kept) / len(kept) < 0.7  # the calibrated fraction, on the calibration text
     em.set_capacity(attn_tokens=0.5)
     with pytest.raises(RuntimeError, match="attn_tokens router is not calibrated"):

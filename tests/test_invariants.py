@@ -113,10 +113,11 @@ def test_threshold_mode_is_causal_and_generates_with_cache(name, variant, mode):
             assert torch.allclose(em(ids[:, :cut]).logits, full[:, :cut], atol=1e-5)
         out = case.generate(em, ids[:1, :14], 6)
         # the KV-cached generation equals greedy decoding recomputed without a cache
-        logits = em(out[:, :-1], use_cache=False).logits
+        trace = em.trace(out[:, :-1], use_cache=False)
+        logits = trace.output.logits
     assert torch.equal(logits[0, 13:].argmax(-1), out[0, 14:])
     # threshold mode keeps about the calibrated fraction of tokens
-    kept = [b.aux["mlp_tokens"][1].float().mean().item() for b in em.blocks]
+    kept = [trace[b.layer_idx, "mlp_tokens"].chosen.float().mean().item() for b in em.blocks]
     assert 0.2 < sum(kept) / len(kept) < 0.8
 
 
@@ -180,8 +181,9 @@ def test_running_mode_keeps_the_capacity_on_text_unlike_the_calibration_text():
         kept = {}
         for mode in ("threshold", "running"):
             em.set_mode(mode)
-            em(ids)
-            kept[mode] = torch.stack([b.aux["mlp_tokens"][1][:, 16:].float().mean() for b in em.blocks]).mean().item()
+            trace = em.trace(ids)
+            kept[mode] = torch.stack([trace[b.layer_idx, "mlp_tokens"].chosen[:, 16:].float().mean()
+                                      for b in em.blocks]).mean().item()
     assert kept["threshold"] > 0.99 and 0.4 < kept["running"] < 0.65
 
 

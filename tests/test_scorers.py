@@ -76,7 +76,8 @@ def test_every_scorer_on_every_component_it_supports(family, scorer):
             assert (out - ref).abs().max() <= 1e-4, f"{scorer} {comp}: capacity 1.0 must be the teacher"
             dense = measure_flops(em, **case.inputs)
             with em.capacity(**{comp: 0.5}):
-                routed = em(**case.inputs)
+                trace = em.trace(**case.inputs)
+                routed = trace.output
                 flops = measure_flops(em, **case.inputs)
                 units = _chosen_units(em, case.inputs) if comp == "mlp_units" else []
         assert torch.isfinite(case.output(routed)).all()
@@ -87,9 +88,9 @@ def test_every_scorer_on_every_component_it_supports(family, scorer):
         else:
             parts = ["attention" if comp.startswith("attn") else "mlp"]
         for b in em.blocks:  # exactly ceil(c * n) candidates per row (protected tokens aside)
-            if comp not in b.aux:
+            if (b.layer_idx, comp) not in trace:
                 continue
-            chosen = b.aux[comp][1]
+            chosen = trace[b.layer_idx, comp].chosen
             if comp in ("attn_tokens", "mlp_tokens"):
                 P = b._spec().n_protected
                 counts = chosen[:, P:].sum(1)
@@ -156,8 +157,7 @@ def test_scoring_restores_the_routers_and_takes_a_custom_scorer():
 
     with em.scoring(Last()) as s, torch.no_grad():
         assert em.scorer is s
-        em(**case.inputs)
-        keep = em.blocks[0].aux["mlp_tokens"][1]
+        keep = em.trace(**case.inputs)[em.blocks[0].layer_idx, "mlp_tokens"].chosen
         T = keep.shape[1]
         assert keep[:, T - n_kept(0.5, T - 1):].all()  # the last half, plus the protected position 0
     assert em.scorer is None
@@ -221,7 +221,7 @@ def test_skipped_tokens_merge_gives_each_skipped_token_its_nearest_kept_tokens_o
         em.set_skipped_tokens("merge")
         merged = block.routed(x, None, None, None)
         assert block.counts["mlp_rows"] == 2 * (1 + 8)  # the same work
-        keep = block.aux["mlp_tokens"][1]
+        keep = block.decisions["mlp_tokens"].chosen
         spec = block._spec()
         after_attn = x + estimator_attention(spec.attn, spec.attn_norm(x), torch.arange(17).expand(2, 17),
                                              None, None, None) * spec.ls1

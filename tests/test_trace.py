@@ -1,7 +1,7 @@
 """The routing trace (elastilab.core.trace): what each block records is what it computed (kept tokens =
 capacity, k heads / experts per row, rows = the tokens that reached the sub-layer), for a tiny Llama and a
 tiny ViT, and the readers built on it (routing maps, slot usage, router losses, calibration) give what the
-positional ``block.aux`` readers gave."""
+readers written directly on the blocks' own records (``block.decisions``) give."""
 import numpy as np
 import pytest
 import torch
@@ -77,16 +77,16 @@ def test_vit_trace_protects_the_prefix_and_feeds_the_maps():
     np.testing.assert_allclose(usage["mlp_experts"], trace.usage("mlp_experts"))
 
 
-def old_readers(em, T, P):  # the ViT readers as they were, on the positional tuples of the last forward
+def old_readers(em, T, P):  # the ViT readers as they were, on each block's own record of its last forward
     maps = {}
     for comp in ("attn_tokens", "mlp_tokens"):
         m = np.ones((len(em.adapter.layers(em.model)), 2, T - P), bool)
         for b in em.blocks:
-            if comp in b.aux:
-                m[b.layer_idx] = b.aux[comp][1][:, P:].cpu().numpy()
+            if comp in b.decisions:
+                m[b.layer_idx] = b.decisions[comp].chosen[:, P:].cpu().numpy()
         maps[comp] = m
-    usage = {comp: torch.stack([torch.bincount(b.aux[comp][1].reshape(-1), minlength=4).float() / len(b.aux[comp][1])
-                                for b in em.blocks if comp in b.aux]).numpy()
+    usage = {comp: torch.stack([torch.bincount(b.decisions[comp].chosen.reshape(-1), minlength=4).float()
+                                / len(b.decisions[comp].chosen) for b in em.blocks if comp in b.decisions]).numpy()
              for comp in ("attn_heads", "mlp_experts")}
     return maps, usage
 
@@ -110,12 +110,12 @@ def test_readers_give_what_the_positional_readers_gave():
     keep = lx.routing_map(lm, ids, "mlp_tokens", 0.5)
     with lm.capacity(mlp_tokens=0.5), torch.no_grad():
         lm(ids)
-        old = np.stack([lm.blocks[i].aux["mlp_tokens"][1][0].numpy() for i in range(3)])
+        old = np.stack([lm.blocks[i].decisions["mlp_tokens"].chosen[0].numpy() for i in range(3)])
     np.testing.assert_array_equal(keep, old)
     token_map, per_layer = lx.slot_usage(lm, ids, "attn_heads", 0.5, layer=1)
     with lm.capacity(attn_heads=0.5), torch.no_grad():
         lm(ids)
-        chosen = {b.layer_idx: b.aux["attn_heads"][1] for b in lm.blocks}
+        chosen = {b.layer_idx: b.decisions["attn_heads"].chosen for b in lm.blocks}
     old_map = np.zeros((20, 4))
     np.put_along_axis(old_map, chosen[1].numpy(), 1, axis=1)
     np.testing.assert_array_equal(token_map, old_map)
@@ -129,11 +129,11 @@ def test_router_losses_read_the_training_forward_with_its_gradient():
     with em.training_estimator():
         em(ids, use_cache=False)
         bce, bal = router_aux_losses(em)
+    records = [(comp, d.scores, d.chosen) for b in em.blocks for comp, d in b.decisions.items()]
     old_bce = np.mean([F.binary_cross_entropy_with_logits(s.float(), c.float()).item()
-                       for b in em.blocks for comp, (s, c) in b.aux.items() if comp.endswith("_tokens")])
+                       for comp, s, c in records if comp.endswith("_tokens")])
     old_bal = np.mean([4 * (torch.bincount(c.reshape(-1), minlength=4).float() / c.numel() * s.softmax(-1).mean(0))
-                       .sum().item() for b in em.blocks for comp, (s, c) in b.aux.items() if comp in HALF
-                       and not comp.endswith("_tokens")])
+                       .sum().item() for comp, s, c in records if comp in HALF and not comp.endswith("_tokens")])
     assert bce.item() == pytest.approx(old_bce, rel=1e-6) and bal.item() == pytest.approx(old_bal, rel=1e-6)
     (bce + bal).backward()
     router = em.blocks[1].routers

@@ -27,10 +27,10 @@ def tiny_timm(**kw):
 def test_cls_and_register_tokens_are_never_routed_away():
     em = el.elastify(tiny_timm(), el.ElasticConfig(attn_tokens=0.1, mlp_tokens=0.1, n_experts=4))
     with torch.no_grad():
-        em(torch.randn(3, 3, 32, 32))
+        trace = em.trace(torch.randn(3, 3, 32, 32))
     for b in em.blocks:
         for comp in ("attn_tokens", "mlp_tokens"):
-            keep = b.aux[comp][1]
+            keep = trace[b.layer_idx, comp].chosen
             assert keep[:, :3].all()                               # CLS + 2 registers
             assert (keep[:, 3:].sum(1) == math.ceil(0.1 * 16)).all()  # top-k among the 16 patches only
 
@@ -62,8 +62,8 @@ def test_model_without_cls_token_routes_every_token_but_refuses_cls_features():
     model = tiny_timm(class_token=False, reg_tokens=0, global_pool="avg")
     em = el.elastify(model, el.ElasticConfig(mlp_tokens=0.5))
     with torch.no_grad():
-        em(torch.randn(2, 3, 32, 32))
-    assert em.blocks[0].aux["mlp_tokens"][1].sum(1).tolist() == [8, 8]  # nothing protected
+        trace = em.trace(torch.randn(2, 3, 32, 32))
+    assert trace[em.blocks[0].layer_idx, "mlp_tokens"].chosen.sum(1).tolist() == [8, 8]  # nothing protected
     with pytest.raises(ValueError, match="no CLS token"):
         V.vit_outputs(em, torch.randn(2, 3, 32, 32), probe=torch.nn.Linear(128, 3))
     with pytest.raises(ValueError, match="needs a vision transformer with a CLS token"):
@@ -139,8 +139,9 @@ def test_baselines_route_differently_restore_the_routers_and_report_their_cost()
         with em.capacity(attn_heads=1.0, mlp_experts=1.0):
             tokens_only_cost = V.compute_fraction(em, x)
             with em.scoring("cls_attention"):
-                cls = em(x)
-                scores, keep = em.blocks[0].aux["attn_tokens"]
+                trace = em.trace(x)
+                cls, first = trace.output, trace[em.blocks[0].layer_idx, "attn_tokens"]
+                scores, keep = first.scores, first.chosen
                 cls_cost = V.compute_fraction(em, x)
         assert torch.equal(em(x), learned)  # routers back in place
     learned_cost = V.compute_fraction(em, x)

@@ -11,10 +11,10 @@ from elastilab.training.warm_start import warm_start
 def chosen(em, comp, ids, scorer="learned"):
     """The candidates each block chose for comp at capacity 0.5: {layer: bool mask [rows, n]}."""
     with em.capacity(**{comp: 0.5}), em.scoring(scorer), torch.no_grad():
-        em(ids)
+        trace = em.trace(ids)
         out = {}
         for b in em.blocks:
-            scores, ids_ = b.aux[comp]
+            scores, ids_ = trace[b.layer_idx, comp].scores, trace[b.layer_idx, comp].chosen
             out[b.layer_idx] = (torch.zeros(scores.shape, dtype=torch.bool)
                                 .scatter_(-1, ids_.reshape(scores.shape[0], -1), True))
     return out

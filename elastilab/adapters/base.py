@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
 from elastilab.core.spec import BlockSpec
 
 REGISTRY: dict[str, "Adapter"] = {}
@@ -37,8 +38,8 @@ class Adapter:
     #: the model kind scorers declare support for (``scorers.base.KINDS``): "lm" (causal), "vit"
     #: (bidirectional), "vlm" (a visual-language model whose image tokens a scorer may choose)
     kind = property(lambda self: "lm" if self.causal else "vit")
-    #: components this family supports (visual_tokens lives in the VLM wrapper)
-    components = ("attn_tokens", "mlp_tokens", "attn_heads", "mlp_experts", "mlp_units")
+    #: components this family supports: every per-layer one (a VLM's image tokens are its elastic model's)
+    components = LAYER_COMPONENTS + GATED_COMPONENTS
     #: why each component left out of ``components`` is not supported (elastify's error says it)
     why_not: dict[str, str] = {}
     #: the ElasticModel subclass ``elastify`` wraps this family in; None: ElasticModel itself (a

@@ -21,13 +21,16 @@ class _AcrossHeads(nn.Module):
         return self.norm(x.transpose(1, 2).reshape(B, K, n * hd)).view(B, K, n, hd).transpose(1, 2)
 
 
+_WHY_NOT = {"attn_heads": "OLMo 2 normalises the query over every head at once (q_norm spans the whole "
+                          "projection), so no head's query can be computed without all the others"}
+
+
 @register
 class Olmo2Adapter(LlamaAdapter):  # layers, final norm and call as in Llama
     name = "olmo2"
     model_classes = ("Olmo2ForCausalLM", "Olmo2Model")
-    components = ("attn_tokens", "mlp_tokens", "mlp_experts", "mlp_units")
-    why_not = {"attn_heads": "OLMo 2 normalises the query over every head at once (q_norm spans the whole "
-                             "projection), so no head's query can be computed without all the others"}
+    why_not = _WHY_NOT
+    components = tuple(c for c in LlamaAdapter.components if c not in _WHY_NOT)
 
     def block_spec(self, layer, layer_idx):
         a, m = layer.self_attn, layer.mlp

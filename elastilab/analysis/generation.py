@@ -108,11 +108,11 @@ def generation_agreement(em, prompts, max_new_tokens: int = 32, batch_size: int 
     not compound). ``teacher`` (the ``"teacher"`` entry of an earlier result for the same prompts)
     skips generating the teacher again.
 
-    Decoding runs one token per step, so token routing (``attn_tokens``, ``mlp_tokens``) needs a causal
+    Decoding runs one token per step, so the token components (attention's and the MLP's) need a causal
     mode (``"threshold"``, or any mode but ``"topk"``) with calibrated routers: top-k of a single token
     keeps it, so ``topk`` mode would run every decoding step dense (and choose the prompt's tokens by
     looking at its future); it is refused.
-    Head and expert routing (``attn_heads``, ``mlp_experts``) choose per token: either mode.
+    The head and expert components choose per token: either mode.
     """
     prompts = _prompt_list(prompts)
     _check_decodable(em)

@@ -9,15 +9,17 @@ import json
 
 from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, TOKEN_COMPONENTS, ElasticConfig
 
-#: the per-layer components a point can name (routed ones and mlp_units, which needs no router)
+#: the per-layer components a point can name (routed ones and the gated ones, which need no router)
 PER_LAYER = LAYER_COMPONENTS + GATED_COMPONENTS
+#: a --point of component=capacity pairs, as the help and the error messages show it
+EXAMPLE_POINT = "attn_heads=0.875,mlp_experts=0.875"
 
 #: what a --point JSON object may hold besides component capacities
 POINT_KEYS = ("keep_dense", "attn_tokens_variant", "prefill", "label")
 
 
 def point_spec(text: str) -> dict:
-    """An argparse type for ``--point``: ``attn_heads=0.875,mlp_experts=0.875``, or a JSON object that
+    """An argparse type for ``--point``: component=capacity pairs (``EXAMPLE_POINT``), or a JSON object that
     may also keep layers dense and pick the attn_tokens variant, e.g. ``{"attn_tokens": 0.95,
     "keep_dense": {"attn_tokens": [0, 1, -2, -1]}, "attn_tokens_variant": "keep_kv", "label": "edges"}``.
     Capacities, keep_dense and the variant are checked by ElasticConfig, as when a model is elastified."""
@@ -33,7 +35,7 @@ def point_spec(text: str) -> dict:
         pairs = [item.partition("=") for item in text.split(",")]
         if not all(eq for _, eq, _ in pairs):
             raise argparse.ArgumentTypeError(f"takes component=capacity pairs separated by commas "
-                                             f"(e.g. attn_heads=0.875,mlp_experts=0.875), got {text!r}")
+                                             f"(e.g. {EXAMPLE_POINT}), got {text!r}")
         spec = {name.strip(): _number(value) for name, _, value in pairs}
     unknown = [k for k in spec if k not in PER_LAYER + POINT_KEYS]
     if unknown:

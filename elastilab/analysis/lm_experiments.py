@@ -63,7 +63,7 @@ def routing_map(em, ids: torch.Tensor, component: str, capacity: float) -> np.nd
 
 @torch.no_grad()
 def slot_usage(em, ids: torch.Tensor, component: str, capacity: float, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """For ``attn_heads`` or ``mlp_experts`` at ``capacity`` (others dense), on one sequence ids [1, T]:
+    """For a head or expert component at ``capacity`` (others dense), on one sequence ids [1, T]:
     (token x slot map of ``layer``, 0/1 [T, n], and the share of tokens using each slot per layer [L, n])."""
     if ids.shape[0] != 1:
         raise ValueError(f"slot_usage takes one sequence, ids [1, T]; got {tuple(ids.shape)}")

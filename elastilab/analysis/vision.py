@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from elastilab.core.config import LAYER_COMPONENTS, TOKEN_COMPONENTS
+from elastilab.core.config import LAYER_COMPONENTS, TOKEN_COMPONENTS, VISUAL_COMPONENTS
 from elastilab.data import ROOT
 from elastilab.files import atomic_write
 from elastilab.tasks.vit import (
@@ -41,8 +41,8 @@ def check_components(components) -> tuple[str, ...]:
     allowed = ", ".join(DEFAULT_CAPS)
     bad = [c for c in comps if c not in DEFAULT_CAPS]
     if bad:
-        hint = " (visual_tokens belongs to visual-language models: elastilab vlm)" \
-            if "visual_tokens" in bad else ""
+        visual = [c for c in bad if c in VISUAL_COMPONENTS]
+        hint = f" ({', '.join(visual)} belongs to visual-language models: elastilab vlm)" if visual else ""
         raise ValueError(f"unknown ViT component{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}{hint}; "
                          f"allowed: {allowed}")
     if not comps:

@@ -13,7 +13,7 @@ def answer_and_keep(em, tokenizer, item: dict, scorer="learned", capacity: float
                     **lm: float) -> tuple[torch.Tensor, str]:
     """(keep [N] bool: the image tokens ``scorer`` keeps at visual capacity ``capacity``, the answer text the
     routed model generates with them) for one item ({"question", "image"}); ``lm``: capacities of the LM
-    components for the same forward (e.g. attn_tokens=0.75). The model's capacities are restored after."""
+    components for the same forward, by name. The model's capacities are restored after."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batch = tl.build_inputs(tokenizer, item["question"], item["image"])

@@ -53,8 +53,8 @@ def _selection(em, seq_len: int) -> tuple[list[str], list[str]]:
 def _slots(block, comp: str) -> tuple[int, str]:
     """What ``comp`` chooses among in each token of ``block``: (how many, their name)."""
     if COMPONENTS[comp].kind == "gated":  # units of the MLP's width, chosen by its gate
-        return block.adapter.block_spec(block.base_layer, block.layer_idx).mlp.width, "units"
-    return block.routers[comp].proj.out_features, "heads" if comp == "attn_heads" else "experts"
+        return block.adapter.block_spec(block.base_layer, block.layer_idx).mlp.width, COMPONENTS[comp].unit
+    return block.routers[comp].proj.out_features, COMPONENTS[comp].unit
 
 
 @contextmanager

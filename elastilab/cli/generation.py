@@ -20,7 +20,12 @@ import torch
 
 from elastilab import data
 from elastilab.analysis.generation import generation_agreement, greedy_continuations, plot_generation
-from elastilab.analysis.generation_points import apply_point, generation_points, point_spec  # POINT_KEYS: re-exported
+from elastilab.analysis.generation_points import (  # POINT_KEYS: re-exported
+    EXAMPLE_POINT,
+    apply_point,
+    generation_points,
+    point_spec,
+)
 from elastilab.cli.args import (
     HelpFormatter,
     capacities,
@@ -136,7 +141,7 @@ def _elastic(model, args):
     """The shipped (or --routers) routers on the model, or, without routers, the gated components alone."""
     if args.routers is not None:
         return load_routers(model, args.routers)
-    gated = list(args.components or ())  # components chosen without a router (mlp_units: the MLP's own gate)
+    gated = list(args.components or ())  # components chosen without a router (the gated ones: the MLP's own gate)
     if not gated or any(c not in GATED_COMPONENTS for c in gated):
         raise ValueError("without --routers, give --components from those that need none: "
                          f"{', '.join(GATED_COMPONENTS)}")
@@ -191,7 +196,7 @@ def add_generation_parser(sub) -> None:
                        description="Greedy generation (KV cache) of the teacher and of the elastic model from "
                                    "held-out prompts; per operating point, the leading new tokens that match.")
     g.add_argument("--routers", type=Path, help="a folder written by `elastilab train` (not needed for "
-                   "components without routers: --components mlp_units)")
+                   f"components without routers: --components {','.join(GATED_COMPONENTS)})")
     g.add_argument("--model", default="smollm2-135m",
                    help="the causal language model the routers belong to: offline default name, "
                         "Hugging Face id or folder")
@@ -208,7 +213,7 @@ def add_generation_parser(sub) -> None:
     g.add_argument("--capacities", type=capacities, default=(0.875, 0.75, 0.5),
                    help="capacities of the one-at-a-time sweep (comma-separated)")
     g.add_argument("--point", type=point_spec, action="append", metavar="SPEC",
-                   help="an extra operating point (repeatable): attn_heads=0.875,mlp_experts=0.875, or a JSON object "
+                   help=f"an extra operating point (repeatable): {EXAMPLE_POINT}, or a JSON object "
                         "that may add keep_dense {component: [layers]}, attn_tokens_variant and label")
     g.add_argument("--mode", choices=MODES, default="threshold",
                    help="token selection; token routing generates only in a causal mode (not topk)")

@@ -24,7 +24,7 @@ _load_lm = load_lm
 
 
 
-#: the capacity flags of train and eval: the routed components, then mlp_units (the MLP's gate chooses)
+#: the capacity flags of train and eval: the routed components, then the gated ones (the MLP's gate chooses)
 CAPACITY_COMPONENTS = LAYER_COMPONENTS + GATED_COMPONENTS
 
 
@@ -168,8 +168,10 @@ def _check_trainable(caps: dict, capacity_range) -> None:
     must be below 1.0."""
     routed = {c: v for c, v in caps.items() if c in LAYER_COMPONENTS}
     if not routed:  # as el.distill would say, but before the model is loaded
-        raise ValueError("nothing to train: mlp_units has no router (the MLP's gate chooses its units); evaluate "
-                         "it with `elastilab eval --mlp-units C`, or add a routed component, e.g. --mlp-tokens 0.75")
+        gated = ", ".join(GATED_COMPONENTS)
+        flags = " ".join(COMPONENTS[c].flag + " C" for c in GATED_COMPONENTS)
+        raise ValueError(f"nothing to train: {gated} has no router (the MLP's gate chooses its units); evaluate "
+                         f"it with `elastilab eval {flags}`, or add a routed component, e.g. --mlp-tokens 0.75")
     low = capacity_range[0] if capacity_range else min(routed.values())
     if low >= 1.0:
         given = " ".join(f"--{c.replace('_', '-')} {v:g}" for c, v in routed.items())

@@ -7,6 +7,7 @@ import json
 
 from elastilab.analysis import vision
 from elastilab.cli.args import HelpFormatter, command_line, default_of, positive_int
+from elastilab.core.config import TOKEN_COMPONENTS
 from elastilab.tasks.vit import DEFAULT_CAPS, DOMAINS
 
 
@@ -54,7 +55,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--components", type=_components_arg, default=default_of(vision.train, "components"),
                    help=f"comma-separated components to route, from {','.join(DEFAULT_CAPS)} (default: all)")
     p.add_argument("--skipped-tokens", choices=("drop", "merge"), default=default_of(vision.train, "skipped_tokens"),
-                   help="what a token skipped by attn_tokens/mlp_tokens receives while the routers learn and "
+                   help=f"what a token skipped by {'/'.join(TOKEN_COMPONENTS)} receives while the routers learn and "
                         "afterwards: nothing, or its nearest kept token's output")
     p.set_defaults(func=_cmd_train)
     p = vsub.add_parser("bench", help="learned vs random vs CLS-attention routing per component",

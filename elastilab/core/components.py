@@ -1,5 +1,6 @@
-"""One row per component: what it chooses, who chooses, which sub-layer's compute it saves, and the help of its
-capacity flag. Everything that lists components (config, the CLI flags, the frontier's x axis) reads this table.
+"""One row per component: what it chooses, who chooses, which sub-layer's compute it saves, what its capacity
+rounds to, and the help of its capacity flag. Everything that lists components (config, the CLI flags, the
+frontier's x axis) reads this table.
 
     COMPONENTS["attn_heads"].sublayer    # "attention"
 """
@@ -18,6 +19,8 @@ class Component:
     sublayer: str
     #: what its capacity is a fraction of
     chooses: str
+    #: what a capacity rounds up to a whole number of (per token for heads, experts and units)
+    unit: str
     #: the CLI help of its capacity flag (--attn-tokens, ...)
     help: str
 
@@ -28,20 +31,20 @@ class Component:
 
 _ROUNDED = "in (0, 1]; rounded up to whole "
 TABLE = (
-    Component("attn_tokens", "tokens", "attention", "tokens",
+    Component("attn_tokens", "tokens", "attention", "tokens", "tokens",
               f"fraction of each block's tokens that enter attention, {_ROUNDED}tokens"),
-    Component("mlp_tokens", "tokens", "mlp", "tokens",
+    Component("mlp_tokens", "tokens", "mlp", "tokens", "tokens",
               f"fraction of each block's tokens that enter the MLP, {_ROUNDED}tokens"),
-    Component("attn_heads", "params", "attention", "query heads",
+    Component("attn_heads", "params", "attention", "query heads", "heads",
               f"fraction of the query heads each token uses, {_ROUNDED}heads (0.9 of 9 heads computes all 9)"),
-    Component("mlp_experts", "params", "mlp", "MLP slices",
+    Component("mlp_experts", "params", "mlp", "MLP slices", "experts",
               f"fraction of the MLP expert slices each token uses, {_ROUNDED}experts "
               "(0.9 of 8 experts computes all 8)"),
-    Component("mlp_units", "gated", "mlp", "MLP hidden units",
+    Component("mlp_units", "gated", "mlp", "MLP hidden units", "units",
               "fraction of the MLP hidden units each token computes, in (0, 1], chosen by the size of the MLP's own "
               "gate activations (CATS: no router of its own, so train needs a routed component beside it); "
               "rounded up to whole units"),
-    Component("visual_tokens", "visual", "total", "image tokens",
+    Component("visual_tokens", "visual", "total", "image tokens", "tokens",
               f"fraction of the image tokens that enter the language model, {_ROUNDED}tokens"),
 )
 COMPONENTS = {c.name: c for c in TABLE}

@@ -38,9 +38,8 @@ def check_capacity(name: str, value) -> float:
 class ElasticConfig:
     """What to make elastic. A component left at ``None`` is not routed (no router is created).
 
-    Capacities are the fraction computed: of tokens for ``attn_tokens``/``mlp_tokens``/
-    ``visual_tokens``, of query heads for ``attn_heads``, of MLP slices for ``mlp_experts``, of
-    MLP hidden units for ``mlp_units``.
+    Capacities are the fraction computed of what each component chooses (``core.components``: tokens,
+    query heads, MLP slices or MLP hidden units).
     They can be changed later with ``ElasticModel.set_capacity`` without retraining.
     """
 

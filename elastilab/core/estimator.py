@@ -26,19 +26,31 @@ def estimate(block, x: Tensor, rope) -> Tensor:
     receives its nearest kept token's output), and the gradient tells each token's router what
     being merged instead of computed would change, kept tokens included."""
     spec = block._spec()
-    B, T, d = x.shape
     block.decisions = {}
+    probe = _probes(block, spec, x) if block.probe is not None else {}
+    x = x + _attention(block, spec, x, rope, probe)
+    return x + _mlp(block, spec, x, probe)
+
+
+def _probes(block, spec, x: Tensor) -> dict[str, Tensor]:
+    """Taylor probing: a gate of ones per elastic component, a leaf (also stored in ``block.probe``) whose
+    gradient scores the candidates."""
+    B, T, _ = x.shape
+    sizes = {"attn_tokens": (B, T), "attn_heads": (B, T, spec.attn.n_heads),
+             "mlp_tokens": (B * T,), "mlp_experts": (B * T, block.n_experts), "mlp_units": (B * T, spec.mlp.width)}
+    probe = {c: torch.ones(sizes[c], device=x.device, requires_grad=True) for c in block.capacity}
+    block.probe.update(probe)
+    return probe
+
+
+def _attention(block, spec, x: Tensor, rope, probe: dict) -> Tensor:
+    """The attention sub-layer's gated update [B, T, d]; its token and head choices are recorded."""
+    B, T, _ = x.shape
     pos = torch.arange(T, device=x.device).expand(B, T)
     if rope is not None:
         rope = tuple(r.expand(B, -1, -1) for r in rope)
-    sizes = {"attn_tokens": (B, T), "attn_heads": (B, T, spec.attn.n_heads),
-             "mlp_tokens": (B * T,), "mlp_experts": (B * T, block.n_experts), "mlp_units": (B * T, spec.mlp.width)}
-    probe = {c: torch.ones(sizes[c], device=x.device, requires_grad=True)
-             for c in block.capacity} if block.probe is not None else {}
-    if block.probe is not None:
-        block.probe.update(probe)
     h = spec.attn_norm(x)
-    key_idx, tok_gate, head_gates = None, probe.get("attn_tokens"), probe.get("attn_heads")
+    key_idx, tok_gate, head_gates, keep = None, probe.get("attn_tokens"), probe.get("attn_heads"), None
     if block._active("attn_tokens") and not probe:
         scores, keep = block._token_keep("attn_tokens", h, min(T, spec.n_protected))
         if block.attn_tokens_variant == "drop":  # else every token stays a key/value (key_idx None)
@@ -52,8 +64,12 @@ def estimate(block, x: Tensor, rope) -> Tensor:
         head_gates = hard_gates(ids, hs)
     y = estimator_attention(spec.attn, h, pos, rope, key_idx, head_gates)
     y = spec.attn_out(y)  # post-norm (Gemma), LayerScale (DINOv2)
-    x = x + _gated_tokens(block, y, tok_gate, h, keep if block._active("attn_tokens") and not probe else None)
+    return _gated_tokens(block, y, tok_gate, h, keep)
 
+
+def _mlp(block, spec, x: Tensor, probe: dict) -> Tensor:
+    """The MLP sub-layer's gated update [B, T, d]; its token and expert choices are recorded."""
+    B, T, d = x.shape
     h = spec.mlp_norm(x).reshape(B * T, d)
     tok_gate, unit_gates = probe.get("mlp_tokens"), probe.get("mlp_experts")
     keep = None
@@ -72,7 +88,7 @@ def estimate(block, x: Tensor, rope) -> Tensor:
         raise ValueError("router training chooses mlp_units by their gate activations; leave em.scoring() first")
     y = estimator_mlp(spec.mlp, h, unit_gates, units)
     y = spec.mlp_out(y)
-    return x + _gated_tokens(block, y.view(B, T, d), tok_gate, h.view(B, T, d), keep)
+    return _gated_tokens(block, y.view(B, T, d), tok_gate, h.view(B, T, d), keep)
 
 
 def _gated_tokens(block, y: Tensor, gate: Tensor | None, h: Tensor, keep: Tensor | None) -> Tensor:

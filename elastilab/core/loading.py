@@ -43,7 +43,7 @@ def elastify_with(model: nn.Module, config: ElasticConfig, state: dict[str, torc
 def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: bool = True,
                  add_components=()) -> ElasticModel:
     """Elastify ``model`` with the routers saved in ``path``; refuses routers trained on another model.
-    ``add_components``: components that need no router (mlp_units) added at capacity 1.0, to combine
+    ``add_components``: components that need no router (the gated ones) added at capacity 1.0, to combine
     with the checkpoint's. Everything is checked before the model is changed: on any error it is left as it was."""
     path = Path(path)
     if isinstance(model, ElasticModel):

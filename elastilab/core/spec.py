@@ -44,7 +44,7 @@ class AttnWeights:
     #: attention-logit soft-capping (Gemma 2): logits become softcap * tanh(logits / softcap)
     softcap: float | None = None
     #: w_o transposed into a contiguous [H*hd, d] copy, set by ElasticBlock for the few-row (decode) path of
-    #: attn_heads (``kernels.head_attention.head_attention_gather``); None elsewhere
+    #: head routing (``kernels.head_attention.head_attention_gather``); None elsewhere
     w_o_t: Tensor | None = None
 
     def __post_init__(self):

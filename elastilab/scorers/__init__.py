@@ -13,26 +13,26 @@ default does not fit it (``check``, ``before_forward``, ``merged_into``, ``image
 checks the declarations.
 
 ==================== ================================ ============ ==========================================
-name                 components                       kinds        score
+name                 chooses (its ``components``)     kinds        score
 ==================== ================================ ============ ==========================================
-learned              all with a router, visual_tokens all          the routers (the default)
-random               all, visual_tokens               all          seeded noise
+learned              all with a router, image tokens  all          the routers (the default)
+random               all, image tokens                all          seeded noise
 oracle               all layer components             all          norm of the candidate's true contribution,
                                                                    computed densely on the block's current
                                                                    input (not counted)
 taylor               all layer components             lm, vit      |gradient of the loss x contribution|,
                                                                    first order, from one dense forward +
                                                                    backward (not counted)
-magnitude            attn_heads, mlp_experts,         all          norm of each head's query / slice's gate
-                     mlp_units                                     activations; a unit's gate activation
-attention_received   attn_tokens, mlp_tokens          all          attention each token receives (H2O)
-cls_attention        attn_tokens, mlp_tokens          vit          attention the CLS token pays each token
-fastv                visual_tokens                    vlm          attention image tokens receive from the
+magnitude            heads, MLP slices, MLP units     all          norm of each head's query / slice's gate
+                                                                   activations; a unit's gate activation
+attention_received   tokens (attention's, the MLP's)  all          attention each token receives (H2O)
+cls_attention        tokens (attention's, the MLP's)  vit          attention the CLS token pays each token
+fastv                image tokens                     vlm          attention image tokens receive from the
                                                                    text in LM layer K-1; pruned from K (FastV)
-tome                 attn_tokens, mlp_tokens          vit          merges similar patches instead of dropping
-lowrank_gate         mlp_units                        all          a rank-r predictor of the gate, before the
+tome                 tokens (attention's, the MLP's)  vit          merges similar patches instead of dropping
+lowrank_gate         MLP units                        all          a rank-r predictor of the gate, before the
                                                                    gate runs
-two_stage            mlp_units                        all          the predictor's candidates, then their
+two_stage            MLP units                        all          the predictor's candidates, then their
                                                                    exact |hidden| x ||w_out|| (unit_choice.py)
 ==================== ================================ ============ ==========================================
 

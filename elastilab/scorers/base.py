@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS
+from elastilab.core.config import GATED_COMPONENTS, LAYER_COMPONENTS, VISUAL_COMPONENTS
 
 #: the model kinds a scorer declares (an adapter's ``kind``): causal LMs, vision transformers, and
-#: visual-language models (whose image tokens ``visual_tokens`` chooses; their LM blocks are causal)
+#: visual-language models (whose image tokens a visual component chooses; their LM blocks are causal)
 KINDS = ("lm", "vit", "vlm")
-#: what a scorer may choose: every layer component, mlp_units (gated) and a VLM's image tokens
-SCORABLE = LAYER_COMPONENTS + GATED_COMPONENTS + ("visual_tokens",)
+#: what a scorer may choose: every layer component, the gated ones and a VLM's image tokens
+SCORABLE = LAYER_COMPONENTS + GATED_COMPONENTS + VISUAL_COMPONENTS
 
 
 @dataclass
@@ -22,15 +22,15 @@ class Candidates:
     """What a scorer sees: one block's candidates for one component.
 
     h: the rows the component would run on, normalised as the sub-layer sees them: [B, T, d] for
-    token components, [B, K, d] attention rows for ``attn_heads``, [n, d] MLP rows for ``mlp_experts``
-    and ``mlp_units``; for ``visual_tokens`` the whole sequence [B, T, d] as the scored LM layer
-    receives it (not normalised: ``spec.attn_norm`` is the layer's own norm).
+    token components, [B, K, d] attention rows for heads, [n, d] MLP rows for MLP slices and units;
+    for a VLM's image tokens the whole sequence [B, T, d] as the scored LM layer receives it (not
+    normalised: ``spec.attn_norm`` is the layer's own norm).
     rows: index of each row in the flattened B x T batch (shape h.shape[:-1]), so a scorer can look
-    up anything it computed per position; for ``visual_tokens`` [n_images, N]: the flat index of each
+    up anything it computed per position; for image tokens [n_images, N]: the flat index of each
     image's tokens in h. pos / rope / valid: positions, rotary tables and validity (False = padding)
-    of attention rows (for ``visual_tokens``: of the sequence).
-    block: the ElasticBlock (for ``visual_tokens``: the ElasticLlava); layer_spec: the scored LM
-    layer's BlockSpec for ``visual_tokens`` (``spec`` returns it)."""
+    of attention rows (for image tokens: of the sequence).
+    block: the ElasticBlock (for image tokens: the ElasticLlava); layer_spec: the scored LM
+    layer's BlockSpec for image tokens (``spec`` returns it)."""
 
     block: nn.Module
     component: str
@@ -46,9 +46,9 @@ class Candidates:
         return self.layer_spec if self.layer_spec is not None else self.block._spec()
 
     def n_out(self) -> int:
-        if self.component == "visual_tokens":
+        if self.component in VISUAL_COMPONENTS:
             return 1
-        if self.component == "mlp_units":
+        if self.component in GATED_COMPONENTS:
             return self.spec.mlp.width
         return self.block.routers[self.component].proj.out_features
 
@@ -88,20 +88,20 @@ class Scorer:
 
     def __call__(self, c: Candidates):
         """The scores of c's candidates, shaped like the router's output (larger = kept): [B, T] for
-        token components, [B, K, H] for ``attn_heads``, [n, E] for ``mlp_experts``; for ``mlp_units``
-        [n, F] scores, a ``UnitPlan`` (units chosen before the gate) or None (by the gate activations);
-        for ``visual_tokens`` [n_images, N]. Called by the block's ``Scoring`` module (whose FLOPs are
+        token components, [B, K, H] for heads, [n, E] for MLP slices; for MLP units [n, F] scores, a
+        ``UnitPlan`` (units chosen before the gate) or None (by the gate activations); for a VLM's image
+        tokens [n_images, N]. Called by the block's ``Scoring`` module (whose FLOPs are
         the scoring work), or by ElasticLlava for the image tokens. Required."""
         raise NotImplementedError
 
     def merged_into(self) -> Tensor | None:
         """After ``__call__`` chose a token component: the token each token merges into [B, T]
         (itself when kept), for a merging method (ToMe); None (default) drops the skipped tokens.
-        Called by the block right after the scores of attn_tokens / mlp_tokens."""
+        Called by the block right after the scores of a token component."""
         return None
 
     def image_layer(self, em) -> int:
-        """For ``visual_tokens``: the first LM layer that sees only the kept image tokens. 0 (default):
+        """For a VLM's image tokens: the first LM layer that sees only the kept ones. 0 (default):
         they are scored as the LM receives them and chosen before it runs, so every layer and the KV
         cache hold only the kept ones; K >= 1: layers < K see every image token, the scores read layer
         K-1's input, and layers >= K run on the kept ones (FastV; no KV cache). Called by ElasticLlava
@@ -159,8 +159,8 @@ def supports(scorer, em, component: str) -> bool:
     """Whether ``scorer`` can choose ``component`` on ``em`` (the learned routers: every component
     with a router, and a VLM's image tokens)."""
     s = get_scorer(scorer)
-    if s is None:  # the routers: mlp_units has none (its gate chooses, which is "magnitude")
-        return component not in GATED_COMPONENTS and (component != "visual_tokens" or em.adapter.kind == "vlm")
+    if s is None:  # the routers: a gated component has none (its gate chooses, which is "magnitude")
+        return component not in GATED_COMPONENTS and (component not in VISUAL_COMPONENTS or em.adapter.kind == "vlm")
     try:
         s.check(em, component)
     except ValueError:
@@ -196,7 +196,7 @@ class Random(Scorer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, c):
-        if c.component == "visual_tokens":  # uniform, from the seed on every call: the same choice each time
+        if c.component in VISUAL_COMPONENTS:  # uniform, from the seed on every call: the same choice each time
             return torch.rand(c.rows.shape, generator=torch.Generator().manual_seed(self.seed)).to(c.h.device)
         n = c.n_out()
         s = torch.randn(*c.h.shape[:-1], n, generator=self.generator).to(c.h)

@@ -3,7 +3,7 @@
 Works for every ViT adapter (timm VisionTransformer, HF ViT / ViT-MAE / DINOv2) and the offline DINOv2-S:
 
     model = el.zoo.dinov2.load_hf()
-    em = el.elastify(model, el.ElasticConfig(attn_tokens=0.5, mlp_tokens=0.5, attn_heads=0.5, mlp_experts=0.5))
+    em = el.elastify(model, el.ElasticConfig(**DEFAULT_CAPS))  # every routed component at 0.5
     x = el.zoo.dinov2.preprocess(images, size=112)
     log = distill_vit(em, x, probe=el.zoo.dinov2.load_probe(), steps=40)
     evaluate_vit(em, x_test, labels, probe)      # accuracy, teacher agreement, cosine, measured compute

@@ -100,73 +100,91 @@ def evaluate(em, tokenizer, items, image_features: Tensor, batch_size: int = 16,
     kept (token 1 + patch; token 0 is CLS). ``teacher_cache``: a dict kept between calls on the same
     items and model, so the teacher runs once (not with ``measure``). ``per_item``: also ``res["per_item"]``,
     the teacher's and the student's hits and their agreement per item (0/1 lists, for paired comparisons)."""
-    res: dict = {"n": len(items)}
-    acc_t: dict = {}
-    acc_s: dict = {}
-    agree_t: dict = {}
-    items_out: dict = {"teacher": [], "student": [], "agree": []}
-    patch_hits = {"object": [0, 0], "target": [0, 0]}
-    agree = kl = 0.0
-    flops = {}
+    tally, flops, kept = _Tally(), {}, None
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
         b = tiny_llava.text_batch(tokenizer, [it["question"] for it in chunk], [it["answer"] for it in chunk])
         first = b["answer_mask"] & ~torch.roll(b["answer_mask"], 1, 1)
         kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                   image_features=image_features[s:s + batch_size], logits_at=predicting_positions(first))
-        key = (s, batch_size, len(items))
-        cached = teacher_cache is not None and not (measure and s == 0) and key in teacher_cache
-        if cached:
-            t_logits = teacher_cache[key]
-        for who in ("student",) if cached else ("teacher", "student"):
-            ctx = em.routers_disabled() if who == "teacher" else contextlib.nullcontext()
-            with ctx:
-                if measure and s == 0:
-                    with FlopCounterMode(display=False) as fc:
-                        out = em(**kw)
-                    flops[who] = fc.get_total_flops()
-                else:
-                    out = em(**kw)
-            if who == "teacher":
-                t_logits = out.logits
-                if teacher_cache is not None:
-                    teacher_cache[key] = t_logits
-            else:
-                s_logits, kept = out.logits, out.image_keep
+        t_logits, s_logits, kept = _answer_logits(em, kw, (s, batch_size, len(items)), teacher_cache,
+                                                  flops if measure and s == 0 else None)
         gold = tiny_llava.first_token_ids(tokenizer, [it["answer"] for it in chunk])
-        same = (t_logits.argmax(-1) == s_logits.argmax(-1)).tolist()
-        for j, (it, ot, os_) in enumerate(zip(chunk, (t_logits.argmax(-1) == gold).tolist(),
-                                              (s_logits.argmax(-1) == gold).tolist())):
-            acc_t.setdefault(it["task"], []).append(ot)
-            acc_s.setdefault(it["task"], []).append(os_)
-            agree_t.setdefault(it["task"], []).append(same[j])
-            for k, v in (("teacher", ot), ("student", os_), ("agree", same[j])):
-                items_out[k].append(int(v))
-            if "patches" in it:
-                for name, field in (("object", "patches"), ("target", "target_patches")):
-                    p = torch.tensor(it[field], dtype=torch.long) + 1
-                    patch_hits[name][0] += int(kept[j, p].sum()) if kept is not None else len(p)
-                    patch_hits[name][1] += len(p)
-        agree += sum(same)
-        kl += kl_loss(s_logits, t_logits).item() * len(chunk)
-    for t in acc_t:
-        res[f"teacher_acc_{t}"] = sum(acc_t[t]) / len(acc_t[t])
-        res[f"acc_{t}"] = sum(acc_s[t]) / len(acc_s[t])
-    for t in acc_t:
-        res[f"agreement_{t}"] = sum(agree_t[t]) / len(agree_t[t])
-    for name, (hit, total) in patch_hits.items():
-        if total:
-            res[f"{name}_patches_kept"] = hit / total
-    res["teacher_acc"] = sum(sum(v) for v in acc_t.values()) / len(items)
-    res["acc"] = sum(sum(v) for v in acc_s.values()) / len(items)
-    res["agreement"] = agree / len(items)
-    res["kl"] = kl / len(items)
+        tally.add(chunk, t_logits, s_logits, kept, gold)
+    res = tally.result(len(items))
     res["image_tokens_kept"] = int(kept[0].sum()) if kept is not None else image_features.shape[1]
     if flops:
         res["flops_fraction"] = flops["student"] / flops["teacher"]
     if per_item:
-        res["per_item"] = items_out
+        res["per_item"] = tally.per_item
     return res
+
+
+def _answer_logits(em, kw: dict, key: tuple, teacher_cache: dict | None, flops: dict | None):
+    """(teacher logits, student logits, the student's image keep mask) of one batch. The teacher's come from
+    ``teacher_cache`` when it holds ``key``, except when measuring: ``flops`` (a dict) then gets each forward's
+    FLOPs by who ran it."""
+    cached = teacher_cache is not None and flops is None and key in teacher_cache
+    t_logits = teacher_cache[key] if cached else None
+    for who in ("student",) if cached else ("teacher", "student"):
+        with em.routers_disabled() if who == "teacher" else contextlib.nullcontext():
+            if flops is not None:
+                with FlopCounterMode(display=False) as fc:
+                    out = em(**kw)
+                flops[who] = fc.get_total_flops()
+            else:
+                out = em(**kw)
+        if who == "teacher":
+            t_logits = out.logits
+            if teacher_cache is not None:
+                teacher_cache[key] = t_logits
+    return t_logits, out.logits, out.image_keep  # out: the student's, which runs last
+
+
+class _Tally:
+    """What ``evaluate`` sums over its batches: per task the teacher's and the student's first-token hits and
+    their agreement, per item the same (0/1), the object and target patches kept, agreement and KL."""
+
+    def __init__(self):
+        self.teacher: dict = {}
+        self.student: dict = {}
+        self.same: dict = {}
+        self.per_item: dict = {"teacher": [], "student": [], "agree": []}
+        self.patches = {"object": [0, 0], "target": [0, 0]}  # [kept, total]
+        self.agree = self.kl = 0.0
+
+    def add(self, chunk, t_logits: Tensor, s_logits: Tensor, kept: Tensor | None, gold: Tensor) -> None:
+        same = (t_logits.argmax(-1) == s_logits.argmax(-1)).tolist()
+        hits = zip(chunk, (t_logits.argmax(-1) == gold).tolist(), (s_logits.argmax(-1) == gold).tolist(), same)
+        for j, (it, ot, os_, agree) in enumerate(hits):
+            self.teacher.setdefault(it["task"], []).append(ot)
+            self.student.setdefault(it["task"], []).append(os_)
+            self.same.setdefault(it["task"], []).append(agree)
+            for k, v in (("teacher", ot), ("student", os_), ("agree", agree)):
+                self.per_item[k].append(int(v))
+            if "patches" in it:
+                for name, field in (("object", "patches"), ("target", "target_patches")):
+                    p = torch.tensor(it[field], dtype=torch.long) + 1
+                    self.patches[name][0] += int(kept[j, p].sum()) if kept is not None else len(p)
+                    self.patches[name][1] += len(p)
+        self.agree += sum(same)
+        self.kl += kl_loss(s_logits, t_logits).item() * len(chunk)
+
+    def result(self, n: int) -> dict:
+        res: dict = {"n": n}
+        for t in self.teacher:
+            res[f"teacher_acc_{t}"] = sum(self.teacher[t]) / len(self.teacher[t])
+            res[f"acc_{t}"] = sum(self.student[t]) / len(self.student[t])
+        for t in self.teacher:
+            res[f"agreement_{t}"] = sum(self.same[t]) / len(self.same[t])
+        for name, (hit, total) in self.patches.items():
+            if total:
+                res[f"{name}_patches_kept"] = hit / total
+        res["teacher_acc"] = sum(sum(v) for v in self.teacher.values()) / n
+        res["acc"] = sum(sum(v) for v in self.student.values()) / n
+        res["agreement"] = self.agree / n
+        res["kl"] = self.kl / n
+        return res
 
 
 def llava_parameter_count(config) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from elastilab.core.config import GATED_COMPONENTS
 from elastilab.core.lora import reset as reset_lora
 from elastilab.core.routers import Router
 from elastilab.data import token_blocks
@@ -137,17 +138,64 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     The folder is checked before step 1. A non-finite loss or router weight stops training with
     ``TrainingDiverged``; the last checkpoint written stays (it was finite).
     """
-    # imported here, as the training run starts: accelerate is slow to import and only training needs it
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     # a validated copy: a config changed after it was made (cfg.lr = inf) is checked again
     cfg = replace(config or DistillConfig(), **overrides)
     data = _training_data(data, cfg, tokenizer, default_loss=loss_fn is None)
     if loss_fn is None:  # the LM task's loss, reached up to lazily: tasks build on training, not the reverse
         from elastilab.tasks.lm import lm_loss as loss_fn
     check_checkpoint_dir(cfg)  # before step 1, not at the first checkpoint
+    from tqdm.auto import tqdm  # (tqdm and accelerate are imported as a run starts: only training needs them)
+
+    mode = em.elastic_config.mode
+    loop = _start(em, data, cfg, accelerator, loss_fn)
+    loop.t0 = time.perf_counter() - (loop.log[-1]["seconds"] if loop.log else 0.0)  # counts on across a resume
+    loop.bar = tqdm(total=cfg.steps, initial=loop.step, desc="distill",
+                    disable=not (cfg.progress and loop.acc.is_main_process))
+    estimator = em.training_estimator()
+    estimator.__enter__()
+    try:
+        while loop.step < cfg.steps:
+            _epoch(loop)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted at step {loop.step}; {_kept(cfg, loop.last_saved)}", loop.step,
+                                  loop.last_saved) from None
+    finally:
+        estimator.__exit__(None, None, None)
+        loop.bar.close()
+        em.set_capacity(**loop.base_caps)
+        em.set_mode(mode)
+    return pd.DataFrame(loop.log)
+
+
+@dataclass(eq=False)
+class _Loop:
+    """What the steps, the log and the checkpoints of one run share. ``optimizer`` is the one a checkpoint
+    saves, ``opt`` the accelerator's wrapper of it that steps; ``data_order`` draws each epoch's shuffle."""
+    em: object
+    cfg: DistillConfig
+    acc: object
+    wrapped: object
+    optimizer: torch.optim.Optimizer
+    opt: object
+    loader: object
+    loss_fn: object
+    data_order: torch.Generator
+    rng: random.Random
+    run: dict | None
+    base_caps: dict
+    step: int = 0
+    in_epoch: int = 0
+    log: list = field(default_factory=list)
+    last_saved: int | None = None
+    t0: float = 0.0
+    bar: object = None
+
+
+def _start(em, data, cfg: DistillConfig, accelerator, loss_fn) -> _Loop:
+    """Seeds, the optimizer, the loader and the model in training shape (eval, topk), prepared by the
+    accelerator; on resume, the step, data position, log and RNG states of the checkpoint."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
 
     acc = accelerator or Accelerator(split_batches=True, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -160,52 +208,48 @@ def distill(em, data, config: DistillConfig | None = None, tokenizer=None, accel
     optimizer = _optimizer(em, cfg)
     run = run_identity(em, data, cfg) if cfg.checkpoint_dir else None  # before set_mode: the caller's config
     em.model.eval()  # frozen base: no dropout; routers have none
-    mode = em.elastic_config.mode
     em.set_mode("topk")  # training always ranks within the sequence; threshold is calibrated after
     wrapped, opt, loader = acc.prepare(em, optimizer, loader)
     rng = random.Random(cfg.seed)  # same draws on every process
-    base_caps = dict(em.capacities)
-    step, in_epoch, log = 0, 0, []
+    loop = _Loop(em, cfg, acc, wrapped, optimizer, opt, loader, loss_fn, data_order, rng, run, dict(em.capacities))
     if cfg.resume:
-        step, in_epoch, log = restore_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng, data_order,
-                                                    run, cfg)
-    last_saved = step if cfg.resume else None
-    t0 = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)  # seconds count on across a resume
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (cfg.progress and acc.is_main_process))
-    estimator = em.training_estimator()
-    estimator.__enter__()
-    try:
-        while step < cfg.steps:
-            epoch_start = data_order.get_state()  # this epoch's shuffle is drawn from it as iteration starts
-            for batch in itertools.islice(loader, in_epoch, None):  # on resume, skip the batches already seen
-                if cfg.capacity_range is not None or cfg.components_per_step:
-                    em.set_capacity(**sample_capacities(rng, base_caps, cfg))
-                parts, metrics = _update(em, wrapped, batch, loss_fn, cfg, acc, opt, step, last_saved)
-                step += 1
-                in_epoch += 1
-                _check_routers(em, step, cfg, last_saved)
-                log.append({"step": step, **parts, **metrics,
-                            **{f"cap_{k}": v for k, v in em.capacities.items()},
-                            "seconds": time.perf_counter() - t0})
-                bar.update(1)
-                bar.set_postfix(kl=f"{metrics['kl']:.3f}", agree=f"{metrics['agreement']:.2f}")
-                every = cfg.checkpoint_every
-                if cfg.checkpoint_dir and acc.is_main_process and (step == cfg.steps or every and step % every == 0):
-                    with interrupts_deferred(), em.capacity(**base_caps):  # not this step's sampled capacities
-                        position = {"step": step, "batch_in_epoch": in_epoch, "epoch_start": epoch_start}
-                        last_saved = _checkpoint(em, optimizer, rng, position, run, cfg, log)
-                if step >= cfg.steps:
-                    break
-            else:
-                in_epoch = 0  # the epoch ran out: the next one starts from its first batch
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(f"interrupted at step {step}; {_kept(cfg, last_saved)}", step, last_saved) from None
-    finally:
-        estimator.__exit__(None, None, None)
-        bar.close()
-        em.set_capacity(**base_caps)
-        em.set_mode(mode)
-    return pd.DataFrame(log)
+        loop.step, loop.in_epoch, loop.log = restore_trainer_state(Path(cfg.checkpoint_dir), em, optimizer, rng,
+                                                                   data_order, run, cfg)
+        loop.last_saved = loop.step
+    return loop
+
+
+def _epoch(loop: _Loop) -> None:
+    """The rest of one epoch (on resume, after the batches already seen), up to the last step."""
+    epoch_start = loop.data_order.get_state()  # this epoch's shuffle is drawn from it as iteration starts
+    for batch in itertools.islice(loop.loader, loop.in_epoch, None):
+        _step(loop, batch)
+        every = loop.cfg.checkpoint_every
+        if loop.cfg.checkpoint_dir and loop.acc.is_main_process and (
+                loop.step == loop.cfg.steps or every and loop.step % every == 0):
+            with interrupts_deferred(), loop.em.capacity(**loop.base_caps):  # not this step's sampled capacities
+                position = {"step": loop.step, "batch_in_epoch": loop.in_epoch, "epoch_start": epoch_start}
+                loop.last_saved = _checkpoint(loop.em, loop.optimizer, loop.rng, position, loop.run, loop.cfg,
+                                              loop.log)
+        if loop.step >= loop.cfg.steps:
+            return
+    loop.in_epoch = 0  # the epoch ran out: the next one starts from its first batch
+
+
+def _step(loop: _Loop, batch) -> None:
+    """One step on ``batch`` (at freshly drawn capacities when the config samples them), checked and logged."""
+    em, cfg = loop.em, loop.cfg
+    if cfg.capacity_range is not None or cfg.components_per_step:
+        em.set_capacity(**sample_capacities(loop.rng, loop.base_caps, cfg))
+    parts, metrics = _update(em, loop.wrapped, batch, loop.loss_fn, cfg, loop.acc, loop.opt, loop.step,
+                             loop.last_saved)
+    loop.step += 1
+    loop.in_epoch += 1
+    _check_routers(em, loop.step, cfg, loop.last_saved)
+    loop.log.append({"step": loop.step, **parts, **metrics, **{f"cap_{k}": v for k, v in em.capacities.items()},
+                     "seconds": time.perf_counter() - loop.t0})
+    loop.bar.update(1)
+    loop.bar.set_postfix(kl=f"{metrics['kl']:.3f}", agree=f"{metrics['agreement']:.2f}")
 
 
 def _training_data(data, cfg: DistillConfig, tokenizer, default_loss: bool):
@@ -225,9 +269,10 @@ def _optimizer(em, cfg: DistillConfig) -> torch.optim.AdamW:
     """AdamW over the routers, then a LoRA at its own rate (one parameter group each)."""
     groups = [{"params": params, "lr": lr} for params, lr in
               ((em.router_parameters(), cfg.lr), (em.lora_parameters(), cfg.lora_lr)) if params]
-    if not groups:  # e.g. only mlp_units, which its gate chooses: torch would only say "empty parameter list"
+    if not groups:  # e.g. only gated components, which the gate chooses: torch would only say "empty parameter list"
         raise ValueError(f"nothing to train: no routed component of this model has a router (elastic: "
-                         f"{', '.join(em.capacities)}; mlp_units is chosen by the MLP's gate and needs no training)")
+                         f"{', '.join(em.capacities)}; {', '.join(GATED_COMPONENTS)} is chosen by the MLP's gate "
+                         "and needs no training)")
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -1,7 +1,7 @@
 """Inside LLaVA's language model: the two ways ``ElasticLlava`` runs it on part of the image tokens
 without removing them from the input sequence first.
 
-Pruning inside the LM (FastV, a visual_tokens scorer whose ``image_layer`` is K): the layers before K
+Pruning inside the LM (FastV, an image-token scorer whose ``image_layer`` is K): the layers before K
 see every token; the scorer scores the image tokens from layer K-1's input, and the dropped ones are
 pruned by forward pre-hooks on the later layers.
 

@@ -7,8 +7,8 @@ so every LM layer (and the KV cache) holds fewer tokens. Kept tokens keep their 
 (RoPE sees the same relative distances as in the full model), the 2-D attention mask is gathered the
 same way, and decoding continues from the original length.
 
-The LM components (attn_tokens, mlp_tokens, attn_heads, mlp_experts) wrap the inner LlamaModel through
-the llama adapter, exactly as for a text LM:
+The LM's per-layer components wrap the inner LlamaModel through the llama adapter, exactly as for a
+text LM:
 
     model, tok = el.zoo.load("tiny-llava")
     em = el.elastify(model, el.ElasticConfig(visual_tokens=0.5))      # an ElasticLlava
@@ -200,59 +200,47 @@ class ElasticLlava(ElasticModel):
         past_key_values = kwargs.pop("cache", past_key_values)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        lm = self.adapter.language_model(self.model)
-        image_id = self.model.config.image_token_id
-        slots = input_ids == image_id
-        B, T = input_ids.shape
+        slots = input_ids == self.model.config.image_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        emb = lm.embed_tokens(input_ids.masked_fill(slots, 0))
+        emb = self.adapter.language_model(self.model).embed_tokens(input_ids.masked_fill(slots, 0))
+        pos = position_ids if position_ids is not None else (attention_mask.cumsum(1) - 1).clamp(min=0)
         if pixel_values is None and image_features is None:
             if slots.any():
                 raise ValueError(f"the prompt holds {int(slots.sum())} image tokens but no image was given; "
                                  "pass pixel_values (or image_features)")
-            pos = position_ids if position_ids is not None else (attention_mask.cumsum(1) - 1).clamp(min=0)
             return self._run_lm(emb, attention_mask, pos, past_key_values, use_cache, None, logits_at,
                                 logits_to_keep, None, None, None)
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass either pixel_values or image_features, not both")
         feats = image_features if image_features is not None else self.image_features(pixel_values)
-        n_img, N = feats.shape[:2]
-        if not slots.any():
-            raise ValueError(f"{n_img} image(s) given but the prompt has no image tokens; put the <image> "
-                             "placeholder where the image goes (tiny_llava.build_inputs expands it)")
-        if int(slots.sum()) != n_img * N:
-            raise ValueError(f"the prompts hold {int(slots.sum())} image tokens but {n_img} image(s) need "
-                             f"{n_img} x {N} = {n_img * N}; give one image per <image> placeholder, each "
-                             f"expanded to {N} tokens")
-        per_row = slots.sum(1)
-        if bool((per_row != per_row[0]).any()) or int(per_row[0]) % N:
-            raise ValueError(f"every sequence in a batch must hold the same number of images "
-                             f"(image tokens per row: {per_row.tolist()}, {N} per image)")
+        _check_image_tokens(slots, *feats.shape[:2])
         emb = emb.masked_scatter(slots[..., None], feats.to(emb.dtype))
-        pos = (attention_mask.cumsum(1) - 1).clamp(min=0) if position_ids is None else position_ids
-        rows = slots.reshape(-1).nonzero()[:, 0].view(n_img, N)  # image tokens in order, as masked_scatter put them
+        rows = slots.reshape(-1).nonzero()[:, 0].view(feats.shape[:2])  # image tokens in masked_scatter's order
         if self._image_layer() > 0:  # the scorer chooses inside the LM (FastV)
             if use_cache or past_key_values is not None:
                 raise ValueError(f"scorer {self.visual_scorer.name!r} prunes inside the language model: it runs "
                                  "without a KV cache (use_cache=False)")
             return self._prune_inside(emb, attention_mask, pos, slots, rows, logits_at, logits_to_keep)
         keep_img, scores = self.choose_image_tokens(feats, self.image_candidates(emb, rows, attention_mask, pos))
+        if scores is not None and self._estimating and torch.is_grad_enabled():
+            return self._gated_images(emb, attention_mask, pos, slots, keep_img, scores, logits_at, logits_to_keep)
         keep = ~slots
         keep[slots] = keep_img.reshape(-1)
-        if scores is not None and self._estimating and torch.is_grad_enabled():
-            if self.blocks and any(b.enabled for b in self.blocks):
-                raise ValueError("train the visual_tokens router and the LM components separately "
-                                 "(elastify with visual_tokens only to train it)")
-            gate = torch.ones(B, T, dtype=scores.dtype, device=emb.device)
-            gate = gate.masked_scatter(slots, hard_gates(keep_img, scores).reshape(-1))
-            return self._run_lm(emb, attention_mask, pos, None, False, gate, logits_at, logits_to_keep,
-                                None, keep_img, None)
         idx = keep_to_index(keep)[0]
         take = lambda t: torch.gather(t, 1, idx)  # noqa: E731
         emb = torch.gather(emb, 1, idx[..., None].expand(-1, -1, emb.shape[-1]))
         return self._run_lm(emb, take(attention_mask), take(pos), past_key_values, use_cache, None,
                             logits_at, logits_to_keep, idx, keep_img, pos[:, -1] + 1)
+
+    def _gated_images(self, emb, mask, pos, slots, keep_img, scores, logits_at, logits_to_keep):
+        """Router training: every image token stays, its keys gated by its hard gate (``lm.gated_attention``)."""
+        if self.blocks and any(b.enabled for b in self.blocks):
+            raise ValueError("train the visual_tokens router and the LM components separately "
+                             "(elastify with visual_tokens only to train it)")
+        gate = torch.ones(slots.shape, dtype=scores.dtype, device=emb.device)
+        gate = gate.masked_scatter(slots, hard_gates(keep_img, scores).reshape(-1))
+        return self._run_lm(emb, mask, pos, None, False, gate, logits_at, logits_to_keep, None, keep_img, None)
 
     def _run_lm(self, emb, mask, pos, cache, use_cache, gate, logits_at, logits_to_keep, idx, keep_img, nxt):
         lm = self.adapter.language_model(self.model)
@@ -335,6 +323,21 @@ class ElasticLlava(ElasticModel):
                 am = torch.cat([attention_mask, attention_mask.new_ones(B, new.shape[1])], 1)
                 out = self(ids, pixel_values, image_features, am, logits_to_keep=1)
         return new
+
+
+def _check_image_tokens(slots: Tensor, n_img: int, N: int) -> None:
+    """The prompts' image tokens ``slots`` [B, T] hold the n_img images of N tokens, the same count in every row."""
+    if not slots.any():
+        raise ValueError(f"{n_img} image(s) given but the prompt has no image tokens; put the <image> "
+                         "placeholder where the image goes (tiny_llava.build_inputs expands it)")
+    if int(slots.sum()) != n_img * N:
+        raise ValueError(f"the prompts hold {int(slots.sum())} image tokens but {n_img} image(s) need "
+                         f"{n_img} x {N} = {n_img * N}; give one image per <image> placeholder, each "
+                         f"expanded to {N} tokens")
+    per_row = slots.sum(1)
+    if bool((per_row != per_row[0]).any()) or int(per_row[0]) % N:
+        raise ValueError(f"every sequence in a batch must hold the same number of images "
+                         f"(image tokens per row: {per_row.tolist()}, {N} per image)")
 
 
 LlavaAdapter.elastic_class = ElasticLlava  # what elastify wraps a LLaVA in (see the module doc)

@@ -2,8 +2,8 @@
 tower on image tiles, a pixel-shuffle connector (scale_factor**2 patches -> one token, a bias-free Linear) and a
 Llama-family language model (``model.model.text_model``).
 
-The LM's blocks route as llama.py's; ``visual_tokens`` (which connector tokens the LM sees) lives in
-``elastilab.elastic_smolvlm.ElasticSmolVLM``. The tower is not part of the VLM's elastic model: it routes on
+The LM's blocks route as llama.py's; the image-token choice (which connector tokens the LM sees) lives in
+``elastilab.adapters.smolvlm.model.ElasticSmolVLM``. The tower is not part of the VLM's elastic model: it routes on
 its own through the SigLIP adapter (``elastify(vlm.model.vision_model, ...)``, class ``*VisionTransformer``)."""
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 tokens come from a SigLIP tower and a pixel-shuffle connector.
 
 Each image tile becomes ``image_seq_len`` connector tokens (one per scale_factor x scale_factor patches); the
-``visual_tokens`` router keeps the top ``ceil(c * N)`` of each tile and removes the others from the sequence
-before the LM, exactly as for LLaVA (elastic_llava.py). The tile's own text tokens (``<fake_token_around_image>``,
-``<row_i_col_j>``, the global-image marker) are text and always kept.
+visual-token router keeps the top ``ceil(c * N)`` of each tile and removes the others from the sequence
+before the LM, exactly as for LLaVA (adapters/llava/model.py). The tile's own text tokens
+(``<fake_token_around_image>``, ``<row_i_col_j>``, the global-image marker) are text and always kept.
 
     em = el.elastify(smolvlm, el.ElasticConfig(visual_tokens=0.5, mlp_units=0.75))   # an ElasticSmolVLM
     out = em(input_ids, pixel_values=pixel_values)        # pixel_values [B, n_tiles, 3, H, W], as the processor gives
