@@ -77,11 +77,6 @@ class ElasticBlock(nn.Module):
         #: {} while Taylor scores are measured: estimate() runs dense with all-ones gates it stores here
         self.probe: dict | None = None
 
-    @property
-    def aux(self) -> dict:
-        """{component: (scores, chosen)} of the last forward: the tuples notebooks read before ``decisions``."""
-        return {c: (d.scores, d.chosen) for c, d in self.decisions.items()}
-
     # -- helpers -------------------------------------------------------------------------------
     def _active(self, comp: str) -> bool:
         return comp in self.capacity and self.capacity[comp] < 1.0
