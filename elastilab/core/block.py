@@ -22,6 +22,7 @@ from elastilab.core.routing import (
 from elastilab.core.trace import RoutingDecision
 from elastilab.core.unit_plan import UnitPlan
 from elastilab.scorers import Candidates, Scoring, merge_rows, nearest_kept, unmerge
+from elastilab_kernels.ops import unit_up_is_whole
 
 
 class ElasticBlock(nn.Module):
@@ -284,6 +285,8 @@ class ElasticBlock(nn.Module):
                 counts.update(unit_mats=units[1].mlp_mats(spec.mlp), scoring=units[1].scoring_flops)
         # decoding: the down projection reads only the chosen units' rows of a unit-major copy
         spec.mlp.w_out_t = self._transposed("w_out", spec.mlp.w_out) if units and gathers(h.shape[0]) else None
+        if units and unit_up_is_whole(spec.mlp, h, self.mlp.backend):
+            counts["unit_whole_up"] = True
         counts["mlp_rows"] = h.shape[0]
         self.counts = counts
         if rows is not None and experts is None and units is None and spec.ls2 is None \

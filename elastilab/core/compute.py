@@ -70,8 +70,9 @@ def analytic_block_flops(block) -> dict[str, int]:
     if "expert_pairs" in c:
         units = c["expert_pairs"] * (m.width // block.n_experts)
     mlp = 2 * units * d * n_mat
-    if "unit_pairs" in c:  # the whole gate projection, then the other projections for the chosen units
-        mlp = 2 * units * d + 2 * c["unit_pairs"] * d * (n_mat - 1)
+    if "unit_pairs" in c:  # the whole gate projection (and in a decode step the whole up), then the chosen units'
+        whole = 2 if c.get("unit_whole_up") else 1
+        mlp = 2 * units * d * whole + 2 * c["unit_pairs"] * d * (n_mat - whole)
     if "unit_mats" in c:  # a UnitPlan: no whole gate, only the chosen units' projections
         mlp = 2 * c["unit_pairs"] * d * c["unit_mats"]
     bt = c["B"] * c["T"]

@@ -144,6 +144,12 @@ def expert_mlp(h: Tensor, experts: Tensor, gates: Tensor, w: MLPWeights, n_exper
     return y
 
 
+def unit_up_is_whole(w: MLPWeights, h: Tensor, backend: str = "auto") -> bool:
+    """Whether ``unit_mlp`` computes the whole up projection for the rows h: the torch path of a decode step
+    (``reference.unit_mlp_sparse``: on a CPU the sampled product over the chosen units is the slower one)."""
+    return w.kind == "swiglu" and w.w_out_t is not None and not _use_triton(backend, h, h, *vars(w).values())
+
+
 def unit_mlp(h: Tensor, gate: Tensor, units: Tensor, w: MLPWeights, backend: str = "auto") -> Tensor:
     """MLP where each row of h [n, d] computes only its k chosen hidden units (units [n, k] int64),
     given its activated gate [n, F] (``mlp.mlp_gate``); returns y [n, d], b_out included.
