@@ -144,6 +144,7 @@ def test_cli_frontier_recommend(tmp_path, capsys):
     assert "recommended points" in err and "held_out_quality" in err
     table = pd.read_csv(tmp_path / "out" / "recommended.csv")
     assert table.target.tolist() == ["x1.01", "x1.05", "x100"]
+    assert "--recommend" in table.command.iloc[0] and {"date", "machine", "torch", "reported_on"} <= set(table)
     assert (table.calibration_quality <= table.target.str[1:].astype(float) + 1e-9).all()
     assert table.model_compute.iloc[2] < 1.0  # x100: anything goes, the least compute
     meta = json.loads((tmp_path / "out" / "routers" / "routers.json").read_text())

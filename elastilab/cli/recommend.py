@@ -26,14 +26,31 @@ def recommend_points(args, em, task, calibration, scorer: str):
                     "held_out_quality": h["quality"], "held_out_dense_quality": held[1.0]["quality"],
                     "model_compute": h["model_compute"], "levels": p["levels"], "chosen_on": chosen_on})
     table = pd.DataFrame(out)
+    table.insert(0, "model", str(args.model))
+    for k, v in provenance(args).items():
+        table[k] = v
     print(f"recommended points (chosen among {len(rows)} compute levels on {chosen_on}, measured compute):",
           file=sys.stderr)
-    print(table.drop(columns=["chosen_on"]).round(4).to_string(index=False), file=sys.stderr)
+    print(table.drop(columns=["model", "chosen_on", "reported_on", "command", "date", "machine", "torch"]).round(4)
+          .to_string(index=False), file=sys.stderr)
     if args.out is not None:
         from elastilab.files import atomic_write
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "recommended.csv", lambda f: table.to_csv(f, index=False))
     return table
+
+
+def provenance(args) -> dict:
+    """What the committed result tables record with each row: the command, date, machine and torch."""
+    import datetime
+    import platform
+
+    import torch
+
+    from elastilab.cli.args import command_line
+    return {"reported_on": f"{args.domain or args.text or args.images} (held out)", "command": command_line(args),
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
 
 
 def calibration_is_domain(args) -> bool:
