@@ -158,3 +158,21 @@ def test_cli_frontier_recommend(tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:args.index("--allocate-model")] + ["--recommend"]) == 2
     assert "--recommend chooses points of the whole-model knob" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["smollm2-135m-model", "dinov2-small-digits04-merge-model"])
+def test_the_shipped_recommendations(folder):
+    """The shipped points read back, meet their targets on the calibration data they were chosen on, and were
+    measured on other data (held out) too; the schedule they were chosen for is the one stored with them."""
+    from pathlib import Path
+
+    from elastilab.core.recommend import check_recommended, meets
+    meta = json.loads((Path(__file__).parents[1] / "data" / "routers" / folder / "routers.json").read_text())
+    rec = check_recommended(meta["recommended"], folder)
+    assert set(rec) == {"x1.01", "x1.05"}
+    steps = meta["elastic_config"]["model_allocation"]
+    for p in rec.values():
+        assert meets(p["quality"], p["dense_quality"], p["target"], p["higher_is_better"])
+        assert p["schedule_steps"] == len(steps) and "train split" in p["chosen_on"]
+        assert p["model_compute"] <= p["compute"] + 1e-9 and "held_out_quality" in p
+    assert rec["x1.05"]["model_compute"] <= rec["x1.01"]["model_compute"]
