@@ -148,6 +148,8 @@ def cmd_frontier(args) -> int:
     if args.allocate and args.allocate_model:
         raise ValueError("give --allocate (a budget per component) or --allocate-model (one for the whole model), "
                          "not both")
+    if args.recommend and not args.allocate_model:
+        raise ValueError("--recommend chooses points of the whole-model knob: give --allocate-model DATA with it")
     em, task, comps, calibration = build(args)
     run = lambda: fr.frontier(em, task, components=comps, capacities=args.capacities, scorers=args.scorers,
                               progress=not args.json)
@@ -163,7 +165,7 @@ def cmd_frontier(args) -> int:
     for k in ("command", "date", "machine", "torch"):
         df[k] = meta[k]
     summary = fr.frontier_summary(df)
-    if args.allocate_model:  # whole-model savings within x1.01 and x1.05 of each line
+    if args.allocate_model and "ppl_ratio" in df:  # whole-model savings within x1.01 and x1.05 of each line
         from elastilab.analysis.model_frontier import model_savings
         summary = model_savings(df)
     if args.out is not None:
@@ -212,7 +214,7 @@ def _write(args, df, summary, task, command: str) -> None:
     atomic_write(args.out / "summary.csv", lambda f: summary.to_csv(f, index=False))
     if getattr(task, "records", None):  # VLMs: per-question hits, for paired comparisons between scorers
         atomic_write(args.out / "per_item.csv", lambda f: task.per_item_table().to_csv(f, index=False))
-    if args.allocate_model:
+    if args.allocate_model and "ppl_ratio" in df:  # (perplexity ratios: language models)
         from elastilab.analysis.model_frontier import plot_model_frontier
         fig = plot_model_frontier(df, title=command[:110])
     else:
@@ -230,6 +232,9 @@ def _model_frontier(args, em, task, calibration, run):
     rows = model_frontier(em, task, calibration, chooser=chooser, oracle="oracle", computes=args.computes,
                           levels=args.levels, cache=args.out, progress=not args.json,
                           oracle_schedule=args.oracle_schedule)
+    if args.recommend:  # chosen on the calibration data, measured on the held-out data, saved with the routers
+        from elastilab.cli.recommend import recommend_points
+        recommend_points(args, em, task, calibration, chooser)
     return _joined_and_saved(args, em, single, rows, args.allocate_model, "whole-model schedule")
 
 
@@ -316,6 +321,8 @@ def _allocation_options(f) -> None:
                         "besides the oracle choosing under the routers' schedule")
     f.add_argument("--calibration-blocks", type=positive_int, default=4,
                    help="text blocks of the --allocate / --allocate-model calibration data")
+    from elastilab.cli.recommend import add_options
+    add_options(f)
 
 
 def _add_report(sub) -> None:

@@ -30,10 +30,13 @@ def write_checkpoint(path: str | os.PathLike, meta: dict, tensors: dict[str, tor
 
 def save_routers(em, path: str | os.PathLike, **metadata) -> Path:
     """``em.save_routers``: its trainable state (routers, and a LoRA's factors as "<layer>.lora.*", fp32) and
-    what it fits (elastic_config, adapter, model class, fingerprint, parameter counts) with ``metadata``."""
+    what it fits (elastic_config, adapter, model class, fingerprint, parameter counts) with ``metadata``, and
+    the recommended points of its whole-model schedule when it has some (``core.recommend``)."""
     meta = {"elastic_config": em.elastic_config.to_dict(), "adapter": em.adapter.name,
             "model_class": type(em.model).__name__, "fingerprint": fingerprint(em.model),
             **em.parameter_summary(), "metadata": metadata}
+    if getattr(em, "recommended", None):  # the points chosen per target quality (``core.recommend``)
+        meta["recommended"] = em.recommended
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in em.trainable_state().items()}
     return write_checkpoint(path, meta, tensors)
 

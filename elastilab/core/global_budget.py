@@ -106,6 +106,8 @@ def set_model_allocation(em, schedule) -> None:
     from elastilab.core.config import check_model_allocation, layer_indices
     steps = check_model_allocation(schedule, em.elastic_config.components)
     layer_indices([s[0] for s in steps], len(em.adapter.layers(em.model)), "model_allocation")
+    if steps != em.elastic_config.model_allocation:
+        em.recommended = None  # chosen for another schedule (``core.recommend``)
     em.elastic_config.model_allocation = steps
     em.elastic_config.compute = None
 
@@ -139,7 +141,11 @@ def capacities_for(em, fraction: float) -> tuple[dict[int, dict[str, float]], fl
 def set_compute(em, fraction: float):
     """Put the whole model at ``fraction`` of its dense FLOPs (measured at allocation): every routed
     layer component takes the schedule's capacities, everything else is dense. The component knobs
-    (``em.capacities``) show the mean capacity over their routed layers, ``em.layer_capacities`` each layer."""
+    (``em.capacities``) show the mean capacity over their routed layers, ``em.layer_capacities`` each layer.
+    A target such as "x1.05": the compute recommended for it, saved with the routers (``core.recommend``)."""
+    if isinstance(fraction, str) and fraction[:1] in "xX":
+        from elastilab.core.recommend import use_recommended
+        return use_recommended(em, fraction)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or math.isnan(fraction):
         raise TypeError(f"compute must be a number in (0, 1], got {fraction!r}")
     if not 0.0 < float(fraction) <= 1.0:

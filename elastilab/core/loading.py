@@ -59,4 +59,8 @@ def load_routers(model: nn.Module, path: str | os.PathLike, strict_fingerprint: 
             f"the routers in {path} were trained for a different model: {meta.get('model_class', '?')} with "
             f"fingerprint {meta['fingerprint'][:12]}, but this is {type(model).__name__} with fingerprint "
             f"{found[:12]}. Load the model they were trained on (or pass strict_fingerprint=False at your own risk).")
-    return elastify_with(model, config, state, path)
+    from elastilab.core.recommend import check_recommended
+    recommended = check_recommended(meta.get("recommended"), path)
+    em = elastify_with(model, config, state, path)
+    em.recommended = recommended
+    return em
