@@ -83,6 +83,7 @@ def test_the_costly_layer_is_cut_last():
 def test_head_levels_are_whole_heads():
     _, em, _, _ = _allocated(attn_heads=1.0)
     assert cut_levels(em, "attn_heads", 0.25) == [1.0, 0.75, 0.5, 0.25]  # 4 heads
+    assert cut_levels(em, "attn_heads", 0.5) == [1.0, 0.5]  # a step that does not divide 0.75 stops above LOWEST
     assert cut_levels(em, "attn_heads", 0.125, wanted=(0.8, 0.625, 0.4)) == [1.0, 0.75, 0.5]  # nearest k/4, ties up
 
 

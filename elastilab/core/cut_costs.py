@@ -26,7 +26,8 @@ def cut_levels(em, component: str, step: float = 0.125, wanted=None) -> list[flo
     ``step`` down to LOWEST; heads: the k/H nearest to them), or the realisable values nearest to the
     ``wanted`` capacities (k/H heads, k/E slices; tokens and units as given)."""
     if wanted is None:
-        wanted = [1.0 - k * step for k in range(int(round((1.0 - LOWEST) / step)) + 1)]
+        # multiples of step down to LOWEST, never below it (a step of 0.5 stops at 0.5, not 0.0)
+        wanted = [1.0 - k * step for k in range(int((1.0 - LOWEST) / step + 1e-9) + 1)]
         if component != "attn_heads":
             return levels(em, component, step)
     levels(em, component, step)  # (raises if the component is routed nowhere)
