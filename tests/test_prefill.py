@@ -123,3 +123,22 @@ def test_prefill_settings_are_checked():
     lm = el.elastify(CASES["llama"]().model, el.ElasticConfig(mlp_units=0.5))
     assert lm.set_prefill("dense").elastic_config.prefill == "dense"
     assert all(b.prefill == "dense" for b in lm.blocks)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "llava"])
+def test_generation_with_a_dense_prompt_starts_with_the_teachers_token(name):
+    """The first new token comes from the prompt's last position: the teacher's with a dense prefill, whatever
+    the decode steps after it choose (a VLM's language model included)."""
+    em, ids = _elastic(name, {"attn_heads": 0.25, "mlp_units": 0.25})
+    case = CASES[name]()
+    if name == "llava":  # a text prompt (its image tokens would need the image)
+        ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    first = lambda: case.generate(em, ids, 2)[:, ids.shape[1]]
+    with torch.no_grad():
+        with em.routers_disabled():
+            teacher = first()
+        routed = first()
+        em.set_prefill("dense")
+        dense = first()
+    assert torch.equal(dense, teacher)
+    assert not torch.equal(routed, teacher) or name == "gpt2"  # (harsh capacities change some first token)

@@ -42,7 +42,8 @@ class ElasticModel(nn.Module):
             p.requires_grad_(False)
         for i, block in wrapped.items():
             layers[i] = block
-        self._cache_hook = model.register_forward_pre_hook(self._note_cache_request, with_kwargs=True)
+        owner = next((m for m in model.modules() if any(c is layers for c in m.children())), model)  # sees the
+        self._cache_hook = owner.register_forward_pre_hook(self._note_cache_request, with_kwargs=True)  # cache args
         for p in self.router_parameters():
             p.requires_grad_(True)
         if config.lora_rank:
