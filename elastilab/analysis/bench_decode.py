@@ -2,6 +2,7 @@
 
     elastilab bench decode --point mlp_units=0.75 --out runs/decode
     elastilab bench decode --routers data/routers/smollm2-135m-heads --point attn_heads=0.9,mlp_units=0.875 ...
+    elastilab bench decode --routers data/routers/smollm2-135m-model --point compute=x1.05 ...  (whole model)
 
 For the dense model and each ``--point``, in one run: greedy decoding with the KV cache (batch 1 and 4,
 a prompt of held-out text, new tokens one step at a time: tokens/s of the decode steps, the prompt's
@@ -153,7 +154,10 @@ def _rows(pts, times, flops, quality, phase, batch, n_tokens, matched) -> list[d
         name, t = p["name"], times[p["name"]]
         r_med = statistics.median(t)
         q = quality.get(name, {"ppl_ratio": 1.0, "model_compute": 1.0})
-        out.append({"point": name, "capacities": " ".join(f"{c}={v:g}" for c, v in p["capacities"].items()) or "-",
+        caps = " ".join(f"{c}={v:g}" for c, v in p["capacities"].items())
+        if p.get("compute") is not None:
+            caps = point_name({**p, "prefill": "routed"})  # the whole-model knob: "compute x1.05"
+        out.append({"point": name, "capacities": caps or "-",
                     "prefill": p.get("prefill", "routed"), "phase": phase, "batch": batch, "tokens": n_tokens,
                     "dense_s": d_med, "routed_s": r_med,
                     "dense_tok_s": n_tokens / d_med, "routed_tok_s": n_tokens / r_med, "speedup": d_med / r_med,

@@ -1,6 +1,7 @@
 """The operating points of ``elastilab generation``: the ``--point`` grammar (``point_spec``), the
 sweep's list of points (``generation_points``) and putting a model at one (``apply_point``). A point
-is a dict: capacities, keep_dense {component: layers}, attn_tokens variant, prefill, label, source.
+is a dict: capacities, keep_dense {component: layers}, attn_tokens variant, prefill, compute (the whole-model
+knob, ``em.set_compute``: a fraction or a recommended target such as "x1.05"), label, source.
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ PER_LAYER = LAYER_COMPONENTS + GATED_COMPONENTS
 EXAMPLE_POINT = "attn_heads=0.875,mlp_experts=0.875"
 
 #: what a --point JSON object may hold besides component capacities
-POINT_KEYS = ("keep_dense", "attn_tokens_variant", "prefill", "label")
+POINT_KEYS = ("keep_dense", "attn_tokens_variant", "prefill", "compute", "label")
 
 
 def point_spec(text: str) -> dict:
     """An argparse type for ``--point``: component=capacity pairs (``EXAMPLE_POINT``), or a JSON object that
     may also keep layers dense and pick the attn_tokens variant, e.g. ``{"attn_tokens": 0.95,
     "keep_dense": {"attn_tokens": [0, 1, -2, -1]}, "attn_tokens_variant": "keep_kv", "label": "edges"}``.
-    Capacities, keep_dense and the variant are checked by ElasticConfig, as when a model is elastified."""
+    Capacities, keep_dense and the variant are checked by ElasticConfig, as when a model is elastified.
+    ``compute=x1.05`` (or ``compute=0.9``) instead of capacities: the whole model by its stored schedule."""
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -42,8 +44,12 @@ def point_spec(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(map(repr, unknown))}; components: "
                                          f"{', '.join(PER_LAYER)}; other keys: {', '.join(POINT_KEYS)}")
     caps = {k: v for k, v in spec.items() if k in PER_LAYER}
-    if not caps:
-        raise argparse.ArgumentTypeError(f"names no component capacity: {text!r}")
+    compute = _compute(spec["compute"]) if "compute" in spec else None
+    if compute is not None and (caps or "keep_dense" in spec):
+        raise argparse.ArgumentTypeError(f"compute sets every layer by the routers' schedule: name it alone (no "
+                                         f"capacities or keep_dense), got {text!r}")
+    if not caps and compute is None:
+        raise argparse.ArgumentTypeError(f"names no component capacity (or compute=x1.05): {text!r}")
     keep, variant, label = spec.get("keep_dense", {}), spec.get("attn_tokens_variant"), spec.get("label")
     prefill = spec.get("prefill", "routed")
     try:  # every layer component present, so keep_dense may name any of them
@@ -54,7 +60,21 @@ def point_spec(text: str) -> dict:
     if label is not None and not isinstance(label, str):
         raise argparse.ArgumentTypeError(f"label must be a string, got {label!r}")
     return {"capacities": {k: float(v) for k, v in caps.items()}, "keep_dense": {k: tuple(v) for k, v in keep.items()},
-            "variant": variant, "prefill": prefill, "label": label, "source": "point"}
+            "variant": variant, "prefill": prefill, "compute": compute, "label": label, "source": "point"}
+
+
+def _compute(value):
+    """A point's whole-model compute: a fraction in (0, 1] or a recommended target such as "x1.05"."""
+    from elastilab.core.recommend import target_key
+    try:
+        if isinstance(value, str) and value[:1] in "xX":
+            return target_key(value)
+        if not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1:
+            return float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"compute must be a fraction in (0, 1] of the dense model's FLOPs or a "
+                                     f"recommended target such as x1.05, got {value!r}")
 
 
 def _number(text: str):
@@ -67,6 +87,8 @@ def _number(text: str):
 def point_name(pt: dict) -> str:
     """Capacities, dense layers and variant in words: also what makes two points the same."""
     caps = " ".join(f"{c}={v:g}" for c, v in pt["capacities"].items()) or "dense"
+    if pt.get("compute") is not None:
+        caps = f"compute={pt['compute']:g}" if isinstance(pt["compute"], float) else f"compute {pt['compute']}"
     keep = "".join(f" ({c} dense in layers {','.join(map(str, v))})" for c, v in pt["keep_dense"].items() if v)
     prefill = " (dense prefill)" if pt.get("prefill", "routed") == "dense" else ""
     return caps + keep + (f" [{pt['variant']}]" if pt["variant"] else "") + prefill
@@ -113,6 +135,8 @@ def apply_point(em, base: dict, pt: dict, default_variant: str) -> None:
     em.set_capacity(**{**base, **pt["capacities"]})
     if pt["keep_dense"]:
         em.keep_dense(**pt["keep_dense"])
+    if pt.get("compute") is not None:  # every layer by the routers' whole-model schedule
+        em.set_compute(pt["compute"])
     if "attn_tokens" in em.capacities:
         em.set_attn_tokens_variant(pt["variant"] or default_variant)
     if em.adapter.causal:

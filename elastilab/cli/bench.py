@@ -191,7 +191,8 @@ def _add_decode(bsub) -> None:
     c.add_argument("--model", default="smollm2-135m", help="a causal LM: an offline zoo name or a local folder")
     c.add_argument("--routers", type=Path, help="router checkpoint for points that name routed components")
     c.add_argument("--point", type=point_spec, action="append",
-                   help="an operating point, e.g. mlp_units=0.75 or attn_heads=0.9,mlp_units=0.875 (repeatable)")
+                   help="an operating point, e.g. mlp_units=0.75 or attn_heads=0.9,mlp_units=0.875, or compute=x1.05 "
+                        "(the whole model at a recommended point of the routers; repeatable)")
     c.add_argument("--batches", type=positive_int, nargs="+", default=list(default_of(decode_speed, "batches")),
                    help="decode batch sizes")
     c.add_argument("--prompt-len", type=positive_int, default=default_of(decode_speed, "prompt_len"),

@@ -214,7 +214,8 @@ def add_generation_parser(sub) -> None:
                    help="capacities of the one-at-a-time sweep (comma-separated)")
     g.add_argument("--point", type=point_spec, action="append", metavar="SPEC",
                    help=f"an extra operating point (repeatable): {EXAMPLE_POINT}, or a JSON object "
-                        "that may add keep_dense {component: [layers]}, attn_tokens_variant and label")
+                        "that may add keep_dense {component: [layers]}, attn_tokens_variant, prefill and label; or "
+                        "compute=x1.05 (the whole model at a recommended point of the routers)")
     g.add_argument("--mode", choices=MODES, default="threshold",
                    help="token selection; token routing generates only in a causal mode (not topk)")
     g.add_argument("--recalibrate", metavar="DOMAIN_OR_PATH",
