@@ -223,3 +223,16 @@ def test_cli_frontier_on_a_siglip_folder(tmp_path, capsys):
     rows = pd.DataFrame(out["rows"])
     assert out["metric"] == "cosine" and set(rows.component) == set(LAYER_COMPONENTS)
     assert (rows[rows.capacity == 1.0].cosine > 0.9999).all() and (rows[rows.capacity == 0.5].compute < 1).all()
+
+
+def test_vision_calibration_holds_the_images_asked_for():
+    """--calibration-images: the calibration task of a vision frontier takes that many train images (not the
+    held-out test images it reports on)."""
+    from elastilab.cli.frontier import build
+    from elastilab.cli.main import parser
+    argv = ["frontier", "--model", "dinov2-small", "--domain", "digits", "--n-images", "2", "--components",
+            "mlp_tokens", "--scorers", "random", "--allocate-model", "digits", "--calibration-images", "5"]
+    args = parser().parse_args(argv)
+    _, task, _, calibration = build(args)
+    assert len(task.pixels) == 2 and len(calibration.pixels) == 5
+    assert not any(torch.equal(a, b) for a in calibration.pixels for b in task.pixels)

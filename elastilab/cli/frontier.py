@@ -123,7 +123,8 @@ def _vision(args, comps):
     calibration = None
     if src_name := args.allocate or args.allocate_model:
         src = Path(src_name)
-        cal = read_images(src, 32) if src.is_dir() else vision.domain(src_name, "train", 32)[0]
+        n = args.calibration_images
+        cal = read_images(src, n) if src.is_dir() else vision.domain(src_name, "train", n)[0]
         calibration = fr.ViTTask(vision.pixels(cal, args.size), probe=probe)
     return em, fr.ViTTask(vision.pixels(images, args.size), labels, probe), comps, calibration
 
@@ -321,6 +322,8 @@ def _allocation_options(f) -> None:
                         "besides the oracle choosing under the routers' schedule")
     f.add_argument("--calibration-blocks", type=positive_int, default=4,
                    help="text blocks of the --allocate / --allocate-model calibration data")
+    f.add_argument("--calibration-images", type=positive_int, default=32,
+                   help="images of the --allocate / --allocate-model calibration data (vision models)")
     from elastilab.cli.recommend import add_options
     add_options(f)
 
