@@ -111,3 +111,18 @@ def test_unknown_model_and_component_are_refused():
         bench.load_model("gpt-5")
     with pytest.raises(ValueError, match="allowed"):
         bench.speed("tiny", shapes=["1x8"], components=["everything"])
+
+
+def test_gather_benchmark_methods_compute_the_down_projection():
+    """benchmarks/gather_cpu.py: every gather-sum it times gives the dense down projection of the kept units
+    (checked inside run), one row per method and capacity."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "benchmarks" / "gather_cpu.py"
+    spec = importlib.util.spec_from_file_location("gather_cpu", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    df = mod.run(capacities=(1.0, 0.5), layers=2, d=8, width=16, reps=1, calls=1)
+    assert len(df) == 2 * 4 and set(df.k) == {16, 8}
+    assert (df[df.method.str.startswith("dense")].speedup_vs_dense == 1).all()
+    assert (df[df.capacity == 0.5].ideal_speedup.iloc[1:] == 2).all()
