@@ -159,6 +159,27 @@ def test_cli_frontier_recommend(tmp_path, capsys):
     assert main(args[:args.index("--allocate-model")] + ["--recommend"]) == 2
     assert "--recommend chooses points of the whole-model knob" in capsys.readouterr().err
 
+    # elastilab recommend: the same schedule, points chosen again on other calibration text
+    other = tmp_path / "other.txt"
+    other.write_text("A lazy dog sleeps. The brown fox jumps over it quickly. " * 20)
+    again = ["recommend", "--model", str(tmp_path / "llama"), "--routers", str(tmp_path / "out" / "routers"),
+             "--calibration", str(other), "--calibration-blocks", "2", "--text", str(text), "--blocks", "2",
+             "--seq-len", "24", "--split", "all", "--targets", "1.01,100", "--recommend-step", "0.05",
+             "--out", str(tmp_path / "again")]
+    assert main(again) == 0
+    meta2 = json.loads((tmp_path / "again" / "routers" / "routers.json").read_text())
+    assert meta2["elastic_config"]["model_allocation"] == meta["elastic_config"]["model_allocation"]
+    assert set(meta2["recommended"]) == {"x1.01", "x100"} and "other.txt" in meta2["recommended"]["x1.01"]["chosen_on"]
+    table2 = pd.read_csv(tmp_path / "again" / "recommended.csv")
+    assert table2.command.iloc[0].startswith("elastilab recommend") and table2.model_compute.iloc[1] < 1.0
+    # x100 is the schedule's least compute whatever the calibration: the same point, the same held-out quality
+    assert table2.compute.iloc[1] == table.compute.iloc[2]
+    assert table2.held_out_quality.iloc[1] == pytest.approx(table.held_out_quality.iloc[2])
+    capsys.readouterr()
+    at = again.index("--routers") + 1
+    assert main(again[:at] + [str(tmp_path / "heads")] + again[at + 1:]) == 2
+    assert "holds no whole-model schedule" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("folder", ["smollm2-135m-model", "dinov2-small-digits04-merge-model"])
 def test_the_shipped_recommendations(folder):
