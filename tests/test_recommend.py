@@ -190,7 +190,7 @@ def test_the_shipped_recommendations(folder):
     from elastilab.core.recommend import check_recommended, meets
     meta = json.loads((Path(__file__).parents[1] / "data" / "routers" / folder / "routers.json").read_text())
     rec = check_recommended(meta["recommended"], folder)
-    assert set(rec) == {"x1.01", "x1.05"}
+    assert {"x1.01", "x1.05"} <= set(rec)
     steps = meta["elastic_config"]["model_allocation"]
     for p in rec.values():
         assert meets(p["quality"], p["dense_quality"], p["target"], p["higher_is_better"])

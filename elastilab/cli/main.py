@@ -3,7 +3,7 @@ and is registered in SUBCOMMANDS; this module assembles them.
 
     elastilab train --model smollm2-135m --domain pydocs --mlp-tokens 0.75 --steps 200 --out runs/r1
     elastilab eval  --model smollm2-135m --routers runs/r1 --domain licenses --mlp-tokens 0.5 --json
-    elastilab --help                     # every subcommand: bench, frontier, report, recommend, generation, vit, vlm, zoo, lm
+    elastilab --help   # every subcommand: bench, frontier, report, recommend, generation, vit, vlm, zoo, lm
 """
 from __future__ import annotations
 
