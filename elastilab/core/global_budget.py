@@ -25,6 +25,7 @@ measured one cut at a time (interactions between cuts are not), which ``check_sc
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -169,6 +170,22 @@ def schedule_table(em):
                          for i, (layer, comp, cap, compute) in enumerate(em.elastic_config.model_allocation)])
 
 
+@contextmanager
+def knob_kept(em):
+    """Leave ``em`` as it was after trying other knob settings: every block's capacities, the component knobs
+    and the whole-model compute."""
+    cfg = em.elastic_config
+    saved = ([dict(b.capacity) for b in em.blocks], cfg.capacities(), cfg.compute)
+    try:
+        yield em
+    finally:
+        for b, caps in zip(em.blocks, saved[0]):
+            b.capacity = caps
+        for comp, value in saved[1].items():
+            setattr(cfg, comp, value)
+        cfg.compute = saved[2]
+
+
 @torch.no_grad()
 def check_schedule(em, task, computes=(0.95, 0.9, 0.8), scorer="learned") -> list[dict]:
     """The schedule's prediction against a measurement on ``task`` at a few budgets: the sum of the
@@ -178,9 +195,7 @@ def check_schedule(em, task, computes=(0.95, 0.9, 0.8), scorer="learned") -> lis
     if info is None:
         raise ValueError("check_schedule needs the costs of allocate_model on this model (run it first)")
     out = []
-    cfg = em.elastic_config
-    saved = ([dict(b.capacity) for b in em.blocks], cfg.capacities(), cfg.compute)
-    try:
+    with knob_kept(em):
         for c in computes:
             per_layer, predicted = capacities_for(em, c)
             summed = 0.0
@@ -191,10 +206,4 @@ def check_schedule(em, task, computes=(0.95, 0.9, 0.8), scorer="learned") -> lis
             with em.scoring(scorer):
                 measured = float(task.distance(em))
             out.append({"compute": c, "predicted_compute": predicted, "summed_costs": summed, "measured": measured})
-    finally:  # the model as it was
-        for b, caps in zip(em.blocks, saved[0]):
-            b.capacity = caps
-        for comp, value in saved[1].items():
-            setattr(cfg, comp, value)
-        cfg.compute = saved[2]
     return out

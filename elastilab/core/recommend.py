@@ -21,7 +21,7 @@ import math
 import torch
 
 from elastilab.core.compute import measure_flops
-from elastilab.core.global_budget import capacities_for, set_compute
+from elastilab.core.global_budget import capacities_for, knob_kept, set_compute
 
 #: default target factors on the dense model's quality
 TARGETS = (1.01, 1.05)
@@ -66,10 +66,8 @@ def evaluate_levels(em, task, computes, scorer="learned") -> list[dict]:
     """[{compute, model_compute (measured), quality}] of the knob at each value of ``computes`` on ``task``;
     the model is left as it was."""
     args, kwargs = task.measure_input(em)
-    cfg = em.elastic_config
-    saved = ([dict(b.capacity) for b in em.blocks], cfg.capacities(), cfg.compute)
     rows = []
-    try:
+    with knob_kept(em):
         with em.capacity(**{c: 1.0 for c in em.capacities}):
             dense = measure_flops(em, *args, **kwargs)["total"]
         for c in computes:
@@ -78,12 +76,6 @@ def evaluate_levels(em, task, computes, scorer="learned") -> list[dict]:
                 q = float(task.evaluate(em)["quality"])
                 flops = measure_flops(em, *args, **kwargs)["total"]
             rows.append({"compute": float(c), "model_compute": flops / dense, "quality": q})
-    finally:
-        for b, caps in zip(em.blocks, saved[0]):
-            b.capacity = caps
-        for comp, value in saved[1].items():
-            setattr(cfg, comp, value)
-        cfg.compute = saved[2]
     return rows
 
 
