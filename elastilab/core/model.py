@@ -42,8 +42,9 @@ class ElasticModel(nn.Module):
             p.requires_grad_(False)
         for i, block in wrapped.items():
             layers[i] = block
-        owner = next((m for m in model.modules() if any(c is layers for c in m.children())), model)  # sees the
-        self._cache_hook = owner.register_forward_pre_hook(self._note_cache_request, with_kwargs=True)  # cache args
+        # the module owning the layers sees the cache arguments (a VLM's language model is called with its own)
+        owner = next((m for m in model.modules() if any(c is layers for c in m.children())), model)
+        self._cache_hook = owner.register_forward_pre_hook(self._note_cache_request, with_kwargs=True)
         for p in self.router_parameters():
             p.requires_grad_(True)
         if config.lora_rank:
